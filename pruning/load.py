@@ -1,0 +1,124 @@
+"""Load a causal LM and its tokenizer; find its decoder blocks and their linear layers."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pruning.errors import SparseAllocError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+# model_type values whose decoder blocks and linears we find and prune.
+SUPPORTED_MODEL_TYPES = (
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3", "opt",
+)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto`` means CUDA when present, else CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise SparseAllocError(f"--device {requested} asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device(requested)
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """``auto`` means bf16 on CUDA and fp32 on CPU."""
+    if requested == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if requested not in DTYPES:
+        raise SparseAllocError(f"unknown dtype {requested!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[requested]
+
+
+def _drop_gguf_quantizer(model) -> None:
+    """GGUF weights are dequantized on load; forget the quantizer so the model saves as float."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
+    """Model and tokenizer from a ``.gguf`` file (dequantized to ``dtype``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise SparseAllocError(f"GGUF file {path} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    _drop_gguf_quantizer(model)
+    return model, tokenizer
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32):
+    """Model (eval mode) and tokenizer from ``default``, a ``.gguf`` file, a local HF dir or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec == DEFAULT_MODEL:
+        from pruning.assets import default_model_dir
+
+        spec = str(default_model_dir())
+    if spec.endswith(".gguf"):
+        model, tokenizer = load_gguf(Path(spec), dtype)
+    else:
+        local = Path(spec).expanduser()
+        if local.exists() and not (local / "config.json").exists():
+            raise SparseAllocError(f"{local} exists but is not a Hugging Face model directory (no config.json)")
+        if not local.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+            raise SparseAllocError(f"model path {spec} does not exist; give a local directory, a .gguf file, "
+                                   "a Hugging Face model id, or 'default'")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(spec)
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise SparseAllocError(
+                f"could not load model {spec!r}: {str(exc).splitlines()[0]}. Give a local Hugging Face "
+                "directory, a .gguf file, 'default', or a hub id reachable from this machine."
+            ) from exc
+    check_supported(model)
+    model.eval()
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def check_supported(model) -> None:
+    """Raise unless the model's architecture is one whose blocks we know how to prune."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise SparseAllocError(
+            f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def _num_layers(model) -> int:
+    config = model.config
+    text_config = getattr(config, "text_config", None) or config
+    return int(text_config.num_hidden_layers)
+
+
+def find_blocks(model) -> nn.ModuleList:
+    """The decoder blocks: the ``...layers`` ModuleList with ``num_hidden_layers`` entries."""
+    expected = _num_layers(model)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.endswith("layers") and len(module) == expected:
+            return module
+    raise SparseAllocError(f"could not find {expected} decoder blocks in {type(model).__name__}")
+
+
+def find_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` in a block, by its name inside the block (all are pruned)."""
+    return {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear)}
+
+
+def block_param_counts(model) -> list[int]:
+    """Prunable weights per block (sum over its linears), for parameter-weighted means."""
+    return [sum(lin.weight.numel() for lin in find_linears(block).values()) for block in find_blocks(model)]

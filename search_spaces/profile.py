@@ -1,0 +1,135 @@
+"""Profile: one sparsity per decoder block, optionally an N:M pattern per block.
+
+N:M follows Wanda/SparseGPT: in every group of M consecutive input weights of a row, the N
+least important are zeroed, so the block's sparsity is N/M (2:4 and 4:8 are both 50 %).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from pruning.errors import SparseAllocError
+
+MEAN_TOLERANCE = 1e-6
+NM = tuple[int, int]
+
+
+def parse_nm(text: str) -> NM:
+    """``"2:4"`` → ``(2, 4)``; requires 1 ≤ N < M."""
+    try:
+        n_str, m_str = text.split(":")
+        n, m = int(n_str), int(m_str)
+    except ValueError as exc:
+        raise SparseAllocError(f"N:M pattern {text!r} is not of the form N:M, e.g. 2:4") from exc
+    check_nm((n, m))
+    return n, m
+
+
+def check_nm(nm: NM) -> None:
+    n, m = nm
+    if not 1 <= n < m:
+        raise SparseAllocError(f"N:M pattern {n}:{m} is invalid: need 1 <= N < M (N zeros in every M weights)")
+
+
+def weighted_mean(values: Sequence[float], weights: Sequence[float] | None = None) -> float:
+    """Mean of ``values`` weighted by ``weights`` (plain mean when None)."""
+    if weights is None:
+        return sum(values) / len(values)
+    return sum(v * w for v, w in zip(values, weights)) / sum(weights)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Per-block sparsities in [0, 1); ``nm[l]`` is block l's N:M pattern or None (unstructured)."""
+
+    sparsities: tuple[float, ...]
+    nm: tuple[NM | None, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sparsities", tuple(float(s) for s in self.sparsities))
+        if not self.sparsities:
+            raise SparseAllocError("a profile needs at least one block")
+        for index, value in enumerate(self.sparsities):
+            if not (0.0 <= value < 1.0) or math.isnan(value):
+                raise SparseAllocError(f"block {index} has sparsity {value}; every ratio must lie in [0, 1)")
+        if self.nm is not None:
+            nm = tuple(None if p is None else (int(p[0]), int(p[1])) for p in self.nm)
+            object.__setattr__(self, "nm", nm)
+            if len(nm) != len(self.sparsities):
+                raise SparseAllocError(
+                    f"profile has {len(self.sparsities)} sparsities but {len(nm)} N:M entries; give one per block"
+                )
+            for index, pattern in enumerate(nm):
+                if pattern is None:
+                    continue
+                check_nm(pattern)
+                if abs(pattern[0] / pattern[1] - self.sparsities[index]) > MEAN_TOLERANCE:
+                    raise SparseAllocError(
+                        f"block {index}: N:M {pattern[0]}:{pattern[1]} means sparsity {pattern[0] / pattern[1]}, "
+                        f"but the profile says {self.sparsities[index]}"
+                    )
+
+    def __len__(self) -> int:
+        return len(self.sparsities)
+
+    @classmethod
+    def uniform(cls, num_blocks: int, sparsity: float) -> "Profile":
+        return cls((sparsity,) * num_blocks)
+
+    @classmethod
+    def uniform_nm(cls, num_blocks: int, nm: NM) -> "Profile":
+        check_nm(nm)
+        return cls((nm[0] / nm[1],) * num_blocks, (nm,) * num_blocks)
+
+    def pattern(self, block: int) -> NM | None:
+        return None if self.nm is None else self.nm[block]
+
+    def mean(self, weights: Sequence[float] | None = None) -> float:
+        return weighted_mean(self.sparsities, weights)
+
+    def check_fits(self, num_blocks: int, weights: Sequence[float] | None = None, target: float | None = None) -> None:
+        """Raise unless the profile has one entry per block and (if given) its weighted mean is ``target``."""
+        if len(self) != num_blocks:
+            raise SparseAllocError(
+                f"profile has {len(self)} entries but the model has {num_blocks} decoder blocks; give one per block"
+            )
+        if target is not None and abs(self.mean(weights) - target) > MEAN_TOLERANCE:
+            raise SparseAllocError(
+                f"profile's parameter-weighted mean sparsity is {self.mean(weights):.6f}, not the target "
+                f"{target}; rescale it or change --sparsity"
+            )
+
+    def to_json(self) -> dict:
+        out: dict = {"sparsities": list(self.sparsities)}
+        if self.nm is not None:
+            out["nm"] = [None if p is None else f"{p[0]}:{p[1]}" for p in self.nm]
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Profile":
+        if not isinstance(data, dict) or "sparsities" not in data:
+            raise SparseAllocError("a profile JSON needs a 'sparsities' list (one ratio per block)")
+        nm = data.get("nm")
+        patterns = None if nm is None else tuple(None if p is None else parse_nm(str(p)) for p in nm)
+        return cls(tuple(data["sparsities"]), patterns)
+
+
+def read_profile(path: str | Path) -> tuple[Profile, float | None]:
+    """A profile and its recorded target (if any) from a JSON file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise SparseAllocError(f"profile file {path} does not exist") from exc
+    except json.JSONDecodeError as exc:
+        raise SparseAllocError(f"profile file {path} is not valid JSON: {exc}") from exc
+    return Profile.from_json(data), data.get("target")
+
+
+def write_profile(path: str | Path, profile: Profile, target: float | None = None, **extra) -> None:
+    data = {**profile.to_json(), "target": target, **extra}
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
