@@ -1,0 +1,96 @@
+"""Tiny randomly initialised models (LLaMA and OPT, built from configs) and a synthetic corpus."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = [f"w{i}" for i in range(120)]
+
+
+def _corpus_text(documents: int = 300, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(documents):
+        # A little structure (bigram preference) so a model has something to predict.
+        word = rng.choice(WORDS)
+        words = [word]
+        for _ in range(rng.randint(30, 80)):
+            word = WORDS[(WORDS.index(word) + rng.choice([1, 1, 2, 7])) % len(WORDS)] if rng.random() < 0.8 else rng.choice(WORDS)
+            words.append(word)
+        docs.append(" ".join(words))
+    return "\n\n".join(docs)
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+VOCAB = len(WORDS) + 3
+
+
+def tiny_llama_config(layers: int = 4):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       tie_word_embeddings=False)
+
+
+def tiny_opt_config(layers: int = 3):
+    from transformers import OPTConfig
+
+    return OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=layers, num_attention_heads=4,
+                     word_embed_proj_dim=64, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+                     eos_token_id=2)
+
+
+def build_model(config, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+def save_model_dir(model, path: Path) -> Path:
+    model.save_pretrained(path)
+    _tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return _tokenizer()
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(_corpus_text())
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    return save_model_dir(build_model(tiny_llama_config()), tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def opt_dir(tmp_path_factory) -> Path:
+    return save_model_dir(build_model(tiny_opt_config()), tmp_path_factory.mktemp("opt"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Tests never touch the user's asset cache unless they ask for it (the real-model test does)."""
+    monkeypatch.setenv("SPARSEALLOC_CACHE", str(tmp_path / "cache"))
