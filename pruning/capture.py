@@ -1,30 +1,52 @@
-"""Capture what decoder block 0 receives, then run blocks one at a time on those inputs.
+"""Capture what each decoder block receives, then run blocks one at a time on those inputs.
 
-Every positional and keyword argument block 0 gets from the model (rotary
-``position_embeddings``, ``attention_mask`` — possibly None —, ``position_ids``,
-``cache_position`` …) is kept per mini-batch and passed on unchanged to each later block, so
-this works across transformers versions and architectures (LLaMA family, OPT).
+One cheap forward per mini-batch, with every block swapped for a pass-through, records block 0's
+hidden states and *every* block's other arguments (rotary ``position_embeddings``,
+``attention_mask`` — possibly None —, ``position_ids``, ``cache_position`` …). Each block is later
+called with its own recorded arguments, so models whose blocks differ (Gemma 2/3 alternate
+sliding-window and global attention with their own masks and rotary tables) are replayed
+faithfully, across transformers versions and architectures (LLaMA family, OPT).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 
 class _StopForward(Exception):
-    """Raised inside block 0's pre-hook once its inputs are stored."""
+    """Raised once the last block's arguments are recorded."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for a block during capture: records its call, returns the hidden states."""
+
+    def __init__(self, index: int, calls: list, hidden: list, last: bool) -> None:
+        super().__init__()
+        self.index, self.calls, self.hidden, self.last = index, calls, hidden, last
+
+    def forward(self, *args, **kwargs):
+        if args:
+            hidden, rest = args[0], tuple(args[1:])
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        if self.index == 0:
+            self.hidden.append(hidden.detach())
+        self.calls[self.index].append((rest, dict(kwargs)))
+        if self.last:
+            raise _StopForward
+        return hidden
 
 
 @dataclass
-class BlockInputs:
-    """One mini-batch's hidden states and the other arguments every block receives."""
+class BlockCalls:
+    """Block 0's hidden states per mini-batch, and each block's other call arguments."""
 
-    hidden: torch.Tensor
-    args: tuple
-    kwargs: dict
+    hidden: list[torch.Tensor]  # [batch] -> [b, seqlen, hidden]
+    calls: list[list[tuple[tuple, dict]]]  # [block][batch] -> (extra positional args, kwargs)
 
 
 def _block_output(output) -> torch.Tensor:
@@ -33,35 +55,42 @@ def _block_output(output) -> torch.Tensor:
 
 @torch.no_grad()
 def capture_block_inputs(model, blocks: nn.ModuleList, token_windows: torch.Tensor, batch_size: int,
-                         device: torch.device) -> list[BlockInputs]:
-    """Inputs of block 0 for every mini-batch of ``token_windows`` ([n, seqlen])."""
-    captured: list[BlockInputs] = []
-
-    def hook(_module, args, kwargs):
-        if args:
-            hidden, rest = args[0], tuple(args[1:])
-        else:
-            hidden, rest = kwargs.pop("hidden_states"), ()
-        captured.append(BlockInputs(hidden.detach(), rest, dict(kwargs)))
-        raise _StopForward
-
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+                         device: torch.device) -> BlockCalls:
+    """Record the inputs of the blocks for every mini-batch of ``token_windows`` ([n, seqlen])."""
+    captured = BlockCalls(hidden=[], calls=[[] for _ in blocks])
+    originals = list(blocks)
+    for index in range(len(blocks)):
+        blocks[index] = _Recorder(index, captured.calls, captured.hidden, last=index == len(blocks) - 1)
     try:
         for start in range(0, token_windows.shape[0], batch_size):
-            batch = token_windows[start : start + batch_size].to(device)
             try:
-                model(input_ids=batch, use_cache=False)
+                model(input_ids=token_windows[start : start + batch_size].to(device), use_cache=False)
             except _StopForward:
                 pass
     finally:
-        handle.remove()
+        for index, block in enumerate(originals):
+            blocks[index] = block
     return captured
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: list[BlockInputs]) -> list[BlockInputs]:
-    """The block's outputs for every mini-batch, as the next block's inputs."""
-    return [
-        BlockInputs(_block_output(block(item.hidden, *item.args, **item.kwargs)), item.args, item.kwargs)
-        for item in inputs
+def run_block(block: nn.Module, hidden: list[torch.Tensor], calls: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
+    """The block's outputs for every mini-batch (the next block's hidden states)."""
+    return [_block_output(block(h, *args, **kwargs)) for h, (args, kwargs) in zip(hidden, calls)]
+
+
+def run_block_observing(block: nn.Module, layers: dict[str, nn.Module], new_stats: Callable[[nn.Module], Any],
+                        hidden: list[torch.Tensor], calls: list[tuple[tuple, dict]]
+                        ) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """Run the block while each layer's inputs feed ``stats[name].add``; returns (stats, outputs)."""
+    stats = {name: new_stats(layer) for name, layer in layers.items()}
+    handles = [
+        layer.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
+        for name, layer in layers.items()
     ]
+    try:
+        outputs = run_block(block, hidden, calls)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats, outputs

@@ -8,27 +8,12 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from pruning.capture import capture_block_inputs, run_block
+from pruning.capture import capture_block_inputs, run_block, run_block_observing
 from pruning.load import find_blocks, find_linears
 from pruning.pruners import Pruner
 from search_spaces.profile import Profile
 
 log = logging.getLogger(__name__)
-
-
-def _collect_stats(block, linears: dict, pruner: Pruner, inputs) -> dict:
-    """Run the (not yet pruned) block on its inputs, accumulating each linear's input statistics."""
-    stats = {name: pruner.new_stats(layer) for name, layer in linears.items()}
-    handles = [
-        layer.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
-        for name, layer in linears.items()
-    ]
-    try:
-        run_block(block, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return stats
 
 
 @torch.no_grad()
@@ -44,14 +29,17 @@ def prune_sequentially(
     """Prune every linear of block l to ``profile.sparsities[l]`` (embeddings, lm_head stay dense)."""
     blocks = find_blocks(model)
     profile.check_fits(len(blocks))
-    inputs = capture_block_inputs(model, blocks, calibration, batch_size, device) if pruner.needs_inputs else None
+    captured = capture_block_inputs(model, blocks, calibration, batch_size, device) if pruner.needs_inputs else None
+    hidden = captured.hidden if captured else None
     for index in tqdm(range(len(blocks)), desc=f"{pruner.name} pass", unit="block", disable=not progress):
         block = blocks[index]
         sparsity, nm = profile.sparsities[index], profile.pattern(index)
         linears = find_linears(block)
-        stats = _collect_stats(block, linears, pruner, inputs) if pruner.needs_inputs and sparsity > 0 else {}
+        stats = {}
+        if pruner.needs_inputs and sparsity > 0:
+            stats, _ = run_block_observing(block, linears, pruner.new_stats, hidden, captured.calls[index])
         if sparsity > 0:
             for name, layer in linears.items():
                 pruner.prune(layer, stats.get(name), sparsity, nm)
-        if inputs is not None:
-            inputs = run_block(block, inputs)
+        if captured is not None:
+            hidden = run_block(block, hidden, captured.calls[index])
