@@ -1,31 +1,27 @@
-"""``sparsealloc`` command line: fetch assets, run the final pruning pass."""
+"""``sparsealloc`` command line: fetch assets, measure sensitivities, build profiles, prune."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
 from pruning.errors import SparseAllocError
 
+FAMILIES = ("uniform", "atp", "owl", "shapley", "fisher", "free")
 
-def _add_prune_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, required=True, help="output directory (model, profile.json, metrics.json)")
+
+def _add_model_data_args(parser: argparse.ArgumentParser, seqlen: int, calib_samples: int) -> None:
     parser.add_argument("--model", default="default",
                         help="'default' (SmolLM2-135M-Instruct), a Hugging Face id, a local HF directory or a .gguf file")
     parser.add_argument("--data", default="default",
                         help="'default' (Wikipedia summaries), a datasets name[:config] (e.g. wikitext:wikitext-2-raw-v1) "
                              "or a local .txt/.jsonl/.parquet file")
     parser.add_argument("--text-field", default=None, help="text column of --data (default: text/extract/content)")
-    parser.add_argument("--pruner", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
-    parser.add_argument("--sparsity", type=float, default=None, help="target mean sparsity in [0, 1)")
-    parser.add_argument("--nm", default=None, help="uniform N:M pattern, N zeros in every M weights (e.g. 2:4)")
-    parser.add_argument("--profile", type=Path, default=None,
-                        help="profile.json with one sparsity (and optionally one N:M pattern) per decoder block")
-    parser.add_argument("--seqlen", type=int, default=2048, help="tokens per window (calibration and evaluation)")
-    parser.add_argument("--calib-samples", type=int, default=128, help="calibration windows (Wanda/SparseGPT: 128)")
-    parser.add_argument("--eval-windows", type=int, default=None, help="cap on test windows (default: the whole test split)")
+    parser.add_argument("--seqlen", type=int, default=seqlen, help="tokens per window")
+    parser.add_argument("--calib-samples", type=int, default=calib_samples, help="calibration windows")
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 …")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
@@ -38,8 +34,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsealloc", description="Per-layer sparsity allocation for LLM pruning.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("fetch", help="download, verify and cache the default model and corpus")
+
     prune = sub.add_parser("prune", help="final pruning pass with a uniform or per-block profile")
-    _add_prune_args(prune)
+    prune.add_argument("--out", type=Path, required=True, help="output directory (model, profile.json, metrics.json)")
+    prune.add_argument("--pruner", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    prune.add_argument("--sparsity", type=float, default=None, help="target mean sparsity in [0, 1)")
+    prune.add_argument("--nm", default=None, help="uniform N:M pattern, N zeros in every M weights (e.g. 2:4)")
+    prune.add_argument("--profile", type=Path, default=None,
+                       help="profile.json with one sparsity (and optionally one N:M pattern) per decoder block")
+    prune.add_argument("--eval-windows", type=int, default=None, help="cap on test windows (default: whole test split)")
+    _add_model_data_args(prune, seqlen=2048, calib_samples=128)
+
+    sens = sub.add_parser("sensitivity", help="per-block Shapley values, Fisher traces or OWL outlier ratios")
+    sens.add_argument("--method", required=True, choices=["shapley", "fisher", "owl"])
+    sens.add_argument("--out", type=Path, required=True, help="output directory (sensitivity.json, sensitivity.png)")
+    sens.add_argument("--sparsity", type=float, default=0.7, help="sparsity a pruned block gets in a coalition")
+    sens.add_argument("--estimator", default="sliding", choices=["sliding", "permutation", "exact"])
+    sens.add_argument("--window", type=int, default=3, help="sliding-window size (blocks)")
+    sens.add_argument("--permutations", type=int, default=8, help="sampled orders (even: antithetic pairs)")
+    sens.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold multiplier M")
+    sens.add_argument("--fitness-windows", type=int, default=8, help="validation windows for the KL fitness")
+    sens.add_argument("--fitness-seqlen", type=int, default=128, help="tokens per fitness window")
+    _add_model_data_args(sens, seqlen=512, calib_samples=32)
+
+    prof = sub.add_parser("profile", help="build a per-block profile from a family and its hyper-parameters")
+    prof.add_argument("--family", required=True, choices=FAMILIES)
+    prof.add_argument("--sparsity", type=float, required=True, help="target mean sparsity")
+    prof.add_argument("--out", type=Path, required=True, help="profile JSON to write")
+    prof.add_argument("--beta", type=float, default=None, help="ATP common difference (default: half its maximum)")
+    prof.add_argument("--lam", type=float, default=0.08, help="OWL λ")
+    prof.add_argument("--strength", type=float, default=1.0, help="Shapley/Fisher map strength")
+    prof.add_argument("--sensitivity", type=Path, default=None,
+                      help="sensitivity.json from `sparsealloc sensitivity` (owl, shapley, fisher)")
+    prof.add_argument("--values", default=None, help="free family: comma-separated per-block proposal")
+    prof.add_argument("--nm-m", type=int, default=None, help="round onto the mixed N:M menu 1:M … (M-1):M")
+    prof.add_argument("--num-blocks", type=int, default=None, help="blocks (default: read from --model)")
+    prof.add_argument("--model", default="default", help="model whose block count to use")
     return parser
 
 
@@ -72,7 +102,76 @@ def _cmd_prune(args) -> None:
     print(f"{'saved to':<22}{args.out}")
 
 
-COMMANDS = {"fetch": _cmd_fetch, "prune": _cmd_prune}
+def _cmd_sensitivity(args) -> None:
+    from orchestrator.sensitivity_run import SensitivityConfig, run_sensitivity
+
+    result = run_sensitivity(SensitivityConfig(
+        out=args.out, method=args.method, sparsity=args.sparsity, estimator=args.estimator, window=args.window,
+        permutations=args.permutations, owl_m=args.owl_m, fitness_windows=args.fitness_windows,
+        fitness_seqlen=args.fitness_seqlen, model=args.model, data=args.data, text_field=args.text_field,
+        seqlen=args.seqlen, calib_samples=args.calib_samples, batch_size=args.batch_size, device=args.device,
+        dtype=args.dtype, seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress))
+    print(f"\n{'block':>5}  {args.method}")
+    for index, value in enumerate(result.values):
+        err = f" ± {result.stderr[index]:.3g}" if result.stderr else ""
+        print(f"{index:>5}  {value:.6g}{err}")
+    print(f"\n{result.evaluations} evaluations, {result.seconds:.1f} s; written to {args.out}/sensitivity.json and .png")
+
+
+def _read_sensitivity(path: Path | None, family: str) -> list[float]:
+    if path is None:
+        raise SparseAllocError(f"--family {family} needs --sensitivity FILE from `sparsealloc sensitivity`")
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SparseAllocError(f"cannot read sensitivity file {path}: {exc}") from exc
+    if data.get("method") != family:
+        raise SparseAllocError(f"{path} holds {data.get('method')!r} values; --family {family} needs {family!r} values")
+    return [float(v) for v in data["values"]]
+
+
+def _cmd_profile(args) -> None:
+    from search_spaces import families
+    from search_spaces.profile import write_profile
+
+    params: dict = {}
+    if args.family in ("owl", "shapley", "fisher"):
+        values = _read_sensitivity(args.sensitivity, args.family)
+        num_blocks = len(values)
+    elif args.family == "free":
+        if not args.values:
+            raise SparseAllocError("--family free needs --values v0,v1,… (one per block)")
+        try:
+            values = [float(v) for v in args.values.split(",")]
+        except ValueError as exc:
+            raise SparseAllocError(f"--values must be comma-separated numbers: {exc}") from exc
+        num_blocks = len(values)
+    else:
+        from pruning.load import num_blocks_of
+
+        num_blocks = args.num_blocks or num_blocks_of(args.model)
+    if args.family == "uniform":
+        profile = families.uniform(num_blocks, args.sparsity)
+    elif args.family == "atp":
+        beta = args.beta if args.beta is not None else families.atp_beta_max(num_blocks, args.sparsity) / 2
+        profile, params = families.atp(num_blocks, args.sparsity, beta), {"beta": beta}
+    elif args.family == "owl":
+        profile, params = families.owl(values, args.sparsity, args.lam), {"lam": args.lam}
+    elif args.family in ("shapley", "fisher"):
+        profile = families.sensitivity_map(values, args.sparsity, args.strength)
+        params = {"strength": args.strength}
+    else:
+        profile = families.free_vector(values, args.sparsity)
+    target = args.sparsity
+    if args.nm_m:
+        profile = families.nm_profile(list(profile.sparsities), args.sparsity, args.nm_m)
+        target = profile.mean()
+    write_profile(args.out, profile, target, family=args.family, params=params)
+    print(" ".join(f"{s:.3f}" for s in profile.sparsities))
+    print(f"mean {profile.mean():.6f}; written to {args.out}")
+
+
+COMMANDS = {"fetch": _cmd_fetch, "prune": _cmd_prune, "sensitivity": _cmd_sensitivity, "profile": _cmd_profile}
 
 
 def main(argv: list[str] | None = None) -> int:

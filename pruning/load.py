@@ -59,14 +59,34 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
+def _resolve_spec(spec: str) -> str:
+    if spec == DEFAULT_MODEL:
+        from pruning.assets import default_model_dir
+
+        return str(default_model_dir())
+    return spec
+
+
+def num_blocks_of(spec: str) -> int:
+    """Number of decoder blocks, read from the model's config without loading weights."""
+    from transformers import AutoConfig
+
+    spec = _resolve_spec(spec)
+    try:
+        if spec.endswith(".gguf"):
+            config = AutoConfig.from_pretrained(Path(spec).parent, gguf_file=Path(spec).name)
+        else:
+            config = AutoConfig.from_pretrained(spec)
+    except (OSError, ValueError) as exc:
+        raise SparseAllocError(f"could not read the config of model {spec!r}: {str(exc).splitlines()[0]}") from exc
+    return int((getattr(config, "text_config", None) or config).num_hidden_layers)
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32):
     """Model (eval mode) and tokenizer from ``default``, a ``.gguf`` file, a local HF dir or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if spec == DEFAULT_MODEL:
-        from pruning.assets import default_model_dir
-
-        spec = str(default_model_dir())
+    spec = _resolve_spec(spec)
     if spec.endswith(".gguf"):
         model, tokenizer = load_gguf(Path(spec), dtype)
     else:

@@ -10,7 +10,10 @@ from tqdm.auto import tqdm
 
 from pruning.errors import SparseAllocError
 from scoring import shapley
+from pruning.score_table import LinearScores
 from scoring.evaluator import CandidateEvaluator
+from scoring.fisher import block_fisher_traces
+from scoring.outliers import outlier_ratios
 
 METHODS = ("shapley", "fisher", "owl")
 ESTIMATORS = ("exact", "permutation", "sliding")
@@ -70,6 +73,21 @@ def shapley_sensitivity(evaluator: CandidateEvaluator, sparsity: float, estimato
     stderr = None if result.stderr is None else [float(x) for x in result.stderr]
     return Sensitivity("shapley", [float(x) for x in result.values], stderr, result.evaluations,
                        time.perf_counter() - start, details)
+
+
+def fisher_sensitivity(model, windows, device, progress: bool = True) -> Sensitivity:
+    """Fisher trace per block over ``windows`` (one backward pass per window)."""
+    start = time.perf_counter()
+    traces = block_fisher_traces(model, windows, device, progress)
+    return Sensitivity("fisher", traces, evaluations=int(windows.shape[0]), seconds=time.perf_counter() - start,
+                       details={"samples": int(windows.shape[0]), "tokens": int(windows.numel())})
+
+
+def owl_sensitivity(tables: list[dict[str, LinearScores]], multiplier: float = 5.0) -> Sensitivity:
+    """OWL outlier ratio per block from Wanda score tables."""
+    start = time.perf_counter()
+    return Sensitivity("owl", outlier_ratios(tables, multiplier), seconds=time.perf_counter() - start,
+                       details={"M": multiplier})
 
 
 def plot_sensitivity(sensitivity: Sensitivity, path) -> None:
