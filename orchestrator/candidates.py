@@ -1,0 +1,54 @@
+"""What drivers ask the evaluator pool for: a profile at a fidelity, with a stable key for resume."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable
+
+from search_spaces.profile import NM, Profile
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One fitness request: per-block sparsities (and N:M patterns) scored on ``tokens`` tokens.
+
+    ``driver`` and ``params`` are recorded with the result; the ``key`` — what makes two requests
+    the same evaluation — is the profile, the fidelity and the metric only.
+    """
+
+    sparsities: tuple[float, ...]
+    nm: tuple[NM | None, ...] | None = None
+    tokens: int | None = None
+    metric: str = "kl"
+    driver: str = ""
+    params: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @classmethod
+    def of(cls, profile: Profile, tokens: int | None = None, driver: str = "", metric: str = "kl",
+           **params) -> "Candidate":
+        return cls(profile.sparsities, profile.nm, tokens, metric, driver, params)
+
+    @property
+    def profile(self) -> Profile:
+        return Profile(self.sparsities, self.nm)
+
+    @property
+    def key(self) -> str:
+        nm = None if self.nm is None else [None if p is None else list(p) for p in self.nm]
+        return json.dumps([[round(s, 9) for s in self.sparsities], nm, self.tokens, self.metric])
+
+
+# A driver's only view of the evaluator pool: candidates in, fitnesses out (same order; lower is better).
+EvaluateBatch = Callable[[list[Candidate]], list[float]]
+
+
+@dataclass
+class DriverResult:
+    """What each driver returns: its best profile, that profile's fitness and what it cost."""
+
+    driver: str
+    best: Profile
+    fitness: float
+    evaluations: int
+    details: dict = field(default_factory=dict)

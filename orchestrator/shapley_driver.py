@@ -1,0 +1,74 @@
+"""SV-NUP on the pool: Shapley values of blocks from coalition evaluations, mapped to a profile."""
+
+from __future__ import annotations
+
+import logging
+import numpy as np
+
+from orchestrator.budget import Budget
+from orchestrator.candidates import Candidate, DriverResult
+from orchestrator.pool import EvaluatorPool
+from orchestrator.progress import DriverProgress
+from scoring import shapley
+from search_spaces import families
+
+log = logging.getLogger(__name__)
+
+
+def _coalition_candidate(coalition: frozenset[int], n: int, sparsity: float, tokens: int | None) -> Candidate:
+    values = tuple(sparsity if block in coalition else 0.0 for block in range(n))
+    return Candidate(values, None, tokens, "kl", "shapley", {"coalition": sorted(coalition)})
+
+
+def run_shapley(pool: EvaluatorPool, target: float, budget: Budget, estimator: str = "sliding", window: int = 3,
+                strengths: tuple[float, ...] = (0.5, 1.0, 2.0), tokens: int | None = None, seed: int = 0,
+                chunk: int = 16, progress: bool = True) -> DriverResult:
+    """Shapley values (sliding window, or antithetic permutations when the budget is too small for
+    the window plan), then the strength of the value → sparsity map picked by fitness."""
+    n = pool.num_blocks
+    bar = DriverProgress("shapley", budget, progress)
+    reserve = len(strengths)
+    plan = shapley.sliding_window_plan(n, window) if estimator == "sliding" else None
+    remaining = budget.remaining_evals()
+    if plan is not None and remaining is not None and len(plan) + reserve > remaining:
+        log.warning("sliding-window Shapley needs %d evaluations, budget leaves %d: using permutation sampling",
+                    len(plan), remaining)
+        plan = None
+    values: dict[frozenset[int], float] = {}
+
+    def evaluate(coalitions: list[frozenset[int]]) -> None:
+        for start in range(0, len(coalitions), chunk):
+            part = [c for c in coalitions[start : start + chunk] if c not in values]
+            fitness = pool.evaluate([_coalition_candidate(c, n, target, tokens) for c in part], budget)
+            values.update(zip(part, fitness))
+            bar.update()
+
+    if plan is not None:
+        evaluate(plan)
+        phi, stderr, used = shapley.sliding_window_shapley(n, window, values), None, f"sliding window w={window}"
+    else:  # permutation pairs until the budget (keeping room for the strength choice) runs out
+        pairs = 0
+        while True:
+            sampled = shapley.permutation_plan(n, 2 * (pairs + 1), seed)
+            needed = [c for c in sampled.coalitions() if c not in values]
+            left = budget.remaining_evals()
+            if budget.exhausted() or (left is not None and len(needed) + reserve > left):
+                break
+            evaluate(needed)
+            pairs += 1
+        if pairs == 0:
+            bar.close()
+            return DriverResult("shapley", families.uniform(n, target), float("inf"), len(values),
+                                {"note": "budget too small for one permutation pair"})
+        phi, stderr = shapley.permutation_shapley(shapley.permutation_plan(n, 2 * pairs, seed), values)
+        used = f"permutation sampling, {2 * pairs} orders"
+    profiles = {s: families.sensitivity_map(list(phi), target, s, pool.block_weights) for s in strengths}
+    scores = dict(zip(strengths, pool.evaluate([Candidate.of(p, tokens, "shapley", strength=s)
+                                                for s, p in profiles.items()], budget)))
+    best = min(scores, key=scores.get)
+    bar.update(scores[best])
+    bar.close()
+    return DriverResult("shapley", profiles[best], scores[best], len(values) + len(scores), {
+        "estimator": used, "values": [float(v) for v in np.asarray(phi)],
+        "stderr": None if stderr is None else [float(v) for v in stderr], "strength": best,
+        "fitness_by_strength": scores})

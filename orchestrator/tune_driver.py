@@ -1,0 +1,95 @@
+"""Ray Tune + Optuna over a family's hyper-parameters (ATP β, OWL λ/M, map strength, free vectors).
+
+Trials build a profile from their config and call the shared evaluator actors (created by the
+driver; handles passed in with ``tune.with_parameters``), report with ``ray.tune.report``, and
+need only a token CPU share since the work happens in the actors. A run directory's Tune state
+resumes with ``Tuner.restore``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Callable
+
+import ray
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from orchestrator.budget import Budget
+from orchestrator.candidates import Candidate, DriverResult
+from orchestrator.pool import EvaluatorPool
+from pruning.errors import SparseAllocError
+from search_spaces.families import Space
+from search_spaces.profile import Profile
+
+log = logging.getLogger(__name__)
+TRIAL_CPU = 0.01  # trials only wait on actor calls
+DEFAULT_TRIALS = 20
+
+
+def to_tune_space(space: Space) -> dict:
+    """Our neutral search-space description → Tune domains (flat keys, one per parameter)."""
+    kinds = {"uniform": tune.uniform, "loguniform": tune.loguniform, "int": tune.randint}
+    out = {}
+    for name, (kind, low, high) in space.items():
+        if kind not in kinds:
+            raise SparseAllocError(f"unknown search-space kind {kind!r} for {name}")
+        out[name] = kinds[kind](low, high + 1) if kind == "int" else kinds[kind](low, high)
+    return out
+
+
+def _trial(config: dict, actors: list, build: Callable[[dict], Profile], tokens: int | None, driver: str) -> None:
+    candidate = Candidate.of(build(config), tokens, driver, **config)
+    outcome = ray.get(random.choice(actors).evaluate.remote(candidate))
+    tune.report({"fitness": outcome["fitness"], "seconds": outcome["seconds"], "actor": outcome["actor"],
+                 "node": outcome["node"]})
+
+
+def run_tune(pool: EvaluatorPool, driver: str, space: Space, build: Callable[[dict], Profile], budget: Budget,
+             run_dir: Path, tokens: int | None = None, seed: int = 0, max_concurrent: int | None = None,
+             resume: bool = False) -> DriverResult:
+    """Optuna (TPE) search over ``space``; every finished trial is a row of the results table."""
+    remaining = budget.remaining_evals()
+    num_samples = remaining if remaining is not None else DEFAULT_TRIALS
+    if num_samples < 1 or budget.exhausted():
+        raise SparseAllocError(f"no budget left for the {driver} Tune search")
+    time_left = None if budget.max_seconds is None else max(1.0, budget.max_seconds - budget.elapsed)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, actors=pool.actors, build=build, tokens=tokens, driver=driver),
+        {"cpu": TRIAL_CPU})
+    storage = (Path(run_dir) / "tune").resolve()
+    experiment = storage / driver
+    if resume and tune.Tuner.can_restore(str(experiment)):
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=to_tune_space(space),
+            tune_config=tune.TuneConfig(
+                search_alg=OptunaSearch(metric="fitness", mode="min", seed=seed),
+                num_samples=num_samples, time_budget_s=time_left,
+                max_concurrent_trials=max_concurrent or len(pool.actors)),
+            run_config=tune.RunConfig(name=driver, storage_path=str(storage), verbose=0),
+        )
+    grid = tuner.fit()
+    best_fitness, best_config, evaluations = float("inf"), None, 0
+    for result in grid:
+        if result.error or "fitness" not in (result.metrics or {}):
+            continue
+        config = {k: result.config[k] for k in space}
+        candidate = Candidate.of(build(config), tokens, driver, **config)
+        if pool.results.get(candidate.key) is None:
+            pool.results.append({"driver": driver, "key": candidate.key, "params": config,
+                                 "sparsities": list(candidate.sparsities), "nm": candidate.nm,
+                                 "tokens": tokens or -1, "metric": "kl", "fitness": result.metrics["fitness"],
+                                 "seconds": result.metrics["seconds"], "node": result.metrics["node"],
+                                 "actor": result.metrics["actor"]})
+            budget.charge()
+        evaluations += 1
+        if result.metrics["fitness"] < best_fitness:
+            best_fitness, best_config = result.metrics["fitness"], config
+    if best_config is None:
+        raise SparseAllocError(f"the {driver} Tune search finished no trial; see the Ray logs")
+    return DriverResult(driver, build(best_config), best_fitness, evaluations, {"best_config": best_config})
