@@ -12,8 +12,9 @@ from pruning.errors import SparseAllocError
 class Budget:
     """At most ``max_evals`` evaluations and ``max_seconds`` of wall clock (None = unlimited).
 
-    Both count this invocation only: a resumed run answers repeated requests from its results table
-    without charging them.
+    Drivers charge every evaluation they request, also those a resumed run answers from its results
+    table, so a resumed search stops where the uninterrupted one would; the clock counts this
+    invocation only.
     """
 
     max_evals: int | None = None

@@ -57,6 +57,29 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument("--fitness-seqlen", type=int, default=128, help="tokens per fitness window")
     _add_model_data_args(sens, seqlen=512, calib_samples=32)
 
+    search = sub.add_parser("search", help="search per-block profiles on Ray, then prune with the winner")
+    search.add_argument("--method", default="all",
+                        choices=["all", "shapley", "evolution", "tune-atp", "tune-owl", "tune-fisher", "tune-free"])
+    search.add_argument("--sparsity", type=float, default=0.7, help="target mean sparsity")
+    search.add_argument("--out", type=Path, required=True, help="run directory")
+    search.add_argument("--pruner", default="wanda", choices=["magnitude", "wanda", "sparsegpt"],
+                        help="final pass")
+    search.add_argument("--budget-evals", type=int, default=None, help="fitness evaluations, shared by the drivers")
+    search.add_argument("--budget-minutes", type=float, default=None, help="wall clock for the search itself")
+    search.add_argument("--address", default=None, help="join a cluster: auto or ray://host:10001 (default: local)")
+    search.add_argument("--actors", type=int, default=None, help="evaluator actors (default: one per GPU, else 1)")
+    search.add_argument("--threads", type=int, default=1, help="torch threads (and CPUs) per CPU actor")
+    search.add_argument("--gpu-actors", action="store_true",
+                        help="GPU actors even if the cluster has no GPU yet (autoscaling clusters)")
+    search.add_argument("--fitness-windows", type=int, default=16, help="validation windows for the KL fitness")
+    search.add_argument("--fitness-seqlen", type=int, default=128, help="tokens per fitness window")
+    search.add_argument("--fidelities", type=int, nargs="+", default=[512, 2048],
+                        help="evolution's multi-fidelity token counts")
+    search.add_argument("--nm-m", type=int, default=None, help="evolution over the mixed N:M menu 1:M … (M-1):M")
+    search.add_argument("--eval-windows", type=int, default=32, help="test windows for the final perplexity")
+    search.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    _add_model_data_args(search, seqlen=512, calib_samples=32)
+
     prof = sub.add_parser("profile", help="build a per-block profile from a family and its hyper-parameters")
     prof.add_argument("--family", required=True, choices=FAMILIES)
     prof.add_argument("--sparsity", type=float, required=True, help="target mean sparsity")
@@ -118,6 +141,28 @@ def _cmd_sensitivity(args) -> None:
     print(f"\n{result.evaluations} evaluations, {result.seconds:.1f} s; written to {args.out}/sensitivity.json and .png")
 
 
+def _cmd_search(args) -> None:
+    from orchestrator.search import SearchConfig, run_search
+
+    summary = run_search(SearchConfig(
+        out=args.out, method=args.method, sparsity=args.sparsity, pruner=args.pruner, model=args.model,
+        data=args.data, text_field=args.text_field, seqlen=args.seqlen, calib_samples=args.calib_samples,
+        eval_windows=args.eval_windows, fitness_windows=args.fitness_windows, fitness_seqlen=args.fitness_seqlen,
+        fidelities=tuple(args.fidelities), nm_m=args.nm_m, budget_evals=args.budget_evals,
+        budget_minutes=args.budget_minutes, actors=args.actors, threads=args.threads,
+        actor_gpus=True if args.gpu_actors else None, address=args.address, batch_size=args.batch_size,
+        seed=args.seed, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress))
+    print(f"\n{'driver':<14}{'validation KL':>14}{'evaluations':>13}{'seconds':>10}")
+    for name, row in summary["drivers"].items():
+        print(f"{name:<14}{row['validation_kl']:>14.4f}{row['evaluations']:>13}{row['seconds']:>10.0f}")
+    print(f"\nwinner {summary['winner']}: test perplexity {summary['winner_test_perplexity']:.3f} "
+          f"(dense {summary['dense_test_perplexity']:.3f})")
+    if "atp_test_perplexity" in summary:
+        print(f"best ATP (Tune, chosen on validation): test perplexity {summary['atp_test_perplexity']:.3f}; "
+              f"winner vs ATP {summary['winner_vs_atp']:+.1%}")
+    print(f"pruned model saved to {args.out}/model")
+
+
 def _read_sensitivity(path: Path | None, family: str) -> list[float]:
     if path is None:
         raise SparseAllocError(f"--family {family} needs --sensitivity FILE from `sparsealloc sensitivity`")
@@ -171,7 +216,8 @@ def _cmd_profile(args) -> None:
     print(f"mean {profile.mean():.6f}; written to {args.out}")
 
 
-COMMANDS = {"fetch": _cmd_fetch, "prune": _cmd_prune, "sensitivity": _cmd_sensitivity, "profile": _cmd_profile}
+COMMANDS = {"fetch": _cmd_fetch, "prune": _cmd_prune, "sensitivity": _cmd_sensitivity, "profile": _cmd_profile,
+            "search": _cmd_search}
 
 
 def main(argv: list[str] | None = None) -> int:

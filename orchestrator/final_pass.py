@@ -72,11 +72,25 @@ def resolve_profile(config: PruneConfig, num_blocks: int, weights: list[int]) ->
     return Profile.uniform(num_blocks, config.sparsity), config.sparsity
 
 
-def _versions() -> dict:
+def versions() -> dict:
     import transformers
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "sparsealloc": "0.1.0"}
+
+
+def save_pruned(out: Path, overwrite: bool, model, tokenizer, profile: Profile, target: float, metrics: dict,
+                extra_files: dict | None = None) -> None:
+    """Write model, tokenizer, profile.json, metrics.json (and any extra JSON files) atomically."""
+    start = time.perf_counter()
+    with staged_output(Path(out), overwrite) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        write_profile(staging / "profile.json", profile, target, pruner=metrics["pruner"], model=metrics["model"])
+        metrics["timings"]["save_s"] = time.perf_counter() - start
+        write_json(staging / "metrics.json", metrics)
+        for name, data in (extra_files or {}).items():
+            write_json(staging / name, data)
 
 
 def run_prune(config: PruneConfig) -> dict:
@@ -127,15 +141,9 @@ def run_prune(config: PruneConfig) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "seed": config.seed,
         "timings": timings,
-        "versions": _versions(),
+        "versions": versions(),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
     }
-    start = time.perf_counter()
-    with staged_output(Path(config.out), config.overwrite) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        write_profile(staging / "profile.json", profile, target, pruner=pruner.name, model=config.model)
-        timings["save_s"] = time.perf_counter() - start
-        write_json(staging / "metrics.json", metrics)
+    save_pruned(Path(config.out), config.overwrite, model, tokenizer, profile, target, metrics)
     log.info("dense perplexity %.3f, pruned perplexity %.3f", dense_ppl, pruned_ppl)
     return metrics

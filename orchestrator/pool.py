@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from orchestrator.budget import Budget
 from orchestrator.candidates import Candidate
 from orchestrator.results import ResultsTable
 from pruning.errors import SparseAllocError
@@ -78,10 +77,14 @@ class EvaluatorPool:
     """Spreads candidates over the actors; every result is written to the results table at once."""
 
     def __init__(self, spec: EvaluatorSpec, calibration: torch.Tensor, fitness_windows: torch.Tensor,
-                 results: ResultsTable, num_actors: int | None = None, max_restarts: int = 3) -> None:
+                 results: ResultsTable, num_actors: int | None = None, gpu: bool | None = None,
+                 max_restarts: int = 3) -> None:
+        """``gpu``: None = GPU actors when the cluster has GPUs now; True = GPU actors even when it has
+        none yet (an autoscaling cluster then adds GPU workers for them); False = CPU actors."""
         gpus = int(ray.cluster_resources().get("GPU", 0))
+        use_gpu = gpus > 0 if gpu is None else gpu
         num_actors = num_actors or max(1, gpus)
-        options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": spec.threads}
+        options = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": spec.threads}
         remote = ray.remote(EvaluatorActor).options(max_restarts=max_restarts, max_task_retries=max_restarts,
                                                     **options)
         calibration_ref, fitness_ref = ray.put(calibration), ray.put(fitness_windows)
@@ -103,9 +106,9 @@ class EvaluatorPool:
     def max_tokens(self) -> int:
         return self.infos[0]["max_tokens"]
 
-    def evaluate(self, candidates: list[Candidate], budget: Budget | None = None) -> list[float]:
-        """Fitness per candidate (same order). Known keys come from the results table; new ones are
-        evaluated in parallel and charged to ``budget``."""
+    def evaluate(self, candidates: list[Candidate]) -> list[float]:
+        """Fitness per candidate (same order). Known keys come from the results table (resume);
+        new ones are evaluated in parallel and written to it as each arrives."""
         pending = [c for c in dict((c.key, c) for c in candidates).values() if self.results.get(c.key) is None]
         queue = list(pending)
         in_flight: dict[ray.ObjectRef, tuple[Candidate, int]] = {}
@@ -134,6 +137,4 @@ class EvaluatorPool:
                 "sparsities": list(candidate.sparsities), "nm": candidate.nm, "tokens": candidate.tokens or -1,
                 "metric": candidate.metric, **outcome,
             })
-            if budget is not None:
-                budget.charge()
         return [self.results.get(c.key)["fitness"] for c in candidates]

@@ -39,7 +39,8 @@ def run_shapley(pool: EvaluatorPool, target: float, budget: Budget, estimator: s
     def evaluate(coalitions: list[frozenset[int]]) -> None:
         for start in range(0, len(coalitions), chunk):
             part = [c for c in coalitions[start : start + chunk] if c not in values]
-            fitness = pool.evaluate([_coalition_candidate(c, n, target, tokens) for c in part], budget)
+            fitness = pool.evaluate([_coalition_candidate(c, n, target, tokens) for c in part])
+            budget.charge(len(part))
             values.update(zip(part, fitness))
             bar.update()
 
@@ -64,7 +65,8 @@ def run_shapley(pool: EvaluatorPool, target: float, budget: Budget, estimator: s
         used = f"permutation sampling, {2 * pairs} orders"
     profiles = {s: families.sensitivity_map(list(phi), target, s, pool.block_weights) for s in strengths}
     scores = dict(zip(strengths, pool.evaluate([Candidate.of(p, tokens, "shapley", strength=s)
-                                                for s, p in profiles.items()], budget)))
+                                                for s, p in profiles.items()])))
+    budget.charge(len(scores))
     best = min(scores, key=scores.get)
     bar.update(scores[best])
     bar.close()

@@ -86,7 +86,7 @@ def run_tune(pool: EvaluatorPool, driver: str, space: Space, build: Callable[[di
                                  "tokens": tokens or -1, "metric": "kl", "fitness": result.metrics["fitness"],
                                  "seconds": result.metrics["seconds"], "node": result.metrics["node"],
                                  "actor": result.metrics["actor"]})
-            budget.charge()
+        budget.charge()
         evaluations += 1
         if result.metrics["fitness"] < best_fitness:
             best_fitness, best_config = result.metrics["fitness"], config

@@ -82,6 +82,19 @@ def num_blocks_of(spec: str) -> int:
     return int((getattr(config, "text_config", None) or config).num_hidden_layers)
 
 
+def load_tokenizer(spec: str):
+    """Just the tokenizer of a model spec (for drivers that hold no model)."""
+    from transformers import AutoTokenizer
+
+    spec = _resolve_spec(spec)
+    try:
+        if spec.endswith(".gguf"):
+            return AutoTokenizer.from_pretrained(Path(spec).parent, gguf_file=Path(spec).name)
+        return AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError) as exc:
+        raise SparseAllocError(f"could not load the tokenizer of {spec!r}: {str(exc).splitlines()[0]}") from exc
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32):
     """Model (eval mode) and tokenizer from ``default``, a ``.gguf`` file, a local HF dir or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,0 +1,259 @@
+"""``sparsealloc search``: run the drivers on Ray, pick the winning profile, run the final pass.
+
+The run directory holds ``config.json``, the append-only ``results/`` table, Tune state, each
+driver's best profile, ``summary.json`` and the pruned model (``model/``). Rerunning the same
+command with ``--resume`` repeats the same seeded requests, which the results table answers
+without re-evaluating, so an interrupted search continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import ray
+import torch
+
+from orchestrator.budget import Budget
+from orchestrator.candidates import Candidate, DriverResult
+from orchestrator.evolution import EvolutionConfig, run_evolution
+from orchestrator.final_pass import save_pruned, versions
+from orchestrator.output import check_output, write_json
+from orchestrator.pool import EvaluatorPool, EvaluatorSpec
+from orchestrator.progress import DriverProgress
+from orchestrator.results import ResultsTable
+from orchestrator.shapley_driver import run_shapley
+from orchestrator.tune_driver import run_tune
+from pruning.data import DEFAULT_DATA, consecutive_windows, prepare_tokens
+from pruning.errors import SparseAllocError
+from pruning.load import DEFAULT_MODEL, load_model, load_tokenizer, pick_device, pick_dtype
+from pruning.pruners import get_pruner
+from pruning.sequential import prune_sequentially
+from scoring.perplexity import perplexity
+from scoring.sparsity import achieved_sparsity
+from search_spaces import families
+from search_spaces.profile import Profile, write_profile
+
+log = logging.getLogger(__name__)
+
+DRIVERS = ("shapley", "evolution", "tune-atp", "tune-owl", "tune-fisher", "tune-free")
+# Share of the budget each driver gets under --method all.
+ALL_SHARES = {"shapley": 0.3, "evolution": 0.4, "tune-free": 0.15, "tune-atp": 0.15}
+OWL_M_CHOICES = (3, 4, 5, 6, 7, 8, 9, 10)
+
+
+@dataclass
+class SearchConfig:
+    """Everything ``sparsealloc search`` needs; flags map one to one."""
+
+    out: Path
+    method: str = "all"
+    sparsity: float = 0.7
+    pruner: str = "wanda"
+    model: str = DEFAULT_MODEL
+    data: str = DEFAULT_DATA
+    text_field: str | None = None
+    seqlen: int = 512
+    calib_samples: int = 32
+    eval_windows: int | None = 32
+    fitness_windows: int = 16
+    fitness_seqlen: int = 128
+    fidelities: tuple[int, ...] = (512, 2048)
+    nm_m: int | None = None
+    budget_evals: int | None = None
+    budget_minutes: float | None = None
+    actors: int | None = None
+    threads: int = 1
+    actor_gpus: bool | None = None
+    address: str | None = None
+    batch_size: int = 4
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    shares: dict = field(default_factory=lambda: dict(ALL_SHARES))
+
+    def drivers(self) -> dict[str, float]:
+        if self.method == "all":
+            return self.shares
+        if self.method not in DRIVERS:
+            raise SparseAllocError(f"unknown --method {self.method!r}; choose all or one of {', '.join(DRIVERS)}")
+        return {self.method: 1.0}
+
+    def identity(self) -> dict:
+        """The fields a resumed run must share with the original."""
+        keep = ("method", "sparsity", "model", "data", "text_field", "seqlen", "calib_samples", "fitness_windows",
+                "fitness_seqlen", "fidelities", "nm_m", "seed", "budget_evals", "shares")
+        return json.loads(json.dumps({k: getattr(self, k) for k in keep}))
+
+
+def _prepare_run_dir(config: SearchConfig) -> str:
+    out = Path(config.out)
+    stored = out / "config.json"
+    if config.resume:
+        if not stored.exists():
+            raise SparseAllocError(f"--resume: {out} holds no search (no config.json); run without --resume first")
+        previous = json.loads(stored.read_text())
+        if previous["identity"] != config.identity():
+            changed = [k for k in config.identity() if previous["identity"].get(k) != config.identity()[k]]
+            raise SparseAllocError(f"--resume with different settings ({', '.join(changed)}); rerun the same command")
+        return previous["run_id"]
+    check_output(out, config.overwrite)
+    if out.exists() and config.overwrite:
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_id = uuid.uuid4().hex[:12]
+    write_json(stored, {"run_id": run_id, "identity": config.identity(),
+                        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}})
+    return run_id
+
+
+def _init_ray(config: SearchConfig) -> bool:
+    """Join ``--address`` or start a local Ray; returns whether we started it."""
+    if ray.is_initialized():
+        return False
+    if config.address:
+        ray.init(address=config.address, log_to_driver=False)
+        return True
+    actors = config.actors or 1
+    # One logical CPU more than the actors use: Tune trials only wait on actor calls.
+    ray.init(num_cpus=actors * config.threads + 1, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def _budget(config: SearchConfig, share: float) -> Budget:
+    evals = None if config.budget_evals is None else max(1, int(config.budget_evals * share))
+    seconds = None if config.budget_minutes is None else config.budget_minutes * 60 * share
+    if evals is None and seconds is None:
+        raise SparseAllocError("give a budget: --budget-evals N and/or --budget-minutes M")
+    return Budget(max_evals=evals, max_seconds=seconds)
+
+
+def _run_driver(name: str, pool: EvaluatorPool, config: SearchConfig, budget: Budget, calibration: torch.Tensor,
+                top_tokens: int) -> DriverResult:
+    n, target, weights = pool.num_blocks, config.sparsity, pool.block_weights
+    if name == "shapley":
+        return run_shapley(pool, target, budget, tokens=top_tokens, seed=config.seed, progress=config.progress)
+    if name == "evolution":
+        fisher = ray.get(pool.actors[0].fisher_traces.remote(calibration[: max(1, calibration.shape[0] // 2)]))
+        seeds = [families.sensitivity_map(fisher, target, 1.0, weights), families.uniform(n, target),
+                 families.atp(n, target, families.atp_beta_max(n, target) / 2)]
+        bar = DriverProgress("evolution", budget, config.progress)
+        survivors = tuple([4] * (len(config.fidelities) - 1) + [1])
+        result = run_evolution(
+            pool.evaluate, seeds,
+            EvolutionConfig(target=target, nm_m=config.nm_m, fidelities=tuple(config.fidelities), survivors=survivors,
+                            seed=config.seed, weights=weights),
+            budget, on_generation=lambda _g, best, _e: bar.update(best))
+        bar.close()
+        return DriverResult("evolution", result.best, result.fitness, result.evaluations,
+                            {"generations": result.generations, "history": result.history, "fisher": fisher})
+    run_dir = Path(config.out)
+    if name == "tune-atp":
+        return run_tune(pool, name, families.atp_space(n, target), lambda c: families.atp(n, target, c["beta"]),
+                        budget, run_dir, top_tokens, config.seed, resume=config.resume)
+    if name == "tune-owl":
+        ratios = {m: ray.get(pool.actors[0].outlier_ratios.remote(float(m))) for m in OWL_M_CHOICES}
+        space = {"lam": ("uniform", 0.0, 0.2), "M": ("int", OWL_M_CHOICES[0], OWL_M_CHOICES[-1])}
+        return run_tune(pool, name, space, lambda c: families.owl(ratios[int(c["M"])], target, c["lam"]),
+                        budget, run_dir, top_tokens, config.seed, resume=config.resume)
+    if name == "tune-fisher":
+        fisher = ray.get(pool.actors[0].fisher_traces.remote(calibration[: max(1, calibration.shape[0] // 2)]))
+        return run_tune(pool, name, families.sensitivity_space(),
+                        lambda c: families.sensitivity_map(fisher, target, c["strength"], weights),
+                        budget, run_dir, top_tokens, config.seed, resume=config.resume)
+    keys = families.free_keys(n)
+    lo, hi = max(0.0, target - 0.25), min(0.99, target + 0.25)
+    return run_tune(pool, name, families.free_space(n, lo, hi),
+                    lambda c: families.free_vector([c[k] for k in keys], target, weights, lo, hi),
+                    budget, run_dir, top_tokens, config.seed, resume=config.resume)
+
+
+def _final_pass(model, dense_state, data, profile: Profile, config: SearchConfig, device) -> dict:
+    model.load_state_dict(dense_state)
+    start = time.perf_counter()
+    prune_sequentially(model, data.calibration, profile, get_pruner(config.pruner), device, config.batch_size,
+                       config.progress)
+    prune_s = time.perf_counter() - start
+    ppl = perplexity(model, data.test, device, config.batch_size, config.progress, "test perplexity")
+    return {"test_perplexity": ppl, "prune_s": prune_s, "achieved": achieved_sparsity(model)}
+
+
+def run_search(config: SearchConfig) -> dict:
+    """Run the configured drivers, then the final pass of the winner; returns the summary."""
+    if not 0.0 < config.sparsity < 1.0:
+        raise SparseAllocError(f"--sparsity must lie in (0, 1), got {config.sparsity}")
+    get_pruner(config.pruner)
+    shares = config.drivers()
+    run_id = _prepare_run_dir(config)
+    torch.manual_seed(config.seed)
+    started_ray = _init_ray(config)
+    try:
+        tokenizer = load_tokenizer(config.model)
+        data = prepare_tokens(tokenizer, config.data, seqlen=config.seqlen, calib_samples=config.calib_samples,
+                              eval_windows=config.eval_windows, seed=config.seed, text_field=config.text_field)
+        fitness = consecutive_windows(data.validation.flatten(), config.fitness_seqlen, config.fitness_windows)
+        top_tokens = int(fitness.numel())
+        if max(config.fidelities) > top_tokens:
+            raise SparseAllocError(f"fidelity {max(config.fidelities)} tokens exceeds the {top_tokens} fitness tokens "
+                                   "(--fitness-windows x --fitness-seqlen)")
+        pool = EvaluatorPool(EvaluatorSpec(config.model, batch_size=config.batch_size, threads=config.threads),
+                             data.calibration, fitness, ResultsTable(Path(config.out), run_id), config.actors,
+                             gpu=config.actor_gpus)
+        results: dict[str, DriverResult] = {}
+        for name, share in shares.items():
+            start = time.perf_counter()
+            result = _run_driver(name, pool, config, _budget(config, share), data.calibration, top_tokens)
+            # Compare drivers on one footing: every best profile scored on all fitness tokens.
+            result.fitness = pool.evaluate([Candidate.of(result.best, top_tokens, name)])[0]
+            result.details["seconds"] = time.perf_counter() - start
+            results[name] = result
+            write_profile(Path(config.out) / f"best-{name}.json", result.best, result.best.mean(pool.block_weights),
+                          driver=name, fitness=result.fitness)
+            log.info("%s: best validation KL %.4f after %d evaluations", name, result.fitness, result.evaluations)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    return _finish(config, data, results, tokenizer)
+
+
+def _finish(config: SearchConfig, data, results: dict[str, DriverResult], tokenizer) -> dict:
+    """Final pass for the winner (saved) and for the Tune ATP best (for comparison)."""
+    winner = min(results.values(), key=lambda r: r.fitness)
+    device = pick_device("auto")
+    model, _ = load_model(config.model, pick_dtype("auto", device))
+    model.to(device)
+    dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    dense_ppl = perplexity(model, data.test, device, config.batch_size, config.progress, "dense test perplexity")
+    comparison = {}
+    if "tune-atp" in results and winner.driver != "tune-atp":
+        comparison["tune-atp"] = _final_pass(model, dense_state, data, results["tune-atp"].best, config, device)
+    final = _final_pass(model, dense_state, data, winner.best, config, device)
+    summary = {
+        "winner": winner.driver, "winner_test_perplexity": final["test_perplexity"], "dense_test_perplexity": dense_ppl,
+        "drivers": {name: {"validation_kl": r.fitness, "evaluations": r.evaluations,
+                           "seconds": r.details.get("seconds"), "profile": list(r.best.sparsities),
+                           "details": {k: v for k, v in r.details.items() if k != "seconds"}}
+                    for name, r in results.items()},
+        "comparison_final_passes": comparison,
+    }
+    if "tune-atp" in results:
+        atp_ppl = final["test_perplexity"] if winner.driver == "tune-atp" else comparison["tune-atp"]["test_perplexity"]
+        summary["atp_test_perplexity"] = atp_ppl
+        summary["winner_vs_atp"] = final["test_perplexity"] / atp_ppl - 1
+    metrics = {"model": config.model, "pruner": config.pruner, "target_sparsity": config.sparsity,
+               "dense_perplexity": dense_ppl, "pruned_perplexity": final["test_perplexity"],
+               "achieved_sparsity": final["achieved"], "profile": winner.best.to_json(),
+               "protocol": {**data.protocol, "fitness": "KL(dense || pruned) on validation prefix",
+                            "fitness_tokens": config.fitness_windows * config.fitness_seqlen},
+               "seed": config.seed, "timings": {"prune_s": final["prune_s"]}, "versions": versions(),
+               "search": {"winner": winner.driver, "run_dir": str(config.out)}}
+    save_pruned(Path(config.out) / "model", True, model, tokenizer, winner.best, winner.best.mean(), metrics)
+    write_json(Path(config.out) / "summary.json", summary)
+    return summary
