@@ -87,8 +87,9 @@ class EvaluatorPool:
         options = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": spec.threads}
         remote = ray.remote(EvaluatorActor).options(max_restarts=max_restarts, max_task_retries=max_restarts,
                                                     **options)
-        calibration_ref, fitness_ref = ray.put(calibration), ray.put(fitness_windows)
-        self.actors = [remote.remote(spec, calibration_ref, fitness_ref) for _ in range(num_actors)]
+        # Held for the pool's lifetime: a restarted actor is rebuilt from these same objects.
+        self._token_refs = (ray.put(calibration), ray.put(fitness_windows))
+        self.actors = [remote.remote(spec, *self._token_refs) for _ in range(num_actors)]
         self.infos = ray.get([actor.info.remote() for actor in self.actors])
         self.results = results
         self.max_per_actor = 2

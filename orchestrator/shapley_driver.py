@@ -36,16 +36,32 @@ def run_shapley(pool: EvaluatorPool, target: float, budget: Budget, estimator: s
         plan = None
     values: dict[frozenset[int], float] = {}
 
-    def evaluate(coalitions: list[frozenset[int]]) -> None:
+    def evaluate(coalitions: list[frozenset[int]]) -> bool:
+        """Evaluate in chunks until done (True) or the budget runs out (False)."""
         for start in range(0, len(coalitions), chunk):
+            if budget.exhausted():
+                return False
             part = [c for c in coalitions[start : start + chunk] if c not in values]
             fitness = pool.evaluate([_coalition_candidate(c, n, target, tokens) for c in part])
             budget.charge(len(part))
             values.update(zip(part, fitness))
             bar.update()
+        return True
+
+    def fallback(note: str) -> DriverResult:
+        """Best so far when no Shapley estimate could be completed: the uniform profile (scored only if
+        the budget still allows)."""
+        uniform = families.uniform(n, target)
+        fitness = float("inf")
+        if not budget.exhausted():
+            fitness = pool.evaluate([Candidate.of(uniform, tokens, "shapley")])[0]
+            budget.charge()
+        bar.close()
+        return DriverResult("shapley", uniform, fitness, len(values), {"note": note})
 
     if plan is not None:
-        evaluate(plan)
+        if not evaluate(plan):
+            return fallback("the budget ran out before the sliding-window plan was complete")
         phi, stderr, used = shapley.sliding_window_shapley(n, window, values), None, f"sliding window w={window}"
     else:  # permutation pairs until the budget (keeping room for the strength choice) runs out
         pairs = 0
@@ -53,14 +69,11 @@ def run_shapley(pool: EvaluatorPool, target: float, budget: Budget, estimator: s
             sampled = shapley.permutation_plan(n, 2 * (pairs + 1), seed)
             needed = [c for c in sampled.coalitions() if c not in values]
             left = budget.remaining_evals()
-            if budget.exhausted() or (left is not None and len(needed) + reserve > left):
+            if budget.exhausted() or (left is not None and len(needed) + reserve > left) or not evaluate(needed):
                 break
-            evaluate(needed)
             pairs += 1
         if pairs == 0:
-            bar.close()
-            return DriverResult("shapley", families.uniform(n, target), float("inf"), len(values),
-                                {"note": "budget too small for one permutation pair"})
+            return fallback("the budget was too small for one permutation pair")
         phi, stderr = shapley.permutation_shapley(shapley.permutation_plan(n, 2 * pairs, seed), values)
         used = f"permutation sampling, {2 * pairs} orders"
     profiles = {s: families.sensitivity_map(list(phi), target, s, pool.block_weights) for s in strengths}

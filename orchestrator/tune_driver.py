@@ -70,7 +70,7 @@ def run_tune(pool: EvaluatorPool, driver: str, space: Space, build: Callable[[di
             tune_config=tune.TuneConfig(
                 search_alg=OptunaSearch(metric="fitness", mode="min", seed=seed),
                 num_samples=num_samples, time_budget_s=time_left,
-                max_concurrent_trials=max_concurrent or len(pool.actors)),
+                max_concurrent_trials=max_concurrent or len(pool.actors), reuse_actors=True),
             run_config=tune.RunConfig(name=driver, storage_path=str(storage), verbose=0),
         )
     grid = tuner.fit()

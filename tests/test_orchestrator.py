@@ -1,0 +1,118 @@
+"""Drivers on a local Ray (num_cpus=3, two CPU actors) with a planted problem: block 0 is fragile."""
+
+import threading
+import time
+
+import pytest
+import ray
+import torch
+
+from conftest import build_model, save_model_dir, tiny_llama_config
+from orchestrator.budget import Budget
+from orchestrator.candidates import Candidate
+from orchestrator.evolution import EvolutionConfig, run_evolution
+from orchestrator.pool import EvaluatorPool, EvaluatorSpec
+from orchestrator.results import ResultsTable
+from orchestrator.shapley_driver import run_shapley
+from orchestrator.tune_driver import run_tune
+from pruning.load import find_blocks, find_linears
+from search_spaces import families
+
+TARGET = 0.6
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    model = build_model(tiny_llama_config())
+    for layer in find_linears(find_blocks(model)[0]).values():
+        layer.weight.data *= 6.0  # pruning block 0 hurts far more than the others
+    model_dir = save_model_dir(model, tmp_path_factory.mktemp("fragile"))
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    generator = torch.Generator().manual_seed(0)
+    pool = EvaluatorPool(EvaluatorSpec(str(model_dir)), torch.randint(3, 120, (4, 32), generator=generator),
+                         torch.randint(3, 120, (4, 32), generator=generator),
+                         ResultsTable(tmp_path_factory.mktemp("run"), "test"), num_actors=2)
+    yield pool
+    ray.shutdown()
+
+
+@pytest.fixture
+def uniform_fitness(pool):
+    return pool.evaluate([Candidate.of(families.uniform(4, TARGET))])[0]
+
+
+def test_shapley_driver_beats_uniform_within_budget(pool, uniform_fitness):
+    budget = Budget(max_evals=20)
+    result = run_shapley(pool, TARGET, budget, window=2, progress=False)
+    assert result.fitness < 0.5 * uniform_fitness
+    assert result.best.sparsities[0] == min(result.best.sparsities)
+    assert budget.used_evals <= 20
+    assert result.best.mean() == pytest.approx(TARGET)
+
+
+def test_evolution_driver_beats_uniform_within_budget(pool, uniform_fitness):
+    budget = Budget(max_evals=30)
+    result = run_evolution(pool.evaluate, [families.uniform(4, TARGET)],
+                           EvolutionConfig(target=TARGET, offspring=8, survivors=(3, 1), fidelities=(64, 128)), budget)
+    assert budget.used_evals <= 30
+    assert result.fitness < uniform_fitness
+    assert result.best.sparsities[0] < TARGET
+
+
+def test_tune_atp_beats_uniform(pool, uniform_fitness, tmp_path):
+    budget = Budget(max_evals=6)
+    result = run_tune(pool, "tune-atp", families.atp_space(4, TARGET), lambda c: families.atp(4, TARGET, c["beta"]),
+                      budget, tmp_path, seed=0)
+    assert result.evaluations == 6 and budget.used_evals == 6
+    assert result.fitness < uniform_fitness
+    assert pool.results.get(Candidate.of(result.best, None, "tune-atp").key) is not None
+
+
+def test_time_budget_stops_cleanly(pool):
+    budget = Budget(max_seconds=0.01)
+    time.sleep(0.02)
+    result = run_shapley(pool, 0.55, budget, window=2, progress=False)
+    assert result.evaluations == 0 and "budget" in result.details["note"]
+
+
+def test_killed_actor_is_replaced_and_no_result_is_lost(pool):
+    candidates = [Candidate.of(families.atp(4, 0.5, beta), driver="kill-test") for beta in
+                  [i * families.atp_beta_max(4, 0.5) / 11 for i in range(12)]]
+    killer = threading.Timer(1.0, lambda: ray.kill(pool.actors[0], no_restart=False))
+    killer.start()
+    fitness = pool.evaluate(candidates)
+    killer.join()
+    assert len(fitness) == 12 and all(f >= 0 for f in fitness)
+    assert all(pool.results.get(c.key) is not None for c in candidates)
+    assert ray.get(pool.actors[0].info.remote())["blocks"] == 4  # restarted and serving again
+
+
+def test_interrupt_then_resume_repeats_no_finished_evaluation(pool, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    original = pool.results
+    try:
+        pool.results = ResultsTable(run_dir, "first")
+        calls = {"n": 0}
+        append = pool.results.append
+
+        def interrupted_append(row):
+            calls["n"] += 1
+            if calls["n"] > 5:
+                raise KeyboardInterrupt
+            return append(row)
+
+        monkeypatch.setattr(pool.results, "append", interrupted_append)
+        with pytest.raises(KeyboardInterrupt):
+            run_shapley(pool, 0.45, Budget(max_evals=100), window=2, chunk=4, progress=False)
+        assert len(ResultsTable(run_dir, "check")) == 5
+
+        pool.results = ResultsTable(run_dir, "resumed")
+        new_rows = []
+        append_resumed = pool.results.append
+        monkeypatch.setattr(pool.results, "append", lambda row: new_rows.append(row) or append_resumed(row))
+        result = run_shapley(pool, 0.45, Budget(max_evals=100), window=2, chunk=4, progress=False)
+        total = len(ResultsTable(run_dir, "check"))
+        assert len(new_rows) == total - 5  # the five finished evaluations were not redone
+        assert result.evaluations == total
+    finally:
+        pool.results = original

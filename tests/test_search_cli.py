@@ -1,0 +1,50 @@
+"""`sparsealloc search` end to end on the tiny model: run, then --resume repeats nothing."""
+
+import json
+
+import pytest
+
+from conftest import build_model, save_model_dir, tiny_llama_config
+from orchestrator.cli import main
+from orchestrator.results import ResultsTable
+from orchestrator.search import SearchConfig, _prepare_run_dir
+from pruning.errors import SparseAllocError
+from pruning.load import find_blocks, find_linears
+
+
+def _args(model_dir, data, out, *extra):
+    return ["search", "--method", "evolution", "--sparsity", "0.6", "--budget-evals", "24", "--model", str(model_dir),
+            "--data", str(data), "--seqlen", "32", "--calib-samples", "4", "--fitness-windows", "4",
+            "--fitness-seqlen", "32", "--fidelities", "64", "128", "--eval-windows", "4", "--actors", "1",
+            "--out", str(out), "--no-progress", *extra]
+
+
+def test_search_saves_winner_and_resume_reuses_results(corpus_file, tmp_path, capsys):
+    model = build_model(tiny_llama_config())
+    for layer in find_linears(find_blocks(model)[0]).values():
+        layer.weight.data *= 6.0
+    model_dir = save_model_dir(model, tmp_path / "model")
+    out = tmp_path / "run"
+    assert main(_args(model_dir, corpus_file, out)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["winner"] == "evolution" and summary["drivers"]["evolution"]["evaluations"] <= 24
+    metrics = json.loads((out / "model" / "metrics.json").read_text())
+    assert metrics["achieved_sparsity"]["overall"] == pytest.approx(0.6, abs=0.01)
+    rows = len(ResultsTable(out, "check"))
+    assert rows > 0 and "winner evolution" in capsys.readouterr().out
+
+    assert main(_args(model_dir, corpus_file, out, "--resume")) == 0
+    assert len(ResultsTable(out, "check")) == rows  # every request answered from the results table
+    assert json.loads((out / "summary.json").read_text())["drivers"]["evolution"]["profile"] == \
+        summary["drivers"]["evolution"]["profile"]
+
+
+def test_resume_needs_the_same_settings(tmp_path):
+    config = SearchConfig(out=tmp_path / "run", budget_evals=10)
+    _prepare_run_dir(config)
+    with pytest.raises(SparseAllocError, match="sparsity"):
+        _prepare_run_dir(SearchConfig(out=tmp_path / "run", budget_evals=10, sparsity=0.5, resume=True))
+    with pytest.raises(SparseAllocError, match="--overwrite"):
+        _prepare_run_dir(SearchConfig(out=tmp_path / "run", budget_evals=10))
+    with pytest.raises(SparseAllocError, match="no search"):
+        _prepare_run_dir(SearchConfig(out=tmp_path / "other", budget_evals=10, resume=True))
