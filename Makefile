@@ -29,6 +29,8 @@ test: venv
 
 bench: venv
 	$(PY) -m bench.pruners
+	$(PY) -m bench.profiles
+	$(PY) -m bench.pool
 
 clean:
 	rm -rf $(VENV) runs
