@@ -95,6 +95,13 @@ class EvaluatorPool:
         self.max_per_actor = 2
         self.dead: set[int] = set()
 
+    def close(self) -> None:
+        """Stop the actors and drop every handle and object ref (before ``ray.shutdown``)."""
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        self._token_refs = ()
+
     @property
     def num_blocks(self) -> int:
         return self.infos[0]["blocks"]

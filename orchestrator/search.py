@@ -157,22 +157,26 @@ def _run_driver(name: str, pool: EvaluatorPool, config: SearchConfig, budget: Bu
     run_dir = Path(config.out)
     if name == "tune-atp":
         return run_tune(pool, name, families.atp_space(n, target), lambda c: families.atp(n, target, c["beta"]),
-                        budget, run_dir, top_tokens, config.seed, resume=config.resume)
+                        budget, run_dir, top_tokens, config.seed, resume=config.resume,
+                        progress=config.progress)
     if name == "tune-owl":
         ratios = {m: ray.get(pool.actors[0].outlier_ratios.remote(float(m))) for m in OWL_M_CHOICES}
         space = {"lam": ("uniform", 0.0, 0.2), "M": ("int", OWL_M_CHOICES[0], OWL_M_CHOICES[-1])}
         return run_tune(pool, name, space, lambda c: families.owl(ratios[int(c["M"])], target, c["lam"]),
-                        budget, run_dir, top_tokens, config.seed, resume=config.resume)
+                        budget, run_dir, top_tokens, config.seed, resume=config.resume,
+                        progress=config.progress)
     if name == "tune-fisher":
         fisher = ray.get(pool.actors[0].fisher_traces.remote(calibration[: max(1, calibration.shape[0] // 2)]))
         return run_tune(pool, name, families.sensitivity_space(),
                         lambda c: families.sensitivity_map(fisher, target, c["strength"], weights),
-                        budget, run_dir, top_tokens, config.seed, resume=config.resume)
+                        budget, run_dir, top_tokens, config.seed, resume=config.resume,
+                        progress=config.progress)
     keys = families.free_keys(n)
     lo, hi = max(0.0, target - 0.25), min(0.99, target + 0.25)
     return run_tune(pool, name, families.free_space(n, lo, hi),
                     lambda c: families.free_vector([c[k] for k in keys], target, weights, lo, hi),
-                    budget, run_dir, top_tokens, config.seed, resume=config.resume)
+                    budget, run_dir, top_tokens, config.seed, resume=config.resume,
+                        progress=config.progress)
 
 
 def _final_pass(model, dense_state, data, profile: Profile, config: SearchConfig, device) -> dict:
@@ -194,6 +198,7 @@ def run_search(config: SearchConfig) -> dict:
     run_id = _prepare_run_dir(config)
     torch.manual_seed(config.seed)
     started_ray = _init_ray(config)
+    pool: EvaluatorPool | None = None
     try:
         tokenizer = load_tokenizer(config.model)
         data = prepare_tokens(tokenizer, config.data, seqlen=config.seqlen, calib_samples=config.calib_samples,
@@ -218,6 +223,8 @@ def run_search(config: SearchConfig) -> dict:
                           driver=name, fitness=result.fitness)
             log.info("%s: best validation KL %.4f after %d evaluations", name, result.fitness, result.evaluations)
     finally:
+        if pool is not None:
+            pool.close()
         if started_ray:
             ray.shutdown()
     return _finish(config, data, results, tokenizer)

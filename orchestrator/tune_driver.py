@@ -20,6 +20,7 @@ from ray.tune.search.optuna import OptunaSearch
 from orchestrator.budget import Budget
 from orchestrator.candidates import Candidate, DriverResult
 from orchestrator.pool import EvaluatorPool
+from orchestrator.progress import DriverProgress
 from pruning.errors import SparseAllocError
 from search_spaces.families import Space
 from search_spaces.profile import Profile
@@ -40,6 +41,21 @@ def to_tune_space(space: Space) -> dict:
     return out
 
 
+class _ProgressCallback(tune.Callback):
+    """Feeds the driver's progress line as trials finish."""
+
+    def __init__(self, bar: DriverProgress | None) -> None:
+        self.bar = bar
+
+    def __getstate__(self) -> dict:
+        return {"bar": None}  # Tune pickles its run config for restore; the terminal line stays here
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if self.bar is not None:
+            self.bar.budget.charge()
+            self.bar.update(result.get("fitness"))
+
+
 def _trial(config: dict, actors: list, build: Callable[[dict], Profile], tokens: int | None, driver: str) -> None:
     candidate = Candidate.of(build(config), tokens, driver, **config)
     outcome = ray.get(random.choice(actors).evaluate.remote(candidate))
@@ -49,7 +65,7 @@ def _trial(config: dict, actors: list, build: Callable[[dict], Profile], tokens:
 
 def run_tune(pool: EvaluatorPool, driver: str, space: Space, build: Callable[[dict], Profile], budget: Budget,
              run_dir: Path, tokens: int | None = None, seed: int = 0, max_concurrent: int | None = None,
-             resume: bool = False) -> DriverResult:
+             resume: bool = False, progress: bool = True) -> DriverResult:
     """Optuna (TPE) search over ``space``; every finished trial is a row of the results table."""
     remaining = budget.remaining_evals()
     num_samples = remaining if remaining is not None else DEFAULT_TRIALS
@@ -59,6 +75,7 @@ def run_tune(pool: EvaluatorPool, driver: str, space: Space, build: Callable[[di
     trainable = tune.with_resources(
         tune.with_parameters(_trial, actors=pool.actors, build=build, tokens=tokens, driver=driver),
         {"cpu": TRIAL_CPU})
+    bar = DriverProgress(driver, Budget(budget.max_evals, budget.max_seconds), progress)
     storage = (Path(run_dir) / "tune").resolve()
     experiment = storage / driver
     if resume and tune.Tuner.can_restore(str(experiment)):
@@ -71,9 +88,11 @@ def run_tune(pool: EvaluatorPool, driver: str, space: Space, build: Callable[[di
                 search_alg=OptunaSearch(metric="fitness", mode="min", seed=seed),
                 num_samples=num_samples, time_budget_s=time_left,
                 max_concurrent_trials=max_concurrent or len(pool.actors), reuse_actors=True),
-            run_config=tune.RunConfig(name=driver, storage_path=str(storage), verbose=0),
+            run_config=tune.RunConfig(name=driver, storage_path=str(storage), verbose=0,
+                                      callbacks=[_ProgressCallback(bar)]),
         )
     grid = tuner.fit()
+    bar.close()
     best_fitness, best_config, evaluations = float("inf"), None, 0
     for result in grid:
         if result.error or "fitness" not in (result.metrics or {}):

@@ -33,6 +33,7 @@ def pool(tmp_path_factory):
                          torch.randint(3, 120, (4, 32), generator=generator),
                          ResultsTable(tmp_path_factory.mktemp("run"), "test"), num_actors=2)
     yield pool
+    pool.close()
     ray.shutdown()
 
 
@@ -66,6 +67,16 @@ def test_tune_atp_beats_uniform(pool, uniform_fitness, tmp_path):
     assert result.evaluations == 6 and budget.used_evals == 6
     assert result.fitness < uniform_fitness
     assert pool.results.get(Candidate.of(result.best, None, "tune-atp").key) is not None
+
+
+def test_tune_resume_restores_finished_trials(pool, tmp_path):
+    space, build = families.atp_space(4, 0.5), lambda c: families.atp(4, 0.5, c["beta"])
+    first = run_tune(pool, "tune-atp", space, build, Budget(max_evals=3), tmp_path, seed=1, progress=False)
+    rows = len(pool.results)
+    again = run_tune(pool, "tune-atp", space, build, Budget(max_evals=3), tmp_path, seed=1, resume=True,
+                     progress=False)
+    assert len(pool.results) == rows  # Tuner.restore: the finished trials are not run again
+    assert again.fitness == first.fitness and again.best == first.best
 
 
 def test_time_budget_stops_cleanly(pool):
