@@ -27,7 +27,8 @@ from search_spaces.profile import Profile
 
 log = logging.getLogger(__name__)
 TRIAL_CPU = 0.01  # trials only wait on actor calls
-DEFAULT_TRIALS = 20
+DEFAULT_TRIALS = 20  # with neither an evaluation nor a time budget
+TIME_BOUNDED_TRIALS = 100_000  # with a time budget only: Tune's time_budget_s ends the search
 
 
 def to_tune_space(space: Space) -> dict:
@@ -68,7 +69,10 @@ def run_tune(pool: EvaluatorPool, driver: str, space: Space, build: Callable[[di
              resume: bool = False, progress: bool = True) -> DriverResult:
     """Optuna (TPE) search over ``space``; every finished trial is a row of the results table."""
     remaining = budget.remaining_evals()
-    num_samples = remaining if remaining is not None else DEFAULT_TRIALS
+    if remaining is not None:
+        num_samples = remaining
+    else:
+        num_samples = TIME_BOUNDED_TRIALS if budget.max_seconds is not None else DEFAULT_TRIALS
     if num_samples < 1 or budget.exhausted():
         raise SparseAllocError(f"no budget left for the {driver} Tune search")
     time_left = None if budget.max_seconds is None else max(1.0, budget.max_seconds - budget.elapsed)
