@@ -67,13 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--budget-evals", type=int, default=None, help="fitness evaluations, shared by the drivers")
     search.add_argument("--budget-minutes", type=float, default=None, help="wall clock for the search itself")
     search.add_argument("--address", default=None, help="join a cluster: auto or ray://host:10001 (default: local)")
-    search.add_argument("--actors", type=int, default=None, help="evaluator actors (default: one per GPU, else 1)")
+    search.add_argument("--actors", type=int, default=None,
+                        help="evaluator actors (default: one per GPU; locally without CUDA, one per --threads cores)")
     search.add_argument("--threads", type=int, default=1, help="torch threads (and CPUs) per CPU actor")
     search.add_argument("--gpu-actors", action="store_true",
                         help="GPU actors even if the cluster has no GPU yet (autoscaling clusters)")
-    search.add_argument("--fitness-windows", type=int, default=16, help="validation windows for the KL fitness")
+    search.add_argument("--fitness-windows", type=int, default=8, help="validation windows for the KL fitness")
     search.add_argument("--fitness-seqlen", type=int, default=128, help="tokens per fitness window")
-    search.add_argument("--fidelities", type=int, nargs="+", default=[512, 2048],
+    search.add_argument("--fidelities", type=int, nargs="+", default=[256, 1024],
                         help="evolution's multi-fidelity token counts")
     search.add_argument("--nm-m", type=int, default=None, help="evolution over the mixed N:M menu 1:M … (M-1):M")
     search.add_argument("--eval-windows", type=int, default=32, help="test windows for the final perplexity")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -60,9 +61,9 @@ class SearchConfig:
     seqlen: int = 512
     calib_samples: int = 32
     eval_windows: int | None = 32
-    fitness_windows: int = 16
+    fitness_windows: int = 8
     fitness_seqlen: int = 128
-    fidelities: tuple[int, ...] = (512, 2048)
+    fidelities: tuple[int, ...] = (256, 1024)
     nm_m: int | None = None
     budget_evals: int | None = None
     budget_minutes: float | None = None
@@ -114,15 +115,25 @@ def _prepare_run_dir(config: SearchConfig) -> str:
     return run_id
 
 
-def _init_ray(config: SearchConfig) -> bool:
+def _actor_count(config: SearchConfig) -> int | None:
+    """``--actors``, else one CPU actor per ``--threads`` cores on a local machine without CUDA;
+    None lets the pool put one actor on each GPU."""
+    if config.actors or config.address or torch.cuda.is_available():
+        return config.actors
+    return max(1, (os.cpu_count() or 1) // config.threads)
+
+
+def _init_ray(config: SearchConfig, actors: int | None) -> bool:
     """Join ``--address`` or start a local Ray; returns whether we started it."""
     if ray.is_initialized():
         return False
     if config.address:
         ray.init(address=config.address, log_to_driver=False)
         return True
-    actors = config.actors or 1
-    # One logical CPU more than the actors use: Tune trials only wait on actor calls.
+    if actors is None:  # local GPUs: Ray detects them and the cores, one actor per GPU
+        ray.init(include_dashboard=False, log_to_driver=False)
+        return True
+    # One logical CPU more than the CPU actors use: Tune trials only wait on actor calls.
     ray.init(num_cpus=actors * config.threads + 1, include_dashboard=False, log_to_driver=False)
     return True
 
@@ -197,7 +208,8 @@ def run_search(config: SearchConfig) -> dict:
     shares = config.drivers()
     run_id = _prepare_run_dir(config)
     torch.manual_seed(config.seed)
-    started_ray = _init_ray(config)
+    actors = _actor_count(config)
+    started_ray = _init_ray(config, actors)
     pool: EvaluatorPool | None = None
     try:
         tokenizer = load_tokenizer(config.model)
@@ -209,7 +221,7 @@ def run_search(config: SearchConfig) -> dict:
             raise SparseAllocError(f"fidelity {max(config.fidelities)} tokens exceeds the {top_tokens} fitness tokens "
                                    "(--fitness-windows x --fitness-seqlen)")
         pool = EvaluatorPool(EvaluatorSpec(config.model, batch_size=config.batch_size, threads=config.threads),
-                             data.calibration, fitness, ResultsTable(Path(config.out), run_id), config.actors,
+                             data.calibration, fitness, ResultsTable(Path(config.out), run_id), actors,
                              gpu=config.actor_gpus)
         results: dict[str, DriverResult] = {}
         for name, share in shares.items():
