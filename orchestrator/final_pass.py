@@ -52,9 +52,8 @@ def _check_ratio(value: float, what: str) -> None:
 
 
 def resolve_profile(config: PruneConfig, num_blocks: int, weights: list[int]) -> tuple[Profile, float]:
-    """The per-block profile and its target mean from ``--profile``, ``--nm`` or ``--sparsity``."""
-    if config.sparsity is not None:
-        _check_ratio(config.sparsity, "--sparsity")
+    """The per-block profile and its target mean from ``--profile``, ``--nm`` or ``--sparsity``
+    (``--sparsity`` already checked to lie in [0, 1) by :func:`run_prune`)."""
     if config.profile is not None:
         profile, recorded = read_profile(config.profile)
         target = config.sparsity if config.sparsity is not None else recorded

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -105,8 +106,6 @@ def _prepare_run_dir(config: SearchConfig) -> str:
         return previous["run_id"]
     check_output(out, config.overwrite)
     if out.exists() and config.overwrite:
-        import shutil
-
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex[:12]

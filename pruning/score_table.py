@@ -40,6 +40,17 @@ class LinearScores:
         return mask
 
 
+    def pruned(self, weight: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None) -> torch.Tensor:
+        """A copy of ``weight`` with :meth:`mask`'s weights zeroed (scattered directly, no mask built)."""
+        if nm:
+            return weight.masked_fill(nm_mask(self.scores, *nm), 0)
+        out = weight.clone()
+        k = prune_count(self.scores.shape[1], sparsity)
+        if k:
+            out.scatter_(1, self.order[:, :k].long(), 0)
+        return out
+
+
 @torch.no_grad()
 def build_score_tables(model, calibration: torch.Tensor, device: torch.device, kind: str = "wanda",
                        batch_size: int = 4, progress: bool = True) -> list[dict[str, LinearScores]]:

@@ -49,9 +49,12 @@ class CandidateEvaluator:
         self.windows = fitness_windows
         self.tables: list[dict[str, LinearScores]] = build_score_tables(
             model, calibration, device, score_kind, batch_size, progress)
-        self._dense = [{name: layer.weight.data for name, layer in find_linears(b).items()} for b in self.blocks]
+        self._linears = [find_linears(block) for block in self.blocks]
+        self._dense = [{name: layer.weight.data for name, layer in linears.items()} for linears in self._linears]
+        self._batches = [fitness_windows[i : i + batch_size].to(device)
+                         for i in range(0, fitness_windows.shape[0], batch_size)]
         self._block_inputs = self._cache_block_inputs()
-        self._dense_logprobs = [self._logprobs(batch) for batch in self._batches()]
+        self._dense_logprobs = [self._logprobs(batch) for batch in self._batches]
         self.evaluations = 0
 
     @property
@@ -61,10 +64,6 @@ class CandidateEvaluator:
     @property
     def max_tokens(self) -> int:
         return self.windows.numel()
-
-    def _batches(self) -> list[torch.Tensor]:
-        return [self.windows[i : i + self.batch_size].to(self.device)
-                for i in range(0, self.windows.shape[0], self.batch_size)]
 
     @torch.no_grad()
     def _cache_block_inputs(self) -> list[list[torch.Tensor]]:
@@ -88,13 +87,13 @@ class CandidateEvaluator:
         pruned_blocks = [l for l, s in enumerate(profile.sparsities) if s > 0]
         try:
             for l in pruned_blocks:
-                for name, layer in find_linears(self.blocks[l]).items():
-                    mask = self.tables[l][name].mask(profile.sparsities[l], profile.pattern(l))
-                    layer.weight.data = self._dense[l][name].masked_fill(mask, 0)
+                for name, layer in self._linears[l].items():
+                    layer.weight.data = self.tables[l][name].pruned(self._dense[l][name], profile.sparsities[l],
+                                                                    profile.pattern(l))
             yield pruned_blocks[0] if pruned_blocks else 0
         finally:
             for l in pruned_blocks:
-                for name, layer in find_linears(self.blocks[l]).items():
+                for name, layer in self._linears[l].items():
                     layer.weight.data = self._dense[l][name]
 
     @contextmanager
@@ -132,7 +131,7 @@ class CandidateEvaluator:
             raise SparseAllocError(f"fidelity of {tokens} tokens exceeds the {self.max_tokens} cached fitness tokens")
         total, count = 0.0, 0
         with self._applied(profile) as first:
-            for index, batch in enumerate(self._batches()):
+            for index, batch in enumerate(self._batches):
                 batch = batch[: windows - index * self.batch_size]
                 if batch.shape[0] <= 0:
                     break

@@ -74,3 +74,13 @@ def test_perplexity_metric_and_fidelity(setup):
         perplexity(_masked_copy(evaluator, profile), windows, CPU, progress=False), rel=1e-4)
     first_two = perplexity(_masked_copy(evaluator, profile), windows[:2], CPU, progress=False)
     assert evaluator.fitness(profile, tokens=64, metric="ppl") == pytest.approx(first_two, rel=1e-4)
+
+
+@pytest.mark.parametrize("sparsity,nm", [(0.0, None), (0.3, None), (0.7, None), (0.5, (2, 4))])
+def test_pruned_copy_equals_weight_with_mask_applied(setup, sparsity, nm):
+    _, _, _, evaluator = setup
+    for name, scores in evaluator.tables[1].items():
+        dense = evaluator._dense[1][name]
+        expected = dense.masked_fill(scores.mask(sparsity, nm), 0)
+        assert torch.equal(scores.pruned(dense, sparsity, nm), expected), name
+    assert torch.count_nonzero(evaluator._dense[1]["mlp.up_proj"]) == evaluator._dense[1]["mlp.up_proj"].numel()
