@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     data = prepare_tokens(load_tokenizer(args.model), seqlen=args.fitness_seqlen, calib_samples=args.calib_samples)
     fitness = consecutive_windows(data.validation.flatten(), args.fitness_seqlen, args.fitness_windows)
     plain = plain_forward_rate(args.model, fitness, repeats=max(3, args.evaluations // 4), batch_size=args.batch_size)
-    run_dir = Path("/tmp/sparsealloc-bench-pool")
+    run_dir = Path(tempfile.mkdtemp(prefix="sparsealloc-bench-pool-"))  # fresh: no cached results
     rows = []
     for actors in (1, 2):
         threads = max(1, cores // actors)
