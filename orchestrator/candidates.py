@@ -11,10 +11,11 @@ from search_spaces.profile import NM, Profile
 
 @dataclass(frozen=True)
 class Candidate:
-    """One fitness request: per-block sparsities (and N:M patterns) scored on ``tokens`` tokens.
+    """One fitness request: per-block sparsities (and N:M patterns) scored on ``tokens`` tokens of
+    the fitness windows — the first ones, or the ``draw``-th slice of that size (fresh tokens).
 
     ``driver`` and ``params`` are recorded with the result; the ``key`` — what makes two requests
-    the same evaluation — is the profile, the fidelity and the metric only.
+    the same evaluation — is the profile, the fidelity, the draw and the metric only.
     """
 
     sparsities: tuple[float, ...]
@@ -23,11 +24,12 @@ class Candidate:
     metric: str = "kl"
     driver: str = ""
     params: dict = field(default_factory=dict, compare=False, hash=False)
+    draw: int = 0
 
     @classmethod
-    def of(cls, profile: Profile, tokens: int | None = None, driver: str = "", metric: str = "kl",
+    def of(cls, profile: Profile, tokens: int | None = None, driver: str = "", metric: str = "kl", draw: int = 0,
            **params) -> "Candidate":
-        return cls(profile.sparsities, profile.nm, tokens, metric, driver, params)
+        return cls(profile.sparsities, profile.nm, tokens, metric, driver, params, draw)
 
     @property
     def profile(self) -> Profile:
@@ -36,7 +38,8 @@ class Candidate:
     @property
     def key(self) -> str:
         nm = None if self.nm is None else [None if p is None else list(p) for p in self.nm]
-        return json.dumps([[round(s, 9) for s in self.sparsities], nm, self.tokens, self.metric])
+        fields = [[round(s, 9) for s in self.sparsities], nm, self.tokens, self.metric]
+        return json.dumps(fields + [self.draw] if self.draw else fields)
 
 
 # A driver's only view of the evaluator pool: candidates in, fitnesses out (same order; lower is better).

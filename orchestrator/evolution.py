@@ -15,6 +15,10 @@ Each generation uses multi-fidelity selection: ``offspring`` children are scored
 tokens, the best ``survivors[0]`` are rescored on ``fidelities[1]`` tokens, and so on. At the last stage
 the children compete with the current parents' (cached) top-fidelity scores and the best
 ``survivors[-1]`` become the new parents — elitist, so the best top-fidelity fitness never gets worse.
+With ``fresh_tokens`` (the default) the lower stages of generation g are scored on the g-th slice of the
+fitness windows (``Candidate.draw``), so each generation's cheap selection sees tokens the previous one
+did not (EvoPress samples fresh calibration data per generation); the top stage always uses the same
+tokens, so parents and children stay comparable there.
 Every stage is one call to ``evaluate`` (one batch, evaluated in parallel by the caller).
 
 Generation 0 is the initial population: the seed profiles snapped onto the grid (``round_to_levels``,
@@ -63,6 +67,7 @@ class EvolutionConfig:
     max_generations: int = 1000
     seed: int = 0
     weights: list[float] | None = None
+    fresh_tokens: bool = True
 
     def grid(self) -> np.ndarray:
         """The sorted level grid, after validating the config."""
@@ -238,6 +243,7 @@ def run_evolution(
         if fresh:
             batch = [
                 Candidate.of(make_profile(idx), tokens=int(config.fidelities[stage]), driver=DRIVER,
+                             draw=generation if config.fresh_tokens and stage < top else 0,
                              generation=generation, stage=stage)
                 for idx in fresh
             ]

@@ -68,7 +68,7 @@ class EvaluatorActor:
 
     def evaluate(self, candidate: Candidate) -> dict:
         start = time.perf_counter()
-        fitness = self.evaluator.fitness(candidate.profile, candidate.tokens, candidate.metric)
+        fitness = self.evaluator.fitness(candidate.profile, candidate.tokens, candidate.metric, candidate.draw)
         return {"fitness": fitness, "seconds": time.perf_counter() - start, "actor": self.name,
                 "node": ray.get_runtime_context().get_node_id()}
 
@@ -143,6 +143,6 @@ class EvaluatorPool:
             self.results.append({
                 "driver": candidate.driver, "key": candidate.key, "params": candidate.params,
                 "sparsities": list(candidate.sparsities), "nm": candidate.nm, "tokens": candidate.tokens or -1,
-                "metric": candidate.metric, **outcome,
+                "draw": candidate.draw, "metric": candidate.metric, **outcome,
             })
         return [self.results.get(c.key)["fitness"] for c in candidates]

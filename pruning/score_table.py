@@ -19,36 +19,31 @@ SCORE_KINDS = ("wanda", "magnitude")
 
 @dataclass
 class LinearScores:
-    """Importance scores of one weight matrix and each row's removal order (lowest first)."""
+    """Importance scores of one weight matrix and each weight's rank within its row (0 = lowest)."""
 
     scores: torch.Tensor  # [rows, cols], float
-    order: torch.Tensor  # [rows, cols], int16/int32 column indices, ascending score
+    rank: torch.Tensor  # [rows, cols], int16/int32: position in the row's stable ascending-score order
 
     @classmethod
     def from_scores(cls, scores: torch.Tensor) -> "LinearScores":
         index_dtype = torch.int16 if scores.shape[1] <= torch.iinfo(torch.int16).max else torch.int32
-        return cls(scores, torch.argsort(scores, dim=1, stable=True).to(index_dtype))
+        order = torch.argsort(scores, dim=1, stable=True)
+        positions = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
+        rank = torch.empty_like(order).scatter_(1, order, positions)
+        return cls(scores, rank.to(index_dtype))
 
     def mask(self, sparsity: float, nm: tuple[int, int] | None = None) -> torch.Tensor:
         """Weights to remove at this sparsity (per-row comparison, Wanda's group), or by N:M."""
         if nm:
             return nm_mask(self.scores, *nm)
-        mask = torch.zeros(self.scores.shape, dtype=torch.bool, device=self.scores.device)
-        k = prune_count(self.scores.shape[1], sparsity)
-        if k:
-            mask.scatter_(1, self.order[:, :k].long(), True)
-        return mask
+        return self.rank < prune_count(self.scores.shape[1], sparsity)
 
-
-    def pruned(self, weight: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None) -> torch.Tensor:
-        """A copy of ``weight`` with :meth:`mask`'s weights zeroed (scattered directly, no mask built)."""
-        if nm:
-            return weight.masked_fill(nm_mask(self.scores, *nm), 0)
-        out = weight.clone()
-        k = prune_count(self.scores.shape[1], sparsity)
-        if k:
-            out.scatter_(1, self.order[:, :k].long(), 0)
-        return out
+    def pruned(self, weight: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """``weight`` with :meth:`mask`'s weights zeroed, written into ``out`` when given (one pass,
+        no copy of the dense weight is modified)."""
+        keep = ~nm_mask(self.scores, *nm) if nm else self.rank >= prune_count(self.scores.shape[1], sparsity)
+        return torch.mul(weight, keep, out=out)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from pruning.pruners import get_pruner
 from pruning.sequential import prune_sequentially
 from scoring.evaluator import CandidateEvaluator
 from scoring.perplexity import perplexity
+from pruning.errors import SparseAllocError
 from search_spaces.profile import Profile
 
 CPU = torch.device("cpu")
@@ -84,3 +85,68 @@ def test_pruned_copy_equals_weight_with_mask_applied(setup, sparsity, nm):
         expected = dense.masked_fill(scores.mask(sparsity, nm), 0)
         assert torch.equal(scores.pruned(dense, sparsity, nm), expected), name
     assert torch.count_nonzero(evaluator._dense[1]["mlp.up_proj"]) == evaluator._dense[1]["mlp.up_proj"].numel()
+
+
+def test_rank_mask_removes_each_rows_lowest_scores():
+    from pruning.masks import row_mask
+    from pruning.score_table import LinearScores
+
+    scores = torch.rand(7, 50, generator=torch.Generator().manual_seed(3))
+    table = LinearScores.from_scores(scores)
+    for sparsity in (0.0, 0.1, 0.5, 0.93):
+        assert torch.equal(table.mask(sparsity), row_mask(scores, sparsity)), sparsity
+
+
+def test_pruned_into_buffer_leaves_the_dense_weight_untouched(setup):
+    _, _, _, evaluator = setup
+    scores, dense = evaluator.tables[0]["mlp.up_proj"], evaluator._dense[0]["mlp.up_proj"]
+    before = dense.clone()
+    buffer = torch.empty_like(dense)
+    assert scores.pruned(dense, 0.6, out=buffer) is buffer
+    assert torch.equal(buffer, dense.masked_fill(scores.mask(0.6), 0))
+    assert torch.equal(dense, before)
+
+
+def test_mask_buffers_reused_across_candidates_give_fresh_evaluator_results(setup):
+    """Blocks keep their masked buffer between candidates; a level or pattern change re-masks it."""
+    model, calibration, windows, evaluator = setup
+    sequence = [Profile((0.5, 0.3, 0.5, 0.7)), Profile((0.5, 0.6, 0.5, 0.0)),
+                Profile((0.5, 0.5, 0.5, 0.5), nm=((2, 4), None, None, None)), Profile((0.5, 0.3, 0.5, 0.7))]
+    values = [evaluator.fitness(profile) for profile in sequence]
+    assert values[0] == values[3]
+    assert len(set(values[:3])) == 3
+    for profile, value in zip(sequence, values):
+        fresh = CandidateEvaluator(build_model(tiny_llama_config()), calibration, windows, CPU, batch_size=2,
+                                   progress=False)
+        assert fresh.fitness(profile) == pytest.approx(value, rel=1e-6)
+
+
+def test_kl_chunking_does_not_change_fitness(setup):
+    _, _, _, evaluator = setup
+    profile = Profile((0.6, 0.2, 0.0, 0.4))
+    whole = evaluator.fitness(profile), evaluator.fitness(profile, metric="ppl")
+    chunk, evaluator._kl_chunk = evaluator._kl_chunk, 5
+    try:
+        chunked = evaluator.fitness(profile), evaluator.fitness(profile, metric="ppl")
+    finally:
+        evaluator._kl_chunk = chunk
+    assert chunked == pytest.approx(whole, rel=1e-6)
+
+
+def test_draws_score_their_own_slice_of_the_windows(setup):
+    """draw d at n windows = the d-th run of n consecutive windows (cyclic), same as an evaluator
+    built on exactly those windows."""
+    _, calibration, windows, evaluator = setup
+    assert evaluator.window_ids(64) == [0, 1] and evaluator.window_ids(64, draw=1) == [2, 3]
+    assert evaluator.window_ids(64, draw=2) == [4, 0] and evaluator.window_ids(None, draw=7) == [0, 1, 2, 3, 4]
+    profile = Profile((0.0, 0.5, 0.2, 0.6))
+    for draw in (1, 2):
+        ids = evaluator.window_ids(64, draw)
+        own = CandidateEvaluator(build_model(tiny_llama_config()), calibration, windows[ids], CPU, batch_size=2,
+                                 progress=False)
+        for metric in ("kl", "ppl"):
+            assert evaluator.fitness(profile, 64, metric, draw) == pytest.approx(own.fitness(profile, metric=metric),
+                                                                                 rel=1e-5)
+    assert evaluator.fitness(profile, 64, draw=1) != evaluator.fitness(profile, 64)
+    with pytest.raises(SparseAllocError, match="exceeds"):
+        evaluator.window_ids(6 * 32)

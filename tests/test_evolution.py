@@ -260,3 +260,20 @@ def test_nan_fitness_never_wins():
     result = run_evolution(evaluate, [uniform(4, 0.5)], EvolutionConfig(target=0.5, max_generations=20), Budget())
     assert np.isfinite(result.fitness) and all(np.isfinite(result.history))
     assert result.best.sparsities[0] <= 0.5
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_lower_stages_draw_fresh_tokens_each_generation(fresh):
+    """Stage 0 of generation g asks for the g-th slice of the fitness windows; the top stage always
+    asks for the same tokens, so parents and children compare on one set."""
+    evaluate = Planted()
+    config = EvolutionConfig(target=0.5, max_generations=4, fidelities=(512, 2048, 8192), survivors=(4, 2, 1),
+                             fresh_tokens=fresh)
+    run_evolution(evaluate, [uniform(BLOCKS, 0.5)], config, Budget())
+    by_stage = {}
+    for batch in evaluate.calls:
+        for c in batch:
+            by_stage.setdefault(c.params["stage"], set()).add((c.params["generation"], c.draw))
+    assert by_stage[2] == {(g, 0) for g in range(4)}
+    for stage in (0, 1):
+        assert by_stage[stage] == {(g, g if fresh else 0) for g in range(4)}

@@ -127,3 +127,12 @@ def test_interrupt_then_resume_repeats_no_finished_evaluation(pool, tmp_path, mo
         assert result.evaluations == total
     finally:
         pool.results = original
+
+
+def test_draws_are_separate_evaluations_scored_on_their_own_windows(pool):
+    profile = families.atp(4, 0.5, families.atp_beta_max(4, 0.5) / 2)
+    first, fresh = Candidate.of(profile, 32, "draw-test"), Candidate.of(profile, 32, "draw-test", draw=1)
+    assert first.key != fresh.key
+    fitness = pool.evaluate([first, fresh])
+    assert fitness[0] != fitness[1]
+    assert [pool.results.get(c.key)["draw"] for c in (first, fresh)] == [0, 1]
