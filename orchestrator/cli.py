@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--fidelities", type=int, nargs="+", default=[256, 1024],
                         help="evolution's multi-fidelity token counts")
     search.add_argument("--nm-m", type=int, default=None, help="evolution over the mixed N:M menu 1:M … (M-1):M")
+    search.add_argument("--free-sampler", default="tpe", choices=["tpe", "cmaes"],
+                        help="Optuna sampler of the tune-free search over per-block vectors")
     search.add_argument("--eval-windows", type=int, default=32, help="test windows for the final perplexity")
     search.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     _add_model_data_args(search, seqlen=512, calib_samples=32)
@@ -149,7 +151,8 @@ def _cmd_search(args) -> None:
         out=args.out, method=args.method, sparsity=args.sparsity, pruner=args.pruner, model=args.model,
         data=args.data, text_field=args.text_field, seqlen=args.seqlen, calib_samples=args.calib_samples,
         eval_windows=args.eval_windows, fitness_windows=args.fitness_windows, fitness_seqlen=args.fitness_seqlen,
-        fidelities=tuple(args.fidelities), nm_m=args.nm_m, budget_evals=args.budget_evals,
+        fidelities=tuple(args.fidelities), nm_m=args.nm_m, free_sampler=args.free_sampler,
+        budget_evals=args.budget_evals,
         budget_minutes=args.budget_minutes, actors=args.actors, threads=args.threads,
         actor_gpus=True if args.gpu_actors else None, address=args.address, batch_size=args.batch_size,
         seed=args.seed, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress))

@@ -66,6 +66,7 @@ class SearchConfig:
     fitness_seqlen: int = 128
     fidelities: tuple[int, ...] = (256, 1024)
     nm_m: int | None = None
+    free_sampler: str = "tpe"
     budget_evals: int | None = None
     budget_minutes: float | None = None
     actors: int | None = None
@@ -89,7 +90,7 @@ class SearchConfig:
     def identity(self) -> dict:
         """The fields a resumed run must share with the original."""
         keep = ("method", "sparsity", "model", "data", "text_field", "seqlen", "calib_samples", "fitness_windows",
-                "fitness_seqlen", "fidelities", "nm_m", "seed", "budget_evals", "shares")
+                "fitness_seqlen", "fidelities", "nm_m", "free_sampler", "seed", "budget_evals", "shares")
         return json.loads(json.dumps({k: getattr(self, k) for k in keep}))
 
 
@@ -185,8 +186,8 @@ def _run_driver(name: str, pool: EvaluatorPool, config: SearchConfig, budget: Bu
     lo, hi = max(0.0, target - 0.25), min(0.99, target + 0.25)
     return run_tune(pool, name, families.free_space(n, lo, hi),
                     lambda c: families.free_vector([c[k] for k in keys], target, weights, lo, hi),
-                    budget, run_dir, top_tokens, config.seed, resume=config.resume,
-                        progress=config.progress)
+                    budget, run_dir, top_tokens, config.seed, resume=config.resume, progress=config.progress,
+                    sampler=config.free_sampler)
 
 
 def _final_pass(model, dense_state, data, profile: Profile, config: SearchConfig, device) -> dict:

@@ -13,6 +13,7 @@ import random
 from pathlib import Path
 from typing import Callable
 
+import optuna
 import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
@@ -29,6 +30,17 @@ log = logging.getLogger(__name__)
 TRIAL_CPU = 0.01  # trials only wait on actor calls
 DEFAULT_TRIALS = 20  # with neither an evaluation nor a time budget
 TIME_BOUNDED_TRIALS = 100_000  # with a time budget only: Tune's time_budget_s ends the search
+SAMPLERS = ("tpe", "cmaes")
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """Optuna's TPE, or CMA-ES (for many continuous keys, e.g. free vectors; Optuna samples spaces
+    of one dimension or integer keys independently under CMA-ES)."""
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    raise SparseAllocError(f"unknown Optuna sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
 def to_tune_space(space: Space) -> dict:
@@ -66,8 +78,9 @@ def _trial(config: dict, actors: list, build: Callable[[dict], Profile], tokens:
 
 def run_tune(pool: EvaluatorPool, driver: str, space: Space, build: Callable[[dict], Profile], budget: Budget,
              run_dir: Path, tokens: int | None = None, seed: int = 0, max_concurrent: int | None = None,
-             resume: bool = False, progress: bool = True) -> DriverResult:
-    """Optuna (TPE) search over ``space``; every finished trial is a row of the results table."""
+             resume: bool = False, progress: bool = True, sampler: str = "tpe") -> DriverResult:
+    """Optuna search (``sampler``: TPE or CMA-ES) over ``space``; every finished trial is a row of the
+    results table."""
     remaining = budget.remaining_evals()
     if remaining is not None:
         num_samples = remaining
@@ -89,7 +102,7 @@ def run_tune(pool: EvaluatorPool, driver: str, space: Space, build: Callable[[di
             trainable,
             param_space=to_tune_space(space),
             tune_config=tune.TuneConfig(
-                search_alg=OptunaSearch(metric="fitness", mode="min", seed=seed),
+                search_alg=OptunaSearch(metric="fitness", mode="min", sampler=make_sampler(sampler, seed)),
                 num_samples=num_samples, time_budget_s=time_left,
                 max_concurrent_trials=max_concurrent or len(pool.actors), reuse_actors=True),
             run_config=tune.RunConfig(name=driver, storage_path=str(storage), verbose=0,
@@ -106,7 +119,7 @@ def run_tune(pool: EvaluatorPool, driver: str, space: Space, build: Callable[[di
         if pool.results.get(candidate.key) is None:
             pool.results.append({"driver": driver, "key": candidate.key, "params": config,
                                  "sparsities": list(candidate.sparsities), "nm": candidate.nm,
-                                 "tokens": tokens or -1, "metric": "kl", "fitness": result.metrics["fitness"],
+                                 "tokens": tokens or -1, "draw": 0, "metric": "kl", "fitness": result.metrics["fitness"],
                                  "seconds": result.metrics["seconds"], "node": result.metrics["node"],
                                  "actor": result.metrics["actor"]})
         budget.charge()

@@ -136,3 +136,24 @@ def test_draws_are_separate_evaluations_scored_on_their_own_windows(pool):
     fitness = pool.evaluate([first, fresh])
     assert fitness[0] != fitness[1]
     assert [pool.results.get(c.key)["draw"] for c in (first, fresh)] == [0, 1]
+
+
+def test_tune_free_vector_with_cma_es(pool, tmp_path):
+    keys = families.free_keys(4)
+    build = lambda c: families.free_vector([c[k] for k in keys], TARGET, None, 0.35, 0.85)  # noqa: E731
+    result = run_tune(pool, "tune-free", families.free_space(4, 0.35, 0.85), build, Budget(max_evals=6), tmp_path,
+                      seed=0, progress=False, sampler="cmaes")
+    assert result.evaluations == 6
+    assert result.best.mean() == pytest.approx(TARGET)
+    rows = [row for row in pool.results.read() if row["driver"] == "tune-free"]
+    assert len(rows) == 6 and result.fitness == min(row["fitness"] for row in rows)
+
+
+def test_sampler_names():
+    from orchestrator.tune_driver import make_sampler
+    import optuna
+
+    assert isinstance(make_sampler("cmaes", 0), optuna.samplers.CmaEsSampler)
+    assert isinstance(make_sampler("tpe", 0), optuna.samplers.TPESampler)
+    with pytest.raises(Exception, match="unknown Optuna sampler"):
+        make_sampler("grid", 0)
