@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 SCHEMA = pa.schema([
     ("run_id", pa.string()), ("driver", pa.string()), ("key", pa.string()), ("params", pa.string()),
     ("sparsities", pa.list_(pa.float64())), ("nm", pa.string()), ("fitness", pa.float64()),
-    ("tokens", pa.int64()), ("draw", pa.int64()), ("metric", pa.string()), ("seconds", pa.float64()), ("node", pa.string()),
-    ("actor", pa.string()), ("timestamp", pa.float64()),
+    ("tokens", pa.int64()), ("draw", pa.int64()), ("metric", pa.string()), ("seconds", pa.float64()),
+    ("node", pa.string()), ("actor", pa.string()), ("timestamp", pa.float64()),
 ])
 
 

@@ -119,9 +119,9 @@ def run_tune(pool: EvaluatorPool, driver: str, space: Space, build: Callable[[di
         if pool.results.get(candidate.key) is None:
             pool.results.append({"driver": driver, "key": candidate.key, "params": config,
                                  "sparsities": list(candidate.sparsities), "nm": candidate.nm,
-                                 "tokens": tokens or -1, "draw": 0, "metric": "kl", "fitness": result.metrics["fitness"],
-                                 "seconds": result.metrics["seconds"], "node": result.metrics["node"],
-                                 "actor": result.metrics["actor"]})
+                                 "tokens": tokens or -1, "draw": 0, "metric": "kl",
+                                 "fitness": result.metrics["fitness"], "seconds": result.metrics["seconds"],
+                                 "node": result.metrics["node"], "actor": result.metrics["actor"]})
         budget.charge()
         evaluations += 1
         if result.metrics["fitness"] < best_fitness:
