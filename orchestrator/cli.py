@@ -152,8 +152,7 @@ def _cmd_search(args) -> None:
         data=args.data, text_field=args.text_field, seqlen=args.seqlen, calib_samples=args.calib_samples,
         eval_windows=args.eval_windows, fitness_windows=args.fitness_windows, fitness_seqlen=args.fitness_seqlen,
         fidelities=tuple(args.fidelities), nm_m=args.nm_m, free_sampler=args.free_sampler,
-        budget_evals=args.budget_evals,
-        budget_minutes=args.budget_minutes, actors=args.actors, threads=args.threads,
+        budget_evals=args.budget_evals, budget_minutes=args.budget_minutes, actors=args.actors, threads=args.threads,
         actor_gpus=True if args.gpu_actors else None, address=args.address, batch_size=args.batch_size,
         seed=args.seed, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress))
     print(f"\n{'driver':<14}{'validation KL':>14}{'evaluations':>13}{'seconds':>10}")
