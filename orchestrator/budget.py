@@ -51,3 +51,18 @@ class Budget:
         if self.max_seconds:
             shares.append(self.elapsed / self.max_seconds)
         return min(1.0, max(shares))
+
+
+def driver_allowance(total: float | None, spent: float, share: float, shares_left: float) -> float | None:
+    """One driver's part of a search-wide budget (evaluations or seconds) when drivers run in turn.
+
+    ``share`` is the driver's fraction of the search (all shares sum to 1). It gets at least
+    ``share`` × ``total``; what earlier drivers left unspent is handed on in
+    proportion to the shares still to run (``shares_left`` includes this driver's), so the search
+    uses the whole budget it was given. None when there is no such budget.
+    """
+    if total is None:
+        return None
+    if not 0 < share <= shares_left:
+        raise SparseAllocError(f"a driver's share must lie in (0, {shares_left}], got {share}")
+    return max(total * share, (total - spent) * share / shares_left)

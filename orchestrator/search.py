@@ -20,7 +20,7 @@ from pathlib import Path
 import ray
 import torch
 
-from orchestrator.budget import Budget
+from orchestrator.budget import Budget, driver_allowance
 from orchestrator.candidates import Candidate, DriverResult
 from orchestrator.evolution import EvolutionConfig, run_evolution
 from orchestrator.final_pass import save_pruned, versions
@@ -81,8 +81,14 @@ class SearchConfig:
     shares: dict = field(default_factory=lambda: dict(ALL_SHARES))
 
     def drivers(self) -> dict[str, float]:
+        """The drivers to run, in order, with their fractions of the budget (summing to 1)."""
         if self.method == "all":
-            return self.shares
+            unknown = [name for name in self.shares if name not in DRIVERS]
+            if unknown or not self.shares or min(self.shares.values()) <= 0:
+                raise SparseAllocError(f"shares must give positive parts to drivers among {', '.join(DRIVERS)}, "
+                                       f"got {self.shares}")
+            total = sum(self.shares.values())
+            return {name: share / total for name, share in self.shares.items()}
         if self.method not in DRIVERS:
             raise SparseAllocError(f"unknown --method {self.method!r}; choose all or one of {', '.join(DRIVERS)}")
         return {self.method: 1.0}
@@ -138,12 +144,14 @@ def _init_ray(config: SearchConfig, actors: int | None) -> bool:
     return True
 
 
-def _budget(config: SearchConfig, share: float) -> Budget:
-    evals = None if config.budget_evals is None else max(1, int(config.budget_evals * share))
-    seconds = None if config.budget_minutes is None else config.budget_minutes * 60 * share
-    if evals is None and seconds is None:
+def _budget(config: SearchConfig, share: float, shares_left: float, spent_evals: int, spent_seconds: float) -> Budget:
+    """The next driver's budget: its share of the search's, plus its part of what earlier drivers left."""
+    if config.budget_evals is None and config.budget_minutes is None:
         raise SparseAllocError("give a budget: --budget-evals N and/or --budget-minutes M")
-    return Budget(max_evals=evals, max_seconds=seconds)
+    evals = driver_allowance(config.budget_evals, spent_evals, share, shares_left)
+    seconds = driver_allowance(None if config.budget_minutes is None else config.budget_minutes * 60,
+                               spent_seconds, share, shares_left)
+    return Budget(max_evals=None if evals is None else max(1, int(evals)), max_seconds=seconds)
 
 
 def _run_driver(name: str, pool: EvaluatorPool, config: SearchConfig, budget: Budget, calibration: torch.Tensor,
@@ -224,12 +232,16 @@ def run_search(config: SearchConfig) -> dict:
                              data.calibration, fitness, ResultsTable(Path(config.out), run_id), actors,
                              gpu=config.actor_gpus)
         results: dict[str, DriverResult] = {}
-        for name, share in shares.items():
+        spent_evals, spent_seconds = 0, 0.0
+        for index, (name, share) in enumerate(shares.items()):
             start = time.perf_counter()
-            result = _run_driver(name, pool, config, _budget(config, share), data.calibration, top_tokens)
+            budget = _budget(config, share, sum(list(shares.values())[index:]), spent_evals, spent_seconds)
+            result = _run_driver(name, pool, config, budget, data.calibration, top_tokens)
             # Compare drivers on one footing: every best profile scored on all fitness tokens.
             result.fitness = pool.evaluate([Candidate.of(result.best, top_tokens, name)])[0]
             result.details["seconds"] = time.perf_counter() - start
+            spent_evals += budget.used_evals
+            spent_seconds += result.details["seconds"]
             results[name] = result
             write_profile(Path(config.out) / f"best-{name}.json", result.best, result.best.mean(pool.block_weights),
                           driver=name, fitness=result.fitness)

@@ -48,3 +48,26 @@ def test_resume_needs_the_same_settings(tmp_path):
         _prepare_run_dir(SearchConfig(out=tmp_path / "run", budget_evals=10))
     with pytest.raises(SparseAllocError, match="no search"):
         _prepare_run_dir(SearchConfig(out=tmp_path / "other", budget_evals=10, resume=True))
+
+
+def test_search_all_runs_every_driver_compares_with_atp_and_hands_on_unspent_budget(corpus_file, tmp_path, capsys):
+    model = build_model(tiny_llama_config())
+    for layer in find_linears(find_blocks(model)[0]).values():
+        layer.weight.data *= 6.0
+    model_dir = save_model_dir(model, tmp_path / "model")
+    out = tmp_path / "run"
+    args = _args(model_dir, corpus_file, out)
+    args[args.index("evolution")] = "all"
+    args[args.index("--budget-evals") + 1] = "80"
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    drivers = summary["drivers"]
+    assert list(drivers) == ["shapley", "evolution", "tune-free", "tune-atp"]
+    assert sum(d["evaluations"] for d in drivers.values()) <= 80
+    # The Shapley plan on 4 blocks needs fewer than its 24 evaluations: evolution gets the rest of its part.
+    assert drivers["shapley"]["evaluations"] < 24 and drivers["evolution"]["evaluations"] > 32
+    assert summary["winner"] == min(drivers, key=lambda name: drivers[name]["validation_kl"])
+    assert summary["winner_vs_atp"] == pytest.approx(summary["winner_test_perplexity"] / summary["atp_test_perplexity"] - 1)
+    assert (out / "model" / "metrics.json").exists()
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in drivers) and "winner vs ATP" in printed
