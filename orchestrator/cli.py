@@ -79,7 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--nm-m", type=int, default=None, help="evolution over the mixed N:M menu 1:M … (M-1):M")
     search.add_argument("--free-sampler", default="tpe", choices=["tpe", "cmaes"],
                         help="Optuna sampler of the tune-free search over per-block vectors")
-    search.add_argument("--eval-windows", type=int, default=32, help="test windows for the final perplexity")
+    search.add_argument("--finalists", type=int, default=2,
+                        help="how many drivers' best profiles (by validation KL) get the real final pass; the "
+                             "lowest held-out validation perplexity after it wins (the Tune ATP best always runs)")
+    search.add_argument("--selection-windows", type=int, default=8,
+                        help="validation windows, after the fitness tokens, that pick the winner among finalists")
+    search.add_argument("--eval-windows", type=int, default=32,
+                        help="validation and test windows (test: the final perplexity)")
     search.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     _add_model_data_args(search, seqlen=512, calib_samples=32)
 
@@ -152,14 +158,18 @@ def _cmd_search(args) -> None:
         data=args.data, text_field=args.text_field, seqlen=args.seqlen, calib_samples=args.calib_samples,
         eval_windows=args.eval_windows, fitness_windows=args.fitness_windows, fitness_seqlen=args.fitness_seqlen,
         fidelities=tuple(args.fidelities), nm_m=args.nm_m, free_sampler=args.free_sampler,
+        finalists=args.finalists, selection_windows=args.selection_windows,
         budget_evals=args.budget_evals, budget_minutes=args.budget_minutes, actors=args.actors, threads=args.threads,
         actor_gpus=True if args.gpu_actors else None, address=args.address, batch_size=args.batch_size,
         seed=args.seed, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress))
-    print(f"\n{'driver':<14}{'validation KL':>14}{'evaluations':>13}{'seconds':>10}")
+    passes = summary["final_passes"]
+    print(f"\n{'driver':<14}{'validation KL':>14}{'evaluations':>13}{'seconds':>10}{'valid. ppl':>12}{'test ppl':>12}")
     for name, row in summary["drivers"].items():
-        print(f"{name:<14}{row['validation_kl']:>14.4f}{row['evaluations']:>13}{row['seconds']:>10.0f}")
-    print(f"\nwinner {summary['winner']}: test perplexity {summary['winner_test_perplexity']:.3f} "
-          f"(dense {summary['dense_test_perplexity']:.3f})")
+        final = [f"{passes[name][k]:>12.3f}" for k in ("validation_perplexity", "test_perplexity")] \
+            if name in passes else [f"{'-':>12}"] * 2
+        print(f"{name:<14}{row['validation_kl']:>14.4f}{row['evaluations']:>13}{row['seconds']:>10.0f}{''.join(final)}")
+    print(f"\nwinner {summary['winner']} (lowest validation perplexity after the final pass): test perplexity "
+          f"{summary['winner_test_perplexity']:.3f} (dense {summary['dense_test_perplexity']:.3f})")
     if "atp_test_perplexity" in summary:
         print(f"best ATP (Tune, chosen on validation): test perplexity {summary['atp_test_perplexity']:.3f}; "
               f"winner vs ATP {summary['winner_vs_atp']:+.1%}")

@@ -1,5 +1,9 @@
 """``sparsealloc search``: run the drivers on Ray, pick the winning profile, run the final pass.
 
+Each driver returns its best profile by the fast KL proxy; the best ``finalists`` of them (and the
+Tune ATP best, the baseline) get the real final pruning pass, and the one with the lowest validation
+perplexity on held-out validation windows (not the fitness tokens the search optimised) wins.
+
 The run directory holds ``config.json``, the append-only ``results/`` table, Tune state, each
 driver's best profile, ``summary.json`` and the pruned model (``model/``). Rerunning the same
 command with ``--resume`` repeats the same seeded requests, which the results table answers
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -67,6 +72,8 @@ class SearchConfig:
     fidelities: tuple[int, ...] = (256, 1024)
     nm_m: int | None = None
     free_sampler: str = "tpe"
+    finalists: int = 2
+    selection_windows: int = 8
     budget_evals: int | None = None
     budget_minutes: float | None = None
     actors: int | None = None
@@ -198,14 +205,44 @@ def _run_driver(name: str, pool: EvaluatorPool, config: SearchConfig, budget: Bu
                     sampler=config.free_sampler)
 
 
-def _final_pass(model, dense_state, data, profile: Profile, config: SearchConfig, device) -> dict:
+def finalists(results: dict[str, DriverResult], count: int) -> list[str]:
+    """Drivers whose best profiles get the real final pass: the ``count`` best by search fitness
+    (distinct profiles only), then tune-atp when it ran (the baseline every search is compared with)."""
+    if count < 1:
+        raise SparseAllocError(f"--finalists must be at least 1, got {count}")
+    chosen, seen = [], set()
+    for name in sorted(results, key=lambda n: results[n].fitness):
+        profile = (results[name].best.sparsities, results[name].best.nm)
+        if len(chosen) < count and profile not in seen:
+            chosen.append(name)
+            seen.add(profile)
+    if "tune-atp" in results and "tune-atp" not in chosen:
+        chosen.append("tune-atp")
+    return chosen
+
+
+def selection_windows(validation: torch.Tensor, fitness_tokens: int, count: int) -> torch.Tensor:
+    """Validation windows after those holding the search's fitness tokens (held out from the search)."""
+    skip = math.ceil(fitness_tokens / validation.shape[1])
+    if validation.shape[0] <= skip:
+        raise SparseAllocError(f"no validation tokens are left after the {fitness_tokens} fitness tokens to choose "
+                               f"the winner on; raise --eval-windows (now {validation.shape[0]} windows)")
+    return validation[skip : skip + count]
+
+
+def _final_pass(model, dense_state, data, selection: torch.Tensor, profile: Profile, config: SearchConfig,
+                device, name: str) -> dict:
+    """The real pruning pass with ``profile``, then validation (held-out) and test perplexity."""
     model.load_state_dict(dense_state)
     start = time.perf_counter()
     prune_sequentially(model, data.calibration, profile, get_pruner(config.pruner), device, config.batch_size,
                        config.progress)
     prune_s = time.perf_counter() - start
-    ppl = perplexity(model, data.test, device, config.batch_size, config.progress, "test perplexity")
-    return {"test_perplexity": ppl, "prune_s": prune_s, "achieved": achieved_sparsity(model)}
+    validation = perplexity(model, selection, device, config.batch_size, config.progress,
+                            f"{name}: validation perplexity")
+    test = perplexity(model, data.test, device, config.batch_size, config.progress, f"{name}: test perplexity")
+    return {"validation_perplexity": validation, "test_perplexity": test, "prune_s": prune_s,
+            "achieved": achieved_sparsity(model)}
 
 
 def run_search(config: SearchConfig) -> dict:
@@ -213,6 +250,9 @@ def run_search(config: SearchConfig) -> dict:
     if not 0.0 < config.sparsity < 1.0:
         raise SparseAllocError(f"--sparsity must lie in (0, 1), got {config.sparsity}")
     get_pruner(config.pruner)
+    if config.finalists < 1 or config.selection_windows < 1:
+        raise SparseAllocError(f"--finalists and --selection-windows must be at least 1, got {config.finalists} "
+                               f"and {config.selection_windows}")
     shares = config.drivers()
     run_id = _prepare_run_dir(config)
     torch.manual_seed(config.seed)
@@ -228,6 +268,7 @@ def run_search(config: SearchConfig) -> dict:
         if max(config.fidelities) > top_tokens:
             raise SparseAllocError(f"fidelity {max(config.fidelities)} tokens exceeds the {top_tokens} fitness tokens "
                                    "(--fitness-windows x --fitness-seqlen)")
+        selection = selection_windows(data.validation, top_tokens, config.selection_windows)
         pool = EvaluatorPool(EvaluatorSpec(config.model, batch_size=config.batch_size, threads=config.threads),
                              data.calibration, fitness, ResultsTable(Path(config.out), run_id), actors,
                              gpu=config.actor_gpus)
@@ -251,38 +292,49 @@ def run_search(config: SearchConfig) -> dict:
             pool.close()
         if started_ray:
             ray.shutdown()
-    return _finish(config, data, results, tokenizer)
+    return _finish(config, data, selection, results, tokenizer)
 
 
-def _finish(config: SearchConfig, data, results: dict[str, DriverResult], tokenizer) -> dict:
-    """Final pass for the winner (saved) and for the Tune ATP best (for comparison)."""
-    winner = min(results.values(), key=lambda r: r.fitness)
+def _finish(config: SearchConfig, data, selection: torch.Tensor, results: dict[str, DriverResult],
+            tokenizer) -> dict:
+    """Final pass for each finalist; the one with the lowest held-out validation perplexity wins and
+    is saved. The search's KL proxy picks each driver's best, the real pass picks among them."""
+    names = finalists(results, config.finalists)
     device = pick_device("auto")
     model, _ = load_model(config.model, pick_dtype("auto", device))
     model.to(device)
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     dense_ppl = perplexity(model, data.test, device, config.batch_size, config.progress, "dense test perplexity")
-    comparison = {}
-    if "tune-atp" in results and winner.driver != "tune-atp":
-        comparison["tune-atp"] = _final_pass(model, dense_state, data, results["tune-atp"].best, config, device)
-    final = _final_pass(model, dense_state, data, winner.best, config, device)
+    passes: dict[str, dict] = {}
+    winner_state = None
+    for name in names:
+        passes[name] = _final_pass(model, dense_state, data, selection, results[name].best, config, device, name)
+        log.info("%s: validation perplexity %.3f, test perplexity %.3f after the %s pass", name,
+                 passes[name]["validation_perplexity"], passes[name]["test_perplexity"], config.pruner)
+        if min(passes.values(), key=lambda p: p["validation_perplexity"]) is passes[name]:
+            winner_state = {k: v.to("cpu", copy=True) for k, v in model.state_dict().items()}
+    winner = results[min(passes, key=lambda n: passes[n]["validation_perplexity"])]
+    final = passes[winner.driver]
+    model.load_state_dict(winner_state)
     summary = {
         "winner": winner.driver, "winner_test_perplexity": final["test_perplexity"], "dense_test_perplexity": dense_ppl,
+        "selection": {"finalists": names, "criterion": f"validation perplexity after the {config.pruner} pass",
+                      "tokens": int(selection.numel())},
         "drivers": {name: {"validation_kl": r.fitness, "evaluations": r.evaluations,
                            "seconds": r.details.get("seconds"), "profile": list(r.best.sparsities),
                            "details": {k: v for k, v in r.details.items() if k != "seconds"}}
                     for name, r in results.items()},
-        "comparison_final_passes": comparison,
+        "final_passes": passes,
     }
-    if "tune-atp" in results:
-        atp_ppl = final["test_perplexity"] if winner.driver == "tune-atp" else comparison["tune-atp"]["test_perplexity"]
-        summary["atp_test_perplexity"] = atp_ppl
-        summary["winner_vs_atp"] = final["test_perplexity"] / atp_ppl - 1
+    if "tune-atp" in passes:
+        summary["atp_test_perplexity"] = passes["tune-atp"]["test_perplexity"]
+        summary["winner_vs_atp"] = final["test_perplexity"] / summary["atp_test_perplexity"] - 1
     metrics = {"model": config.model, "pruner": config.pruner, "target_sparsity": config.sparsity,
                "dense_perplexity": dense_ppl, "pruned_perplexity": final["test_perplexity"],
                "achieved_sparsity": final["achieved"], "profile": winner.best.to_json(),
                "protocol": {**data.protocol, "fitness": "KL(dense || pruned) on validation prefix",
-                            "fitness_tokens": config.fitness_windows * config.fitness_seqlen},
+                            "fitness_tokens": config.fitness_windows * config.fitness_seqlen,
+                            "selection": summary["selection"]},
                "seed": config.seed, "timings": {"prune_s": final["prune_s"]}, "versions": versions(),
                "search": {"winner": winner.driver, "run_dir": str(config.out)}}
     save_pruned(Path(config.out) / "model", True, model, tokenizer, winner.best, winner.best.mean(), metrics)

@@ -3,19 +3,22 @@
 import json
 
 import pytest
+import torch
 
 from conftest import build_model, save_model_dir, tiny_llama_config
+from orchestrator.candidates import DriverResult
 from orchestrator.cli import main
 from orchestrator.results import ResultsTable
-from orchestrator.search import SearchConfig, _prepare_run_dir
+from orchestrator.search import SearchConfig, _prepare_run_dir, finalists, selection_windows
 from pruning.errors import SparseAllocError
 from pruning.load import find_blocks, find_linears
+from search_spaces.profile import Profile
 
 
 def _args(model_dir, data, out, *extra):
     return ["search", "--method", "evolution", "--sparsity", "0.6", "--budget-evals", "24", "--model", str(model_dir),
             "--data", str(data), "--seqlen", "32", "--calib-samples", "4", "--fitness-windows", "4",
-            "--fitness-seqlen", "32", "--fidelities", "64", "128", "--eval-windows", "4", "--actors", "1",
+            "--fitness-seqlen", "32", "--fidelities", "64", "128", "--eval-windows", "8", "--actors", "1",
             "--out", str(out), "--no-progress", *extra]
 
 
@@ -66,8 +69,33 @@ def test_search_all_runs_every_driver_compares_with_atp_and_hands_on_unspent_bud
     assert sum(d["evaluations"] for d in drivers.values()) <= 80
     # The Shapley plan on 4 blocks needs fewer than its 24 evaluations: evolution gets the rest of its part.
     assert drivers["shapley"]["evaluations"] < 24 and drivers["evolution"]["evaluations"] > 32
-    assert summary["winner"] == min(drivers, key=lambda name: drivers[name]["validation_kl"])
+    passes = summary["final_passes"]
+    assert summary["selection"]["finalists"] == list(passes) and "tune-atp" in passes and len(passes) in (2, 3)
+    assert summary["winner"] == min(passes, key=lambda name: passes[name]["validation_perplexity"])
+    assert summary["winner_test_perplexity"] == passes[summary["winner"]]["test_perplexity"]
     assert summary["winner_vs_atp"] == pytest.approx(summary["winner_test_perplexity"] / summary["atp_test_perplexity"] - 1)
     assert (out / "model" / "metrics.json").exists()
     printed = capsys.readouterr().out
     assert all(name in printed for name in drivers) and "winner vs ATP" in printed
+
+
+def _result(name, fitness, sparsities):
+    return DriverResult(name, Profile(tuple(sparsities)), fitness, evaluations=1)
+
+
+def test_finalists_are_the_best_distinct_profiles_plus_the_atp_baseline():
+    results = {"shapley": _result("shapley", 1.0, [0.5, 0.7]), "evolution": _result("evolution", 0.9, [0.5, 0.7]),
+               "tune-free": _result("tune-free", 1.1, [0.6, 0.6]), "tune-atp": _result("tune-atp", 2.0, [0.4, 0.8])}
+    assert finalists(results, 2) == ["evolution", "tune-free", "tune-atp"]  # shapley's profile is evolution's
+    assert finalists(results, 1) == ["evolution", "tune-atp"]
+    assert finalists({"shapley": results["shapley"]}, 3) == ["shapley"]
+    with pytest.raises(SparseAllocError, match="--finalists"):
+        finalists(results, 0)
+
+
+def test_selection_windows_are_held_out_from_the_fitness_tokens():
+    validation = torch.arange(40).view(5, 8)
+    assert torch.equal(selection_windows(validation, 12, 2), validation[2:4])  # 12 fitness tokens span 2 windows
+    assert torch.equal(selection_windows(validation, 16, 8), validation[2:])
+    with pytest.raises(SparseAllocError, match="--eval-windows"):
+        selection_windows(validation, 40, 1)
