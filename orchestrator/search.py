@@ -306,15 +306,14 @@ def _finish(config: SearchConfig, data, selection: torch.Tensor, results: dict[s
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     dense_ppl = perplexity(model, data.test, device, config.batch_size, config.progress, "dense test perplexity")
     passes: dict[str, dict] = {}
-    winner_state = None
+    best = None
     for name in names:
         passes[name] = _final_pass(model, dense_state, data, selection, results[name].best, config, device, name)
         log.info("%s: validation perplexity %.3f, test perplexity %.3f after the %s pass", name,
                  passes[name]["validation_perplexity"], passes[name]["test_perplexity"], config.pruner)
-        if min(passes.values(), key=lambda p: p["validation_perplexity"]) is passes[name]:
-            winner_state = {k: v.to("cpu", copy=True) for k, v in model.state_dict().items()}
-    winner = results[min(passes, key=lambda n: passes[n]["validation_perplexity"])]
-    final = passes[winner.driver]
+        if best is None or passes[name]["validation_perplexity"] < passes[best]["validation_perplexity"]:
+            best, winner_state = name, {k: v.to("cpu", copy=True) for k, v in model.state_dict().items()}
+    winner, final = results[best], passes[best]
     model.load_state_dict(winner_state)
     summary = {
         "winner": winner.driver, "winner_test_perplexity": final["test_perplexity"], "dense_test_perplexity": dense_ppl,

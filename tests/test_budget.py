@@ -47,7 +47,7 @@ def test_bad_shares_and_budgets_are_refused():
         Budget(max_seconds=0)
 
 
-def test_budget_counts_evaluations_and_time():
+def test_budget_counts_evaluations():
     budget = Budget(max_evals=3)
     budget.charge(2)
     assert budget.remaining_evals() == 1 and not budget.exhausted()

@@ -9,24 +9,31 @@ from conftest import build_model, save_model_dir, tiny_llama_config
 from orchestrator.candidates import DriverResult
 from orchestrator.cli import main
 from orchestrator.results import ResultsTable
+from orchestrator import search
 from orchestrator.search import SearchConfig, _prepare_run_dir, finalists, selection_windows
 from pruning.errors import SparseAllocError
-from pruning.load import find_blocks, find_linears
+from pruning.data import TokenData
+from pruning.load import find_blocks, find_linears, load_tokenizer
 from search_spaces.profile import Profile
 
 
-def _args(model_dir, data, out, *extra):
-    return ["search", "--method", "evolution", "--sparsity", "0.6", "--budget-evals", "24", "--model", str(model_dir),
-            "--data", str(data), "--seqlen", "32", "--calib-samples", "4", "--fitness-windows", "4",
-            "--fitness-seqlen", "32", "--fidelities", "64", "128", "--eval-windows", "8", "--actors", "1",
-            "--out", str(out), "--no-progress", *extra]
+def _args(model_dir, data, out, *extra, method="evolution", budget_evals=24):
+    return ["search", "--method", method, "--sparsity", "0.6", "--budget-evals", str(budget_evals),
+            "--model", str(model_dir), "--data", str(data), "--seqlen", "32", "--calib-samples", "4",
+            "--fitness-windows", "4", "--fitness-seqlen", "32", "--fidelities", "64", "128", "--eval-windows", "8",
+            "--actors", "1", "--out", str(out), "--no-progress", *extra]
 
 
-def test_search_saves_winner_and_resume_reuses_results(corpus_file, tmp_path, capsys):
+def _fragile_model_dir(tmp_path):
+    """A tiny LLaMA whose block 0 is fragile (pruning it hurts far more), saved as a model directory."""
     model = build_model(tiny_llama_config())
     for layer in find_linears(find_blocks(model)[0]).values():
         layer.weight.data *= 6.0
-    model_dir = save_model_dir(model, tmp_path / "model")
+    return save_model_dir(model, tmp_path / "model")
+
+
+def test_search_saves_winner_and_resume_reuses_results(corpus_file, tmp_path, capsys):
+    model_dir = _fragile_model_dir(tmp_path)
     out = tmp_path / "run"
     assert main(_args(model_dir, corpus_file, out)) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -54,15 +61,8 @@ def test_resume_needs_the_same_settings(tmp_path):
 
 
 def test_search_all_runs_every_driver_compares_with_atp_and_hands_on_unspent_budget(corpus_file, tmp_path, capsys):
-    model = build_model(tiny_llama_config())
-    for layer in find_linears(find_blocks(model)[0]).values():
-        layer.weight.data *= 6.0
-    model_dir = save_model_dir(model, tmp_path / "model")
     out = tmp_path / "run"
-    args = _args(model_dir, corpus_file, out)
-    args[args.index("evolution")] = "all"
-    args[args.index("--budget-evals") + 1] = "80"
-    assert main(args) == 0
+    assert main(_args(_fragile_model_dir(tmp_path), corpus_file, out, method="all", budget_evals=80)) == 0
     summary = json.loads((out / "summary.json").read_text())
     drivers = summary["drivers"]
     assert list(drivers) == ["shapley", "evolution", "tune-free", "tune-atp"]
@@ -73,7 +73,8 @@ def test_search_all_runs_every_driver_compares_with_atp_and_hands_on_unspent_bud
     assert summary["selection"]["finalists"] == list(passes) and "tune-atp" in passes and len(passes) in (2, 3)
     assert summary["winner"] == min(passes, key=lambda name: passes[name]["validation_perplexity"])
     assert summary["winner_test_perplexity"] == passes[summary["winner"]]["test_perplexity"]
-    assert summary["winner_vs_atp"] == pytest.approx(summary["winner_test_perplexity"] / summary["atp_test_perplexity"] - 1)
+    assert summary["winner_vs_atp"] == pytest.approx(
+        summary["winner_test_perplexity"] / summary["atp_test_perplexity"] - 1)
     assert (out / "model" / "metrics.json").exists()
     printed = capsys.readouterr().out
     assert all(name in printed for name in drivers) and "winner vs ATP" in printed
@@ -99,3 +100,25 @@ def test_selection_windows_are_held_out_from_the_fitness_tokens():
     assert torch.equal(selection_windows(validation, 16, 8), validation[2:])
     with pytest.raises(SparseAllocError, match="--eval-windows"):
         selection_windows(validation, 40, 1)
+
+
+def test_the_final_pass_not_the_kl_proxy_picks_the_winner(tmp_path, monkeypatch):
+    """Evolution has the best KL but the worst perplexity after the real pass: Shapley wins and is saved."""
+    model_dir = _fragile_model_dir(tmp_path)
+    validation_ppl = {"evolution": 30.0, "shapley": 20.0, "tune-atp": 25.0}
+    monkeypatch.setattr(search, "_final_pass", lambda model, dense, data, selection, profile, config, device, name: {
+        "validation_perplexity": validation_ppl[name], "test_perplexity": validation_ppl[name] + 1,
+        "prune_s": 0.0, "achieved": {}})
+    results = {"shapley": _result("shapley", 1.0, [0.5, 0.7, 0.6, 0.6]),
+               "evolution": _result("evolution", 0.5, [0.6, 0.6, 0.6, 0.6]),
+               "tune-free": _result("tune-free", 2.0, [0.7, 0.5, 0.6, 0.6]),
+               "tune-atp": _result("tune-atp", 3.0, [0.45, 0.55, 0.65, 0.75])}
+    tokens = torch.randint(0, 100, (4, 16))
+    data = TokenData(calibration=tokens, validation=tokens, test=tokens, protocol={})
+    config = SearchConfig(out=tmp_path / "run", model=str(model_dir), budget_evals=10, progress=False)
+    summary = search._finish(config, data, tokens[2:], results, load_tokenizer(str(model_dir)))
+    assert summary["selection"]["finalists"] == ["evolution", "shapley", "tune-atp"]
+    assert summary["winner"] == "shapley" and summary["winner_test_perplexity"] == 21.0
+    assert summary["winner_vs_atp"] == pytest.approx(21.0 / 26.0 - 1)
+    saved = json.loads((tmp_path / "run" / "model" / "profile.json").read_text())
+    assert saved["sparsities"] == pytest.approx([0.5, 0.7, 0.6, 0.6])
