@@ -26,7 +26,6 @@ from pruning.pruners import get_pruner
 from pruning.sequential import prune_sequentially
 from scoring.evaluator import CandidateEvaluator
 from scoring.fisher import block_fisher_traces
-from scoring.outliers import outlier_ratios
 from scoring.perplexity import perplexity
 from scoring.sensitivity import shapley_sensitivity
 from search_spaces import families
@@ -56,7 +55,7 @@ class Bench:
         fitness = consecutive_windows(self.data.validation.flatten(), args.fitness_seqlen, args.fitness_windows)
         start = time.perf_counter()
         self.evaluator = CandidateEvaluator(self.model, self.data.calibration, fitness, self.device,
-                                            batch_size=args.batch_size)
+                                            batch_size=args.batch_size, owl_multipliers=(args.owl_m,))
         self.evaluator_build_s = time.perf_counter() - start
 
     def ppl(self, split: str) -> float:
@@ -83,7 +82,7 @@ def run(args) -> dict:
 
     # Sensitivities and their cost.
     start = time.perf_counter()
-    ratios = outlier_ratios(bench.evaluator.tables, args.owl_m)
+    ratios = bench.evaluator.outlier_ratios(args.owl_m)  # counted while the rank tables were built
     owl_s = time.perf_counter() - start
     start = time.perf_counter()
     fisher = block_fisher_traces(bench.model, bench.data.calibration[: args.fisher_samples], bench.device)

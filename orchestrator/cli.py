@@ -33,7 +33,13 @@ def _add_model_data_args(parser: argparse.ArgumentParser, seqlen: int, calib_sam
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsealloc", description="Per-layer sparsity allocation for LLM pruning.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("fetch", help="download, verify and cache the default model and corpus")
+    fetch = sub.add_parser("fetch", help="download, verify and cache the default model and corpus, or with "
+                                         "--model a Hugging Face model into $SPARSEALLOC_MODEL_CACHE")
+    fetch.add_argument("--model", action="append", default=None, metavar="ID",
+                       help="Hugging Face model id (org/name) to download (config, tokenizer, safetensors weights) "
+                            "into $SPARSEALLOC_MODEL_CACHE (default ~/.cache/sparsealloc/models), where --model ID "
+                            "then finds it without network; repeatable. Gated models need HF_TOKEN")
+    fetch.add_argument("--force", action="store_true", help="with --model: download again even if already cached")
 
     prune = sub.add_parser("prune", help="final pruning pass with a uniform or per-block profile")
     prune.add_argument("--out", type=Path, required=True, help="output directory (model, profile.json, metrics.json)")
@@ -43,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--profile", type=Path, default=None,
                        help="profile.json with one sparsity (and optionally one N:M pattern) per decoder block")
     prune.add_argument("--eval-windows", type=int, default=None, help="cap on test windows (default: whole test split)")
+    prune.add_argument("--offload", default="auto", choices=["auto", "on", "off"],
+                       help="keep the blocks on the host and move them to the device one at a time "
+                            "(auto: when the model does not fit the device's free memory)")
     _add_model_data_args(prune, seqlen=2048, calib_samples=128)
 
     sens = sub.add_parser("sensitivity", help="per-block Shapley values, Fisher traces or OWL outlier ratios")
@@ -86,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="validation windows, after the fitness tokens, that pick the winner among finalists")
     search.add_argument("--eval-windows", type=int, default=32,
                         help="validation and test windows (test: the final perplexity)")
+    search.add_argument("--evaluator", default="auto", choices=["auto", "resident", "streamed"],
+                        help="where the evaluator keeps the weights: resident on the actor's GPUs, or streamed "
+                             "block by block from host memory (auto: resident when the memory plan says it fits)")
+    search.add_argument("--device-memory-gb", type=float, default=None,
+                        help="device memory an actor may use per device, GiB (default: the whole device)")
+    search.add_argument("--gpus-per-actor", type=int, default=1,
+                        help="GPUs per evaluator actor; its resident blocks are split over them")
+    search.add_argument("--population", type=int, default=8,
+                        help="candidates an actor advances block by block together (shared prefixes computed once)")
     search.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     _add_model_data_args(search, seqlen=512, calib_samples=32)
 
@@ -102,10 +120,37 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--nm-m", type=int, default=None, help="round onto the mixed N:M menu 1:M … (M-1):M")
     prof.add_argument("--num-blocks", type=int, default=None, help="blocks (default: read from --model)")
     prof.add_argument("--model", default="default", help="model whose block count to use")
+
+    plan = sub.add_parser("plan", help="memory per stage from the model's config alone (no weights are read)")
+    plan.add_argument("--model", default="default",
+                      help="'default', a Hugging Face id, a local HF directory (config.json is enough) or a .gguf file")
+    plan.add_argument("--gpus-per-actor", type=int, default=1, help="devices each evaluator actor spreads over")
+    plan.add_argument("--device-memory-gb", type=float, default=None,
+                      help="memory per device in GiB (default: this machine's CUDA device, else its host memory)")
+    plan.add_argument("--host-memory-gb", type=float, default=None,
+                      help="host memory in GiB to check host bytes against (default: checked only for CPU actors)")
+    plan.add_argument("--evaluator", default="auto", choices=["auto", "resident", "streamed"],
+                      help="auto: resident when it fits, else streamed")
+    plan.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                      help="auto: bf16, or fp32 when neither --device-memory-gb nor CUDA is there (CPU actors)")
+    plan.add_argument("--fitness-windows", type=int, default=8, help="validation windows for the KL fitness")
+    plan.add_argument("--fitness-seqlen", type=int, default=128, help="tokens per fitness window")
+    plan.add_argument("--calib-samples", type=int, default=32, help="calibration windows")
+    plan.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    plan.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    plan.add_argument("--pruner", default="wanda", choices=["magnitude", "wanda", "sparsegpt"], help="final pass")
     return parser
 
 
-def _cmd_fetch(_args) -> None:
+def _cmd_fetch(args) -> None:
+    if args.model:
+        from pruning.hub import fetch_model
+
+        for repo_id in args.model:
+            path = fetch_model(repo_id, force=args.force)
+            size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+            print(f"{repo_id}: {path} ({size / 2**30:.2f} GiB)")
+        return
     from pruning.assets import fetch_all
 
     for name, path in fetch_all().items():
@@ -120,7 +165,7 @@ def _cmd_prune(args) -> None:
         sparsity=args.sparsity, nm=args.nm, profile=args.profile, seqlen=args.seqlen,
         calib_samples=args.calib_samples, eval_windows=args.eval_windows, batch_size=args.batch_size,
         device=args.device, dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=not args.no_progress, offload={"auto": None, "on": True, "off": False}[args.offload],
     )
     metrics = run_prune(config)
     achieved = metrics["achieved_sparsity"]
@@ -161,6 +206,8 @@ def _cmd_search(args) -> None:
         finalists=args.finalists, selection_windows=args.selection_windows,
         budget_evals=args.budget_evals, budget_minutes=args.budget_minutes, actors=args.actors, threads=args.threads,
         actor_gpus=True if args.gpu_actors else None, address=args.address, batch_size=args.batch_size,
+        device=args.device, dtype=args.dtype, evaluator=args.evaluator, device_memory_gb=args.device_memory_gb,
+        gpus_per_actor=args.gpus_per_actor, population=args.population,
         seed=args.seed, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress))
     passes = summary["final_passes"]
     print(f"\n{'driver':<14}{'validation KL':>14}{'evaluations':>13}{'seconds':>10}{'valid. ppl':>12}{'test ppl':>12}")
@@ -229,8 +276,29 @@ def _cmd_profile(args) -> None:
     print(f"mean {profile.mean():.6f}; written to {args.out}")
 
 
+def _cmd_plan(args) -> None:
+    from orchestrator.plan import GIB, check_plan, detect_device_memory, host_memory, make_plan, render_plan, shape_of
+
+    shape = shape_of(args.model)
+    host_budget = None if args.host_memory_gb is None else int(args.host_memory_gb * GIB)
+    if args.device_memory_gb is not None:
+        budget, cuda = int(args.device_memory_gb * GIB), True
+    else:
+        budget, cuda = detect_device_memory()
+        if not cuda and host_budget is None:
+            host_budget = host_memory()  # CPU actors: the device is the host
+    dtype = args.dtype if args.dtype != "auto" else ("bf16" if cuda else "fp32")
+    plan = make_plan(shape, dtype=dtype, device_memory_bytes=budget, gpus_per_actor=args.gpus_per_actor,
+                     evaluator=args.evaluator, fitness_tokens=args.fitness_windows * args.fitness_seqlen,
+                     fitness_seqlen=args.fitness_seqlen, batch_size=args.batch_size,
+                     calib_samples=args.calib_samples, seqlen=args.seqlen, pruner=args.pruner,
+                     host_memory_bytes=host_budget)
+    print(render_plan(plan))
+    check_plan(plan)
+
+
 COMMANDS = {"fetch": _cmd_fetch, "prune": _cmd_prune, "sensitivity": _cmd_sensitivity, "profile": _cmd_profile,
-            "search": _cmd_search}
+            "search": _cmd_search, "plan": _cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

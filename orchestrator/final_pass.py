@@ -1,4 +1,8 @@
-"""The final pruning pass as one call: load, calibrate, prune by profile, evaluate, save."""
+"""The final pruning pass as one call: load, calibrate, prune by profile, evaluate, save.
+
+Models whose weights (plus the pass's activations) do not fit the device's free memory are pruned
+and evaluated block-offloaded: the blocks stay on the host and visit the device one at a time.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,9 @@ import torch
 from orchestrator.output import check_output, staged_output, write_json
 from pruning.data import DEFAULT_DATA, prepare_tokens
 from pruning.errors import SparseAllocError
-from pruning.load import DEFAULT_MODEL, block_param_counts, find_blocks, load_model, pick_device, pick_dtype
+from pruning.load import (DEFAULT_MODEL, block_param_counts, find_blocks, find_linears, load_model, pick_device,
+                          pick_dtype)
+from pruning.offload import move_non_blocks, tensor_bytes
 from pruning.pruners import get_pruner
 from pruning.sequential import prune_sequentially
 from scoring.perplexity import perplexity
@@ -41,9 +47,63 @@ class PruneConfig:
     batch_size: int = 4
     device: str = "auto"
     dtype: str = "auto"
+    offload: bool | None = None  # None: when the model does not fit the device's free memory
     seed: int = 0
     overwrite: bool = False
     progress: bool = True
+
+
+def device_free_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA device in bytes; None for the CPU (the host is never offloaded from)."""
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+def pass_reserve_bytes(model, calib_windows: int, seqlen: int, batch_size: int) -> int:
+    """Device bytes the pass needs besides the weights: the calibration hidden states (inputs and
+    outputs of a block), one block's SparseGPT Hessians (fp32) and a mini-batch of fp32 logits (×3:
+    logits, their float copy, the softmax)."""
+    text = getattr(model.config, "text_config", None) or model.config
+    element = next(model.parameters()).element_size()
+    hidden = 2 * calib_windows * seqlen * int(text.hidden_size) * element
+    hessians = sum(layer.in_features ** 2 * 4 for layer in find_linears(find_blocks(model)[0]).values())
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else int(text.vocab_size)
+    return hidden + hessians + 3 * batch_size * seqlen * vocab * 4
+
+
+def choose_offload(requested: bool | None, model_bytes: int, reserve_bytes: int, free_bytes: int | None) -> bool:
+    """``requested`` when given; else offload when the weights plus the reserve exceed the device's
+    free memory (never on the CPU, ``free_bytes`` None)."""
+    if requested is not None:
+        return requested
+    return free_bytes is not None and model_bytes + reserve_bytes > free_bytes
+
+
+def place_model(model, device: torch.device, offload: bool) -> None:
+    """The whole model on ``device``, or (``offload``) only its non-block parts, the blocks on the host."""
+    if offload:
+        move_non_blocks(model, device)
+    else:
+        model.to(device)
+
+
+def device_info(device: torch.device) -> dict:
+    """``device`` (its type: cuda, cpu …) and ``device_name`` (the GPU's or CPU's model name)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return {"device": device.type, "device_name": name}
 
 
 def _check_ratio(value: float, what: str) -> None:
@@ -69,6 +129,10 @@ def resolve_profile(config: PruneConfig, num_blocks: int, weights: list[int]) ->
     if config.sparsity is None:
         raise SparseAllocError("say how sparse: give --sparsity, --nm or --profile")
     return Profile.uniform(num_blocks, config.sparsity), config.sparsity
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def versions() -> dict:
@@ -105,9 +169,14 @@ def run_prune(config: PruneConfig) -> dict:
 
     start = time.perf_counter()
     model, tokenizer = load_model(config.model, dtype)
-    model.to(device)
     weights = block_param_counts(model)
     profile, target = resolve_profile(config, len(find_blocks(model)), weights)
+    offload = choose_offload(config.offload, tensor_bytes(model),
+                             pass_reserve_bytes(model, config.calib_samples, config.seqlen, config.batch_size),
+                             device_free_bytes(device))
+    place_model(model, device, offload)
+    if offload:
+        log.info("blocks stay on the host and visit %s one at a time (block offloading)", device)
     timings["load_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -116,15 +185,16 @@ def run_prune(config: PruneConfig) -> dict:
     timings["data_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    dense_ppl = perplexity(model, data.test, device, config.batch_size, config.progress, "dense perplexity")
+    dense_ppl = perplexity(model, data.test, device, config.batch_size, config.progress, "dense perplexity", offload)
     timings["dense_eval_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    prune_sequentially(model, data.calibration, profile, pruner, device, config.batch_size, config.progress)
+    prune_sequentially(model, data.calibration, profile, pruner, device, config.batch_size, config.progress, offload)
     timings["prune_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    pruned_ppl = perplexity(model, data.test, device, config.batch_size, config.progress, "pruned perplexity")
+    pruned_ppl = perplexity(model, data.test, device, config.batch_size, config.progress, "pruned perplexity",
+                            offload)
     timings["pruned_eval_s"] = time.perf_counter() - start
 
     metrics = {
@@ -136,8 +206,9 @@ def run_prune(config: PruneConfig) -> dict:
         "achieved_sparsity": achieved_sparsity(model),
         "profile": profile.to_json(),
         "protocol": {**data.protocol, "eval_split": "test", "metric": "exp(mean NLL over predicted tokens)"},
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
+        **device_info(device),
+        "dtype": dtype_name(dtype),
+        "offload": offload,
         "seed": config.seed,
         "timings": timings,
         "versions": versions(),

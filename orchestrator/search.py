@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import ray
@@ -28,22 +27,21 @@ import torch
 from orchestrator.budget import Budget, driver_allowance
 from orchestrator.candidates import Candidate, DriverResult
 from orchestrator.evolution import EvolutionConfig, run_evolution
-from orchestrator.final_pass import save_pruned, versions
+from orchestrator.final_pass import versions
+from orchestrator.finalists import run_final_passes, selection_windows
 from orchestrator.output import check_output, write_json
 from orchestrator.pool import EvaluatorPool, EvaluatorSpec
 from orchestrator.progress import DriverProgress
 from orchestrator.results import ResultsTable
+from orchestrator.sensitivity_store import load_or_compute
 from orchestrator.shapley_driver import run_shapley
 from orchestrator.tune_driver import run_tune
 from pruning.data import DEFAULT_DATA, consecutive_windows, prepare_tokens
 from pruning.errors import SparseAllocError
-from pruning.load import DEFAULT_MODEL, load_model, load_tokenizer, pick_device, pick_dtype
+from pruning.load import DEFAULT_MODEL, load_tokenizer, pick_device, pick_dtype
 from pruning.pruners import get_pruner
-from pruning.sequential import prune_sequentially
-from scoring.perplexity import perplexity
-from scoring.sparsity import achieved_sparsity
 from search_spaces import families
-from search_spaces.profile import Profile, write_profile
+from search_spaces.profile import write_profile
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +79,12 @@ class SearchConfig:
     actor_gpus: bool | None = None
     address: str | None = None
     batch_size: int = 4
+    device: str = "auto"
+    dtype: str = "auto"
+    evaluator: str = "auto"
+    device_memory_gb: float | None = None
+    gpus_per_actor: int = 1
+    population: int = 8
     seed: int = 0
     resume: bool = False
     overwrite: bool = False
@@ -103,8 +107,11 @@ class SearchConfig:
     def identity(self) -> dict:
         """The fields a resumed run must share with the original."""
         keep = ("method", "sparsity", "model", "data", "text_field", "seqlen", "calib_samples", "fitness_windows",
-                "fitness_seqlen", "fidelities", "nm_m", "free_sampler", "seed", "budget_evals", "shares")
-        return json.loads(json.dumps({k: getattr(self, k) for k in keep}))
+                "fitness_seqlen", "fidelities", "nm_m", "free_sampler", "seed", "budget_evals", "shares", "device",
+                "dtype", "batch_size")
+        identity = {k: getattr(self, k) for k in keep}
+        identity["version"] = versions()["sparsealloc"]
+        return json.loads(json.dumps(identity))
 
 
 def _prepare_run_dir(config: SearchConfig) -> str:
@@ -126,6 +133,44 @@ def _prepare_run_dir(config: SearchConfig) -> str:
     write_json(stored, {"run_id": run_id, "identity": config.identity(),
                         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}})
     return run_id
+
+
+def _resolve_device(config: SearchConfig) -> SearchConfig:
+    """``--device``/``--dtype`` as the actors and final passes will use them: ``auto`` is CUDA with bf16
+    when the actors get GPUs (``--gpu-actors`` or a cluster with GPUs), else CPU with fp32."""
+    if config.device == "auto":
+        gpus = config.actor_gpus if config.actor_gpus is not None else ray.cluster_resources().get("GPU", 0) > 0
+        device = "cuda" if gpus else "cpu"
+    else:
+        device = pick_device(config.device).type
+    dtype = str(pick_dtype(config.dtype, torch.device(device))).removeprefix("torch.")
+    return replace(config, device=device, dtype={"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype])
+
+
+def _check_memory(config: SearchConfig) -> str:
+    """The memory plan for this search (``sparsealloc plan``), checked before any work; returns the
+    evaluator mode. Without ``--device-memory-gb`` the budget is the device this process sees, or,
+    for GPU actors seen from a GPU-less driver, unknown: each actor then plans with its own device."""
+    from orchestrator.plan import check_plan, detect_device_memory, make_plan, shape_of
+
+    if config.gpus_per_actor < 1 or config.population < 1:
+        raise SparseAllocError(f"--gpus-per-actor and --population must be at least 1, got {config.gpus_per_actor} "
+                               f"and {config.population}")
+    if config.device_memory_gb is not None:
+        budget = int(config.device_memory_gb * 2**30)
+    else:
+        budget, is_cuda = detect_device_memory()
+        if (config.device == "cuda") != is_cuda:
+            return config.evaluator
+    plan = make_plan(shape_of(config.model), dtype=config.dtype, device_memory_bytes=budget,
+                     gpus_per_actor=config.gpus_per_actor, evaluator=config.evaluator,
+                     fitness_tokens=config.fitness_windows * config.fitness_seqlen,
+                     fitness_seqlen=config.fitness_seqlen, batch_size=config.batch_size,
+                     calib_samples=config.calib_samples, seqlen=config.seqlen, population=config.population,
+                     pruner=config.pruner)
+    check_plan(plan)
+    log.info("memory plan: %s evaluator, %.2f bytes per weight on the device", plan.evaluator, plan.bytes_per_weight)
+    return plan.evaluator
 
 
 def _actor_count(config: SearchConfig) -> int | None:
@@ -161,13 +206,27 @@ def _budget(config: SearchConfig, share: float, shares_left: float, spent_evals:
     return Budget(max_evals=None if evals is None else max(1, int(evals)), max_seconds=seconds)
 
 
+def _inputs_identity(config: SearchConfig, calibration: torch.Tensor) -> dict:
+    """What a stored Fisher trace or OWL ratio depends on (resume refuses a mismatch)."""
+    return {"model": config.model, "data": config.data, "dtype": config.dtype, "device": config.device,
+            "calibration": list(calibration.shape), "calibration_sum": int(calibration.sum()),
+            "version": versions()["sparsealloc"]}
+
+
+def _fisher(pool: EvaluatorPool, config: SearchConfig, calibration: torch.Tensor) -> list[float]:
+    """Fisher traces on half the calibration windows, computed once per run dir (kept for resume)."""
+    windows = calibration[: max(1, calibration.shape[0] // 2)]
+    return load_or_compute(Path(config.out), "fisher", _inputs_identity(config, windows),
+                           lambda: ray.get(pool.actors[0].fisher_traces.remote(windows)))
+
+
 def _run_driver(name: str, pool: EvaluatorPool, config: SearchConfig, budget: Budget, calibration: torch.Tensor,
                 top_tokens: int) -> DriverResult:
     n, target, weights = pool.num_blocks, config.sparsity, pool.block_weights
     if name == "shapley":
         return run_shapley(pool, target, budget, tokens=top_tokens, seed=config.seed, progress=config.progress)
     if name == "evolution":
-        fisher = ray.get(pool.actors[0].fisher_traces.remote(calibration[: max(1, calibration.shape[0] // 2)]))
+        fisher = _fisher(pool, config, calibration)
         seeds = [families.sensitivity_map(fisher, target, 1.0, weights), families.uniform(n, target),
                  families.atp(n, target, families.atp_beta_max(n, target) / 2)]
         bar = DriverProgress("evolution", budget, config.progress)
@@ -186,13 +245,15 @@ def _run_driver(name: str, pool: EvaluatorPool, config: SearchConfig, budget: Bu
                         budget, run_dir, top_tokens, config.seed, resume=config.resume,
                         progress=config.progress)
     if name == "tune-owl":
-        ratios = {m: ray.get(pool.actors[0].outlier_ratios.remote(float(m))) for m in OWL_M_CHOICES}
+        ratios = {m: load_or_compute(Path(config.out), f"owl-M{m}", _inputs_identity(config, calibration),
+                                     lambda m=m: ray.get(pool.actors[0].outlier_ratios.remote(float(m))))
+                  for m in OWL_M_CHOICES}
         space = {"lam": ("uniform", 0.0, 0.2), "M": ("int", OWL_M_CHOICES[0], OWL_M_CHOICES[-1])}
         return run_tune(pool, name, space, lambda c: families.owl(ratios[int(c["M"])], target, c["lam"]),
                         budget, run_dir, top_tokens, config.seed, resume=config.resume,
                         progress=config.progress)
     if name == "tune-fisher":
-        fisher = ray.get(pool.actors[0].fisher_traces.remote(calibration[: max(1, calibration.shape[0] // 2)]))
+        fisher = _fisher(pool, config, calibration)
         return run_tune(pool, name, families.sensitivity_space(),
                         lambda c: families.sensitivity_map(fisher, target, c["strength"], weights),
                         budget, run_dir, top_tokens, config.seed, resume=config.resume,
@@ -205,46 +266,6 @@ def _run_driver(name: str, pool: EvaluatorPool, config: SearchConfig, budget: Bu
                     sampler=config.free_sampler)
 
 
-def finalists(results: dict[str, DriverResult], count: int) -> list[str]:
-    """Drivers whose best profiles get the real final pass: the ``count`` best by search fitness
-    (distinct profiles only), then tune-atp when it ran (the baseline every search is compared with)."""
-    if count < 1:
-        raise SparseAllocError(f"--finalists must be at least 1, got {count}")
-    chosen, seen = [], set()
-    for name in sorted(results, key=lambda n: results[n].fitness):
-        profile = (results[name].best.sparsities, results[name].best.nm)
-        if len(chosen) < count and profile not in seen:
-            chosen.append(name)
-            seen.add(profile)
-    if "tune-atp" in results and "tune-atp" not in chosen:
-        chosen.append("tune-atp")
-    return chosen
-
-
-def selection_windows(validation: torch.Tensor, fitness_tokens: int, count: int) -> torch.Tensor:
-    """Validation windows after those holding the search's fitness tokens (held out from the search)."""
-    skip = math.ceil(fitness_tokens / validation.shape[1])
-    if validation.shape[0] <= skip:
-        raise SparseAllocError(f"no validation tokens are left after the {fitness_tokens} fitness tokens to choose "
-                               f"the winner on; raise --eval-windows (now {validation.shape[0]} windows)")
-    return validation[skip : skip + count]
-
-
-def _final_pass(model, dense_state, data, selection: torch.Tensor, profile: Profile, config: SearchConfig,
-                device, name: str) -> dict:
-    """The real pruning pass with ``profile``, then validation (held-out) and test perplexity."""
-    model.load_state_dict(dense_state)
-    start = time.perf_counter()
-    prune_sequentially(model, data.calibration, profile, get_pruner(config.pruner), device, config.batch_size,
-                       config.progress)
-    prune_s = time.perf_counter() - start
-    validation = perplexity(model, selection, device, config.batch_size, config.progress,
-                            f"{name}: validation perplexity")
-    test = perplexity(model, data.test, device, config.batch_size, config.progress, f"{name}: test perplexity")
-    return {"validation_perplexity": validation, "test_perplexity": test, "prune_s": prune_s,
-            "achieved": achieved_sparsity(model)}
-
-
 def run_search(config: SearchConfig) -> dict:
     """Run the configured drivers, then the final pass of the winner; returns the summary."""
     if not 0.0 < config.sparsity < 1.0:
@@ -253,13 +274,17 @@ def run_search(config: SearchConfig) -> dict:
     if config.finalists < 1 or config.selection_windows < 1:
         raise SparseAllocError(f"--finalists and --selection-windows must be at least 1, got {config.finalists} "
                                f"and {config.selection_windows}")
+    if config.evaluator not in ("auto", "resident", "streamed"):
+        raise SparseAllocError(f"unknown --evaluator {config.evaluator!r}; choose auto, resident or streamed")
     shares = config.drivers()
-    run_id = _prepare_run_dir(config)
     torch.manual_seed(config.seed)
     actors = _actor_count(config)
     started_ray = _init_ray(config, actors)
     pool: EvaluatorPool | None = None
     try:
+        config = _resolve_device(config)
+        mode = _check_memory(config)
+        run_id = _prepare_run_dir(config)
         tokenizer = load_tokenizer(config.model)
         data = prepare_tokens(tokenizer, config.data, seqlen=config.seqlen, calib_samples=config.calib_samples,
                               eval_windows=config.eval_windows, seed=config.seed, text_field=config.text_field)
@@ -269,9 +294,14 @@ def run_search(config: SearchConfig) -> dict:
             raise SparseAllocError(f"fidelity {max(config.fidelities)} tokens exceeds the {top_tokens} fitness tokens "
                                    "(--fitness-windows x --fitness-seqlen)")
         selection = selection_windows(data.validation, top_tokens, config.selection_windows)
-        pool = EvaluatorPool(EvaluatorSpec(config.model, batch_size=config.batch_size, threads=config.threads),
-                             data.calibration, fitness, ResultsTable(Path(config.out), run_id), actors,
-                             gpu=config.actor_gpus)
+        spec = EvaluatorSpec(config.model, dtype=config.dtype, device="auto" if config.device == "cuda" else "cpu",
+                             batch_size=config.batch_size, threads=config.threads, mode=mode,
+                             memory_budget=None if config.device_memory_gb is None else
+                             int(config.device_memory_gb * 2**30),
+                             gpus_per_actor=config.gpus_per_actor, population=config.population,
+                             owl_multipliers=tuple(float(m) for m in OWL_M_CHOICES))
+        pool = EvaluatorPool(spec, data.calibration, fitness, ResultsTable(Path(config.out), run_id), actors,
+                             gpu=config.device == "cuda")
         results: dict[str, DriverResult] = {}
         spent_evals, spent_seconds = 0, 0.0
         for index, (name, share) in enumerate(shares.items()):
@@ -287,55 +317,11 @@ def run_search(config: SearchConfig) -> dict:
             write_profile(Path(config.out) / f"best-{name}.json", result.best, result.best.mean(pool.block_weights),
                           driver=name, fitness=result.fitness)
             log.info("%s: best validation KL %.4f after %d evaluations", name, result.fitness, result.evaluations)
+        pool.close()  # frees the actors' GPUs for the final-pass tasks
+        pool = None
+        return run_final_passes(config, data, selection, results, tokenizer)
     finally:
         if pool is not None:
             pool.close()
         if started_ray:
             ray.shutdown()
-    return _finish(config, data, selection, results, tokenizer)
-
-
-def _finish(config: SearchConfig, data, selection: torch.Tensor, results: dict[str, DriverResult],
-            tokenizer) -> dict:
-    """Final pass for each finalist; the one with the lowest held-out validation perplexity wins and
-    is saved. The search's KL proxy picks each driver's best, the real pass picks among them."""
-    names = finalists(results, config.finalists)
-    device = pick_device("auto")
-    model, _ = load_model(config.model, pick_dtype("auto", device))
-    model.to(device)
-    dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    dense_ppl = perplexity(model, data.test, device, config.batch_size, config.progress, "dense test perplexity")
-    passes: dict[str, dict] = {}
-    best = None
-    for name in names:
-        passes[name] = _final_pass(model, dense_state, data, selection, results[name].best, config, device, name)
-        log.info("%s: validation perplexity %.3f, test perplexity %.3f after the %s pass", name,
-                 passes[name]["validation_perplexity"], passes[name]["test_perplexity"], config.pruner)
-        if best is None or passes[name]["validation_perplexity"] < passes[best]["validation_perplexity"]:
-            best, winner_state = name, {k: v.to("cpu", copy=True) for k, v in model.state_dict().items()}
-    winner, final = results[best], passes[best]
-    model.load_state_dict(winner_state)
-    summary = {
-        "winner": winner.driver, "winner_test_perplexity": final["test_perplexity"], "dense_test_perplexity": dense_ppl,
-        "selection": {"finalists": names, "criterion": f"validation perplexity after the {config.pruner} pass",
-                      "tokens": int(selection.numel())},
-        "drivers": {name: {"validation_kl": r.fitness, "evaluations": r.evaluations,
-                           "seconds": r.details.get("seconds"), "profile": list(r.best.sparsities),
-                           "details": {k: v for k, v in r.details.items() if k != "seconds"}}
-                    for name, r in results.items()},
-        "final_passes": passes,
-    }
-    if "tune-atp" in passes:
-        summary["atp_test_perplexity"] = passes["tune-atp"]["test_perplexity"]
-        summary["winner_vs_atp"] = final["test_perplexity"] / summary["atp_test_perplexity"] - 1
-    metrics = {"model": config.model, "pruner": config.pruner, "target_sparsity": config.sparsity,
-               "dense_perplexity": dense_ppl, "pruned_perplexity": final["test_perplexity"],
-               "achieved_sparsity": final["achieved"], "profile": winner.best.to_json(),
-               "protocol": {**data.protocol, "fitness": "KL(dense || pruned) on validation prefix",
-                            "fitness_tokens": config.fitness_windows * config.fitness_seqlen,
-                            "selection": summary["selection"]},
-               "seed": config.seed, "timings": {"prune_s": final["prune_s"]}, "versions": versions(),
-               "search": {"winner": winner.driver, "run_dir": str(config.out)}}
-    save_pruned(Path(config.out) / "model", True, model, tokenizer, winner.best, winner.best.mean(), metrics)
-    write_json(Path(config.out) / "summary.json", summary)
-    return summary

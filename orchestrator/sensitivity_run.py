@@ -12,7 +12,6 @@ from orchestrator.output import check_output, staged_output, write_json
 from pruning.data import DEFAULT_DATA, consecutive_windows, prepare_tokens
 from pruning.errors import SparseAllocError
 from pruning.load import DEFAULT_MODEL, load_model, pick_device, pick_dtype
-from pruning.score_table import build_score_tables
 from scoring.evaluator import CandidateEvaluator
 from scoring.sensitivity import (METHODS, Sensitivity, fisher_sensitivity, owl_sensitivity, plot_sensitivity,
                                  shapley_sensitivity)
@@ -62,8 +61,7 @@ def run_sensitivity(config: SensitivityConfig) -> Sensitivity:
     if config.method == "fisher":
         result = fisher_sensitivity(model, data.calibration, device, config.progress)
     elif config.method == "owl":
-        tables = build_score_tables(model, data.calibration, device, "wanda", config.batch_size, config.progress)
-        result = owl_sensitivity(tables, config.owl_m)
+        result = owl_sensitivity(model, data.calibration, device, config.owl_m, config.batch_size, config.progress)
     else:
         fitness = consecutive_windows(data.validation.flatten(), config.fitness_seqlen, config.fitness_windows)
         evaluator = CandidateEvaluator(model, data.calibration, fitness, device, batch_size=config.batch_size,

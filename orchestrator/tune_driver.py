@@ -71,7 +71,7 @@ class _ProgressCallback(tune.Callback):
 
 def _trial(config: dict, actors: list, build: Callable[[dict], Profile], tokens: int | None, driver: str) -> None:
     candidate = Candidate.of(build(config), tokens, driver, **config)
-    outcome = ray.get(random.choice(actors).evaluate.remote(candidate))
+    outcome = ray.get(random.choice(actors).evaluate.remote([candidate]))[0]
     tune.report({"fitness": outcome["fitness"], "seconds": outcome["seconds"], "actor": outcome["actor"],
                  "node": outcome["node"]})
 

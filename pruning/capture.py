@@ -94,3 +94,36 @@ def run_block_observing(block: nn.Module, layers: dict[str, nn.Module], new_stat
         for handle in handles:
             handle.remove()
     return stats, outputs
+
+
+class _Passthrough(nn.Module):
+    """Stands in for a block: returns its hidden states unchanged."""
+
+    def forward(self, hidden_states, *_args, **_kwargs):
+        return hidden_states
+
+
+class _Emit(nn.Module):
+    """Stands in for block 0 when only the head is wanted: ignores its input, returns ``hidden``."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, *_args, **_kwargs):
+        return self.hidden
+
+
+def head_logits(model, blocks: nn.ModuleList, final_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the model's head (final norm, LM head, any soft-capping) applied to ``final_hidden``,
+    the last block's output for ``input_ids``: the model's own forward runs with every block replaced
+    by a pass-through, so each architecture's head is applied as the model itself applies it."""
+    originals = list(blocks)
+    blocks[0] = _Emit(final_hidden)
+    for index in range(1, len(blocks)):
+        blocks[index] = _Passthrough()
+    try:
+        return model(input_ids=input_ids, use_cache=False).logits
+    finally:
+        for index, block in enumerate(originals):
+            blocks[index] = block

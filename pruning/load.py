@@ -60,10 +60,19 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
 
 
 def _resolve_spec(spec: str) -> str:
+    """``default`` → its cached directory; a hub id fetched with ``sparsealloc fetch --model`` → its
+    directory in ``$SPARSEALLOC_MODEL_CACHE`` (no network); anything else unchanged."""
     if spec == DEFAULT_MODEL:
         from pruning.assets import default_model_dir
 
         return str(default_model_dir())
+    if not spec.endswith(".gguf") and not Path(spec).expanduser().exists():
+        from pruning.hub import cached_model_dir
+
+        cached = cached_model_dir(spec)
+        if cached is not None:
+            log.debug("model %s from the fetched copy in %s", spec, cached)
+            return str(cached)
     return spec
 
 
@@ -115,7 +124,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
         except (OSError, ValueError) as exc:
             raise SparseAllocError(
                 f"could not load model {spec!r}: {str(exc).splitlines()[0]}. Give a local Hugging Face "
-                "directory, a .gguf file, 'default', or a hub id reachable from this machine."
+                "directory, a .gguf file, 'default', or a hub id reachable from this machine (or cached "
+                "beforehand with `sparsealloc fetch --model ID`)."
             ) from exc
     check_supported(model)
     model.eval()

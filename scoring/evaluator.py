@@ -1,70 +1,158 @@
-"""Fast candidate evaluator: a Profile → fitness in one forward pass, no recalibration.
+"""Fast candidate evaluator: profiles → fitness, no recalibration, for any model size.
 
-Built once per model: score tables (masks for any sparsity by comparing a precomputed rank),
-the dense next-token distributions on the fitness windows, and the dense inputs of every block
-on those windows, so a candidate whose first k blocks are dense starts at block k. A fidelity of
-n windows is scored on the first n windows, or on another slice of them (``draw`` d: the d-th run
-of n consecutive windows, cyclically), so multi-fidelity searches can see fresh tokens. Pruned weights
-are written into one persistent buffer per linear and kept with their level, so consecutive
-candidates that share a block's level (EA children, Shapley coalitions) do not re-mask it.
-Fitness is KL(dense ‖ pruned) averaged over predicted tokens (lower is better), or perplexity.
+Two places for the weights (``mode``):
+
+- **resident**: every block on the actor's device(s) (split over several GPUs with contiguous runs of
+  blocks when more than one is given), next to its rank tables (2 bytes per weight);
+- **streamed**: blocks and rank tables stay in host memory and are moved to the device one block at
+  a time (the next one already on its way, so at most two are there), for models whose weights do
+  not fit the device.
+
+In both modes a *population* of candidates advances block by block together: candidates whose
+levels agree on blocks 0..l share the hidden states after block l (a shared prefix is computed
+once; candidates whose leading blocks are dense start from the cached dense inputs), and all
+candidates that give block l the same level share its masked weights, which are written just in
+time into one scratch buffer per linear (no masked copy of the model is kept). Fitness is
+KL(dense ‖ pruned) averaged over predicted tokens (lower is better), or perplexity. The dense
+reference is either a cache of the dense log-probs (small vocabularies × few tokens) or the dense
+final hidden states, sent through the LM head again in each batch (no T × V cache); both give the
+same numbers.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Iterator
+from contextlib import ExitStack
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from pruning.capture import capture_block_inputs, run_block
+from pruning.capture import capture_block_inputs, head_logits
 from pruning.errors import SparseAllocError
 from pruning.load import block_param_counts, find_blocks, find_linears
-from pruning.score_table import LinearScores, build_score_tables
+from pruning.offload import move_non_blocks, non_block_bytes, onloaded, pin_blocks, split_blocks, tensor_bytes, to_device
+from scoring.levels import Level, RankTables, build_rank_tables
 from search_spaces.profile import Profile
 
 METRICS = ("kl", "ppl")
+MODES = ("resident", "streamed")
+REFERENCES = ("auto", "logprobs", "hidden")
+# The dense log-prob cache is used under "auto" while it stays below this size.
+LOGPROB_CACHE_LIMIT = 1 << 30
+GiB = 1 << 30
 
 
-class _Passthrough(nn.Module):
-    """Stands in for a skipped (dense, cached) block: returns its hidden states unchanged."""
+def _size(count: int) -> str:
+    return f"{count / GiB:.3f} GiB ({count:,} bytes)"
 
-    def __init__(self, as_tuple: bool) -> None:
-        super().__init__()
-        self.as_tuple = as_tuple
 
-    def forward(self, hidden_states, *_args, **_kwargs):
-        return (hidden_states,) if self.as_tuple else hidden_states
+def _block_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 class CandidateEvaluator:
     """Scores per-block profiles against the dense model on fixed fitness windows."""
 
-    def __init__(self, model, calibration: torch.Tensor, fitness_windows: torch.Tensor, device: torch.device,
-                 score_kind: str = "wanda", batch_size: int = 4, progress: bool = True) -> None:
+    def __init__(self, model, calibration: torch.Tensor, fitness_windows: torch.Tensor,
+                 device: torch.device | Sequence[torch.device], score_kind: str = "wanda", batch_size: int = 4,
+                 progress: bool = True, mode: str = "resident", memory_budget: int | None = None,
+                 reference: str = "auto", owl_multipliers: Sequence[float] = ()) -> None:
+        """``device``: one device, or the actor's devices (resident blocks are split over them).
+        ``memory_budget``: bytes this evaluator may hold on each device (None: no limit)."""
+        if mode not in MODES:
+            raise SparseAllocError(f"unknown evaluator mode {mode!r}; choose one of {', '.join(MODES)}")
+        if reference not in REFERENCES:
+            raise SparseAllocError(f"unknown reference {reference!r}; choose one of {', '.join(REFERENCES)}")
         self.model = model
-        self.device = device
+        self.devices = [device] if isinstance(device, torch.device) else list(device)
+        self.device = self.devices[0]
+        self.mode = mode
         self.batch_size = batch_size
+        self.memory_budget = memory_budget
         self.blocks = find_blocks(model)
         self.block_weights = block_param_counts(model)
         self.windows = fitness_windows
-        self.tables: list[dict[str, LinearScores]] = build_score_tables(
-            model, calibration, device, score_kind, batch_size, progress)
+        self._ids = fitness_windows.to(self.device)
         self._linears = [find_linears(block) for block in self.blocks]
-        self._dense = [{name: layer.weight.data for name, layer in linears.items()} for linears in self._linears]
-        self._masked: list[dict[str, torch.Tensor]] = [{} for _ in self.blocks]  # filled on first use
-        self._masked_level: list[tuple[float, tuple[int, int] | None] | None] = [None] * len(self.blocks)
-        self._windows = fitness_windows.to(device)
-        self._block_inputs = self._cache_block_inputs()  # [block] -> [windows, seqlen, hidden]
-        self._dense_logprobs = torch.cat([self._logprobs(self._windows[i : i + batch_size])
-                                          for i in range(0, fitness_windows.shape[0], batch_size)])
-        vocab = self._dense_logprobs.shape[-1]
+        self._place()
+        self.ranks: RankTables = build_rank_tables(
+            model, calibration, lambda l: self._block_device[l], lambda l: self._home[l], score_kind, batch_size,
+            owl_multipliers, progress)
+        self._block_cost = [self._cost(l) for l in range(self.num_blocks)]
+        self._lookahead = self._check_budget()
+        self._scratch: dict[tuple, torch.Tensor] = {}
+        self._calls: dict[tuple[int, int], tuple[tuple, dict]] = {}
+        self.block_bytes_on_device = 0
+        self.peak_block_bytes = 0
+        self._dense_inputs, self._dense_final = self._dense_pass()
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        logprob_bytes = fitness_windows.numel() * vocab * 4
+        self.reference = ("logprobs" if logprob_bytes <= LOGPROB_CACHE_LIMIT else "hidden") \
+            if reference == "auto" else reference
+        self._dense_logprobs = self._cache_logprobs() if self.reference == "logprobs" else None
         # KL is summed in token chunks small enough to stay in CPU cache (one pass per chunk on GPU).
-        self._kl_chunk = fitness_windows.shape[1] if device.type == "cuda" else max(1, 2**19 // vocab)
+        self._kl_chunk = fitness_windows.shape[1] if self.device.type == "cuda" else max(1, 2**19 // vocab)
         self.evaluations = 0
+
+    # ---- placement and memory -------------------------------------------------------------------
+
+    def _place(self) -> None:
+        """Resident: blocks on their devices; streamed: blocks at home on the host, page-locked."""
+        host = torch.device("cpu")
+        if self.mode == "resident":
+            assignment = split_blocks(self.block_weights, len(self.devices))
+            self._block_device = [self.devices[a] for a in assignment]
+            self._check_resident_fits()
+            for block, device in zip(self.blocks, self._block_device):
+                block.to(device)
+            self._home = list(self._block_device)
+        else:
+            self._block_device = [self.device] * self.num_blocks
+            for block in self.blocks:
+                block.to(host)
+            if self.device.type == "cuda":
+                pin_blocks(self.model)
+            self._home = [host] * self.num_blocks
+        move_non_blocks(self.model, self.device)
+
+    def _check_resident_fits(self) -> None:
+        """A resident evaluator needs every block (weights, 2-byte ranks) plus one scratch block per
+        device; refuse before moving anything when that exceeds the budget."""
+        if self.memory_budget is None:
+            return
+        need = [0] * len(self.devices)
+        index = {id(d): i for i, d in enumerate(self.devices)}
+        for l, device in enumerate(self._block_device):
+            need[index[id(device)]] += tensor_bytes(self.blocks[l]) + 2 * self.block_weights[l]
+        need[0] += non_block_bytes(self.model)
+        scratch = max(self._linear_bytes(l) for l in range(self.num_blocks))
+        worst = max(need) + scratch
+        if worst > self.memory_budget:
+            raise SparseAllocError(
+                f"the resident evaluator needs {_size(worst)} on a device but the budget is "
+                f"{_size(self.memory_budget)}; use --evaluator streamed, more --gpus-per-actor, "
+                "or a larger --device-memory-gb")
+
+    def _linear_bytes(self, block: int) -> int:
+        return sum(layer.weight.numel() * layer.weight.element_size() for layer in self._linears[block].values())
+
+    def _cost(self, block: int) -> int:
+        """Device bytes of one block in use: its tensors, its rank tables and its masked scratch."""
+        return tensor_bytes(self.blocks[block]) + self.ranks.block_bytes(block) + self._linear_bytes(block)
+
+    def _check_budget(self) -> int:
+        """Streamed mode: how many blocks may be on the device at once (2 when they fit, else 1)."""
+        if self.mode == "resident" or self.memory_budget is None:
+            return 2
+        left = self.memory_budget - non_block_bytes(self.model)
+        biggest = max(self._block_cost)
+        if biggest > left:
+            raise SparseAllocError(
+                f"--device-memory-gb {self.memory_budget / GiB:.3f} is too small for the streamed evaluator: the "
+                f"non-block weights take {_size(non_block_bytes(self.model))} and one block needs {_size(biggest)} "
+                f"(weights, ranks, masked scratch); give at least {_size(biggest + non_block_bytes(self.model))}")
+        return 2 if 2 * biggest <= left else 1
 
     @property
     def num_blocks(self) -> int:
@@ -74,73 +162,134 @@ class CandidateEvaluator:
     def max_tokens(self) -> int:
         return self.windows.numel()
 
-    @torch.no_grad()
-    def _cache_block_inputs(self) -> list[torch.Tensor]:
-        """Dense hidden states entering each block, for every fitness window."""
-        captured = capture_block_inputs(self.model, self.blocks, self.windows, self.batch_size, self.device)
-        args, kwargs = captured.calls[0][0]
-        self._block_returns_tuple = isinstance(self.blocks[0](captured.hidden[0], *args, **kwargs), (tuple, list))
-        hidden, cached = captured.hidden, []
-        for index, block in enumerate(self.blocks):
-            cached.append(torch.cat(hidden))
-            hidden = run_block(block, hidden, captured.calls[index])
-        return cached
+    @property
+    def tables(self):
+        """Rank table per block, per linear name."""
+        return self.ranks.tables
 
-    @torch.no_grad()
-    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=batch, use_cache=False).logits
+    def outlier_ratios(self, multiplier: float) -> list[float]:
+        """OWL's ratio per block for ``multiplier`` (counted when the tables were built)."""
+        if float(multiplier) not in self.ranks.outlier_ratios:
+            raise SparseAllocError(f"OWL ratios were counted for M in {sorted(self.ranks.outlier_ratios)}, "
+                                   f"not {multiplier}")
+        return self.ranks.outlier_ratios[float(multiplier)]
 
-    def _logprobs(self, batch: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self._logits(batch)[:, :-1].float(), dim=-1)
+    # ---- blocks on the device -------------------------------------------------------------------
 
-    def _mask_block(self, block: int, level: tuple[float, tuple[int, int] | None]) -> None:
-        """Write the block's pruned weights at ``level`` into its buffers (skipped if already there)."""
-        if self._masked_level[block] == level:
+    def _blocks_in_turn(self) -> Iterator[int]:
+        """Block indices in order; in streamed mode each block is on the device while it is yielded
+        (the next one is moved in before the current one is released, when two fit)."""
+        if self.mode == "resident":
+            yield from range(self.num_blocks)
             return
-        buffers = self._masked[block]
-        for name, dense in self._dense[block].items():
-            buffers[name] = self.tables[block][name].pruned(dense, *level, out=buffers.get(name))
-        self._masked_level[block] = level
+        with ExitStack() as stack:
+            entered: dict[int, ExitStack] = {}
 
-    @contextmanager
-    def _applied(self, profile: Profile) -> Iterator[int]:
-        """Temporarily point pruned blocks at their masked buffers; yields the first pruned block
-        (0 when none is pruned)."""
-        pruned_blocks = [l for l, s in enumerate(profile.sparsities) if s > 0]
+            def enter(l: int) -> None:
+                if l < self.num_blocks and l not in entered:
+                    inner = ExitStack()
+                    inner.enter_context(onloaded(self.blocks[l], self.device))
+                    self._onload_ranks(l)
+                    self._account(self._block_cost[l])
+                    inner.callback(self._release_ranks, l)
+                    entered[l] = inner
+
+            stack.callback(lambda: [entered.pop(l).close() for l in list(entered)])
+            for l in range(self.num_blocks):
+                enter(l)
+                if self._lookahead > 1:
+                    enter(l + 1)
+                yield l
+                entered.pop(l).close()
+
+    def _account(self, delta: int) -> None:
+        self.block_bytes_on_device += delta
+        self.peak_block_bytes = max(self.peak_block_bytes, self.block_bytes_on_device)
+        if self.memory_budget is not None and self.mode == "streamed":
+            assert self.block_bytes_on_device + non_block_bytes(self.model) <= self.memory_budget
+
+    def _onload_ranks(self, block: int) -> None:
+        self._device_ranks = getattr(self, "_device_ranks", {})
+        self._device_ranks[block] = {name: t.stored.to(self.device, non_blocking=True)
+                                     for name, t in self.ranks.tables[block].items()}
+
+    def _release_ranks(self, block: int) -> None:
+        del self._device_ranks[block]
+        self._account(-self._block_cost[block])
+
+    def _masked(self, block: int, level: Level) -> dict[str, torch.Tensor]:
+        """The block's linears at ``level``, written into the scratch buffers of its device."""
+        device = self._block_device[block]
+        out = {}
+        for name, layer in self._linears[block].items():
+            table = self.ranks.tables[block][name]
+            if self.mode == "streamed":
+                table = type(table)(self._device_ranks[block][name])
+            weight = layer.weight.data
+            key = (device, name, tuple(weight.shape), weight.dtype)
+            if key not in self._scratch:
+                self._scratch[key] = torch.empty_like(weight)
+            out[name] = table.pruned(weight, *level, out=self._scratch[key])
+        return out
+
+    def _calls_for(self, block: int, batch: int) -> tuple[tuple, dict]:
+        """Block ``block``'s extra call arguments (rotary tables, masks …) for a batch of ``batch``
+        windows, captured once per batch size and kept on the block's device."""
+        if (block, batch) not in self._calls:
+            captured = capture_block_inputs(self.model, self.blocks, self._ids[:batch], batch, self.device)
+            for l in range(self.num_blocks):
+                self._calls[(l, batch)] = to_device(captured.calls[l][0], self._block_device[l])
+        return self._calls[(block, batch)]
+
+    def _run_block(self, block: int, hidden: torch.Tensor, batches: list[slice],
+                   weights: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """Block ``block`` on ``hidden`` ([windows, seqlen, hidden]) in mini-batches, with its linears
+        pointed at ``weights`` (None: dense)."""
+        device = self._block_device[block]
+        hidden = hidden.to(device)
+        linears = self._linears[block]
+        dense = {name: layer.weight.data for name, layer in linears.items()}
         try:
-            for l in pruned_blocks:
-                self._mask_block(l, (profile.sparsities[l], profile.pattern(l)))
-                for name, layer in self._linears[l].items():
-                    layer.weight.data = self._masked[l][name]
-            yield pruned_blocks[0] if pruned_blocks else 0
+            if weights is not None:
+                for name, layer in linears.items():
+                    layer.weight.data = weights[name]
+            outputs = []
+            for part in batches:
+                args, kwargs = self._calls_for(block, part.stop - part.start)
+                outputs.append(_block_output(self.blocks[block](hidden[part], *args, **kwargs)))
+            return torch.cat(outputs)
         finally:
-            for l in pruned_blocks:
-                for name, layer in self._linears[l].items():
-                    layer.weight.data = self._dense[l][name]
+            for name, layer in linears.items():
+                layer.weight.data = dense[name]
 
-    @contextmanager
-    def _start_at(self, first: int, windows: list[int]) -> Iterator[None]:
-        """Skip dense blocks before ``first``: feed block ``first`` its cached dense input."""
-        if first == 0:
-            yield
-            return
-        cached = self._block_inputs[first][windows]
-        originals = [self.blocks[i] for i in range(first)]
+    @torch.no_grad()
+    def _dense_pass(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Dense inputs of every block on all fitness windows (kept where the block lives), and the
+        dense final hidden states (on the first device)."""
+        captured = capture_block_inputs(self.model, self.blocks, self._ids, self.batch_size, self.device)
+        hidden = torch.cat(captured.hidden)
+        batches = self._batches(hidden.shape[0])
+        inputs = []
+        for l in self._blocks_in_turn():
+            inputs.append(hidden.to(self._home[l]))
+            hidden = self._run_block(l, hidden, batches, None)
+        return inputs, hidden.to(self.device)
 
-        def swap_input(_module, args, kwargs):
-            if args:
-                return (cached, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": cached}
+    def _batches(self, count: int) -> list[slice]:
+        return [slice(s, min(s + self.batch_size, count)) for s in range(0, count, self.batch_size)]
 
-        handle = self.blocks[first].register_forward_pre_hook(swap_input, with_kwargs=True)
-        for i in range(first):
-            self.blocks[i] = _Passthrough(self._block_returns_tuple)
-        try:
-            yield
-        finally:
-            handle.remove()
-            for i, block in enumerate(originals):
-                self.blocks[i] = block
+    # ---- the reference --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _cache_logprobs(self) -> torch.Tensor:
+        parts = [F.log_softmax(self._logits(self._dense_final[b], self._ids[b])[:, :-1].float(), dim=-1)
+                 for b in self._batches(self._ids.shape[0])]
+        return torch.cat(parts)
+
+    def _logits(self, final_hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return head_logits(self.model, self.blocks, final_hidden.to(self.device), ids)
+
+    # ---- fitness --------------------------------------------------------------------------------
 
     def window_ids(self, tokens: int | None = None, draw: int = 0) -> list[int]:
         """The fitness windows a fidelity of ``tokens`` tokens uses: the ``draw``-th run of that many
@@ -155,20 +304,63 @@ class CandidateEvaluator:
     def fitness(self, profile: Profile, tokens: int | None = None, metric: str = "kl", draw: int = 0) -> float:
         """Mean KL(dense ‖ pruned) per predicted token, or perplexity, on ``tokens`` tokens
         (the windows of :meth:`window_ids`)."""
+        return self.fitness_many([profile], tokens, metric, draw)[0]
+
+    @torch.no_grad()
+    def fitness_many(self, profiles: Sequence[Profile], tokens: int | None = None, metric: str = "kl",
+                     draw: int = 0) -> list[float]:
+        """:meth:`fitness` of each profile, the population advancing block by block together."""
         if metric not in METRICS:
             raise SparseAllocError(f"unknown fitness metric {metric!r}; choose one of {', '.join(METRICS)}")
-        profile.check_fits(self.num_blocks)
-        ids = self.window_ids(tokens, draw)
+        for profile in profiles:
+            profile.check_fits(self.num_blocks)
+        ids = torch.tensor(self.window_ids(tokens, draw), device=self.device)
+        levels = [[(s, p.pattern(l)) if s > 0 else None for l, s in enumerate(p.sparsities)] for p in profiles]
+        batches = self._batches(len(ids))
+        # A group: members sharing the levels so far; its hidden states (None while still dense).
+        groups: list[tuple[list[int], torch.Tensor | None]] = [(list(range(len(profiles))), None)]
+        for l in self._blocks_in_turn():
+            jobs: dict[Level, list[tuple[list[int], torch.Tensor | None]]] = {}
+            advanced: list[tuple[list[int], torch.Tensor | None]] = []
+            for members, hidden in groups:
+                split: dict[Level | None, list[int]] = {}
+                for member in members:
+                    split.setdefault(levels[member][l], []).append(member)
+                for level, sub in split.items():
+                    if level is None and hidden is None:
+                        advanced.append((sub, None))
+                    else:
+                        jobs.setdefault(level, []).append((sub, hidden))
+            for level, work in jobs.items():
+                weights = None if level is None else self._masked(l, level)
+                for sub, hidden in work:
+                    start = self._dense_inputs[l][ids.to(self._home[l])] if hidden is None else hidden
+                    advanced.append((sub, self._run_block(l, start, batches, weights)))
+            groups = advanced
+        scores = [0.0] * len(profiles)
+        for members, hidden in groups:
+            value = self._score(ids, hidden, metric)
+            for member in members:
+                scores[member] = value
+        self.evaluations += len(profiles)
+        return scores
+
+    def _score(self, ids: torch.Tensor, final: torch.Tensor | None, metric: str) -> float:
+        """Mean KL or perplexity of final hidden states ``final`` (None: the dense model) on windows ``ids``."""
+        final = self._dense_final[ids] if final is None else final
         total, count = 0.0, 0
-        with self._applied(profile) as first:
-            for start in range(0, len(ids), self.batch_size):
-                windows = ids[start : start + self.batch_size]
-                batch = self._windows[windows]
-                with self._start_at(first, windows):
-                    logits = self._logits(batch)
-                total += self._kl_sum(windows, logits) if metric == "kl" else self._nll_sum(batch, logits)
-                count += batch[:, 1:].numel()
-        self.evaluations += 1
+        for position in range(len(ids)):  # the head one window at a time: logits are T x V
+            part = slice(position, position + 1)
+            window_ids = ids[part]
+            batch = self._ids[window_ids]
+            logits = self._logits(final[part], batch)
+            if metric == "kl":
+                reference = None if self._dense_logprobs is not None else \
+                    self._logits(self._dense_final[window_ids], batch)
+                total += self._kl_sum(window_ids, logits, reference)
+            else:
+                total += self._nll_sum(batch, logits)
+            count += batch[:, 1:].numel()
         return total / count if metric == "kl" else math.exp(total / count)
 
     def _token_chunks(self, logits: torch.Tensor) -> Iterator[tuple[int, slice, torch.Tensor]]:
@@ -179,11 +371,15 @@ class CandidateEvaluator:
                 tokens = slice(start, min(start + self._kl_chunk, predicted))
                 yield sample, tokens, F.log_softmax(logits[sample, tokens].float(), dim=-1)
 
-    def _kl_sum(self, windows: list[int], logits: torch.Tensor) -> float:
-        """Σ over the batch's predicted tokens of KL(dense ‖ pruned) against the cached dense log-probs."""
+    def _kl_sum(self, windows: torch.Tensor, logits: torch.Tensor, reference_logits: torch.Tensor | None) -> float:
+        """Σ over the batch's predicted tokens of KL(dense ‖ pruned), against the cached dense log-probs
+        or the dense logits recomputed for this batch."""
         total = 0.0
         for sample, tokens, logprobs in self._token_chunks(logits):
-            reference = self._dense_logprobs[windows[sample], tokens]
+            if reference_logits is None:
+                reference = self._dense_logprobs[windows[sample], tokens]
+            else:
+                reference = F.log_softmax(reference_logits[sample, tokens].float(), dim=-1)
             total += float(torch.linalg.vecdot(reference.exp(), reference - logprobs).sum(dtype=torch.float64))
         return total
 

@@ -6,14 +6,14 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from pruning.errors import SparseAllocError
 from scoring import shapley
-from pruning.score_table import LinearScores
 from scoring.evaluator import CandidateEvaluator
+from scoring.levels import build_rank_tables
 from scoring.fisher import block_fisher_traces
-from scoring.outliers import outlier_ratios
 
 METHODS = ("shapley", "fisher", "owl")
 ESTIMATORS = ("exact", "permutation", "sliding")
@@ -83,10 +83,13 @@ def fisher_sensitivity(model, windows, device, progress: bool = True) -> Sensiti
                        details={"samples": int(windows.shape[0]), "tokens": int(windows.numel())})
 
 
-def owl_sensitivity(tables: list[dict[str, LinearScores]], multiplier: float = 5.0) -> Sensitivity:
-    """OWL outlier ratio per block from Wanda score tables."""
+def owl_sensitivity(model, calibration, device, multiplier: float = 5.0, batch_size: int = 4,
+                    progress: bool = True) -> Sensitivity:
+    """OWL outlier ratio per block from Wanda scores (counted block by block, no score table kept)."""
     start = time.perf_counter()
-    return Sensitivity("owl", outlier_ratios(tables, multiplier), seconds=time.perf_counter() - start,
+    ranks = build_rank_tables(model, calibration, lambda _l: device, lambda _l: torch.device("cpu"), "wanda",
+                              batch_size, (multiplier,), progress)
+    return Sensitivity("owl", ranks.outlier_ratios[float(multiplier)], seconds=time.perf_counter() - start,
                        details={"M": multiplier})
 
 

@@ -54,6 +54,16 @@ def tiny_opt_config(layers: int = 3):
                      eos_token_id=2)
 
 
+def tiny_gemma3_config():
+    """Gemma 3 text: alternating sliding-window / global attention, scaled embeddings, softcapping."""
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                            layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                         "full_attention"], max_position_embeddings=256)
+
+
 def build_model(config, seed: int = 0):
     from transformers import AutoModelForCausalLM
 

@@ -14,6 +14,10 @@ from search_spaces.profile import Profile
 CPU = torch.device("cpu")
 
 
+def _weight(evaluator, block, name):
+    return find_linears(find_blocks(evaluator.model)[block])[name].weight.data
+
+
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
@@ -81,25 +85,30 @@ def test_perplexity_metric_and_fidelity(setup):
 def test_pruned_copy_equals_weight_with_mask_applied(setup, sparsity, nm):
     _, _, _, evaluator = setup
     for name, scores in evaluator.tables[1].items():
-        dense = evaluator._dense[1][name]
+        dense = _weight(evaluator, 1, name)
         expected = dense.masked_fill(scores.mask(sparsity, nm), 0)
         assert torch.equal(scores.pruned(dense, sparsity, nm), expected), name
-    assert torch.count_nonzero(evaluator._dense[1]["mlp.up_proj"]) == evaluator._dense[1]["mlp.up_proj"].numel()
+    up = _weight(evaluator, 1, "mlp.up_proj")
+    assert torch.count_nonzero(up) == up.numel()
 
 
 def test_rank_mask_removes_each_rows_lowest_scores():
     from pruning.masks import row_mask
-    from pruning.score_table import LinearScores
+    from pruning.masks import nm_mask
+    from scoring.levels import RankTable
 
-    scores = torch.rand(7, 50, generator=torch.Generator().manual_seed(3))
-    table = LinearScores.from_scores(scores)
+    scores = torch.rand(7, 48, generator=torch.Generator().manual_seed(3))
+    table = RankTable.from_scores(scores)
+    assert table.stored.dtype == torch.int16 and table.nbytes == 2 * scores.numel()
     for sparsity in (0.0, 0.1, 0.5, 0.93):
         assert torch.equal(table.mask(sparsity), row_mask(scores, sparsity)), sparsity
+    for nm in ((1, 4), (2, 4), (3, 4), (4, 8)):
+        assert torch.equal(table.mask(0.0, nm), nm_mask(scores, *nm)), nm
 
 
 def test_pruned_into_buffer_leaves_the_dense_weight_untouched(setup):
     _, _, _, evaluator = setup
-    scores, dense = evaluator.tables[0]["mlp.up_proj"], evaluator._dense[0]["mlp.up_proj"]
+    scores, dense = evaluator.tables[0]["mlp.up_proj"], _weight(evaluator, 0, "mlp.up_proj")
     before = dense.clone()
     buffer = torch.empty_like(dense)
     assert scores.pruned(dense, 0.6, out=buffer) is buffer
@@ -107,8 +116,9 @@ def test_pruned_into_buffer_leaves_the_dense_weight_untouched(setup):
     assert torch.equal(dense, before)
 
 
-def test_mask_buffers_reused_across_candidates_give_fresh_evaluator_results(setup):
-    """Blocks keep their masked buffer between candidates; a level or pattern change re-masks it."""
+def test_scratch_buffers_reused_across_candidates_give_fresh_evaluator_results(setup):
+    """Masks are written just in time into shared scratch buffers; a later candidate never sees an
+    earlier one's masked weights."""
     model, calibration, windows, evaluator = setup
     sequence = [Profile((0.5, 0.3, 0.5, 0.7)), Profile((0.5, 0.6, 0.5, 0.0)),
                 Profile((0.5, 0.5, 0.5, 0.5), nm=((2, 4), None, None, None)), Profile((0.5, 0.3, 0.5, 0.7))]

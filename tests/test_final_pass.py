@@ -100,3 +100,151 @@ def test_sequential_calibration_sees_pruned_outputs_of_earlier_blocks(llama_dir,
                            torch.device("cpu"), progress=False)
         masks.append(find_blocks(model)[1].mlp.down_proj.weight == 0)
     assert not torch.equal(masks[0], masks[1])
+
+
+def _weights(path):
+    model = AutoModelForCausalLM.from_pretrained(path)
+    return model.state_dict()
+
+
+def test_offloaded_prune_saves_the_same_model_and_records_device_dtype_offload(llama_dir, corpus_file, tmp_path):
+    runs = {}
+    for offload in (False, True):
+        runs[offload] = run_prune(_config(llama_dir, corpus_file, tmp_path / str(offload), pruner="sparsegpt",
+                                          sparsity=0.5, offload=offload))
+        saved = json.loads((tmp_path / str(offload) / "metrics.json").read_text())
+        assert saved["offload"] is offload and saved["device"] == "cpu" and saved["device_name"]
+        assert saved["dtype"] == "float32"
+    for key in ("dense_perplexity", "pruned_perplexity"):
+        assert runs[True][key] == pytest.approx(runs[False][key], rel=1e-5)
+    expected, got = _weights(tmp_path / "False"), _weights(tmp_path / "True")
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+def test_offload_auto_follows_the_free_device_memory(llama_dir, corpus_file, tmp_path, monkeypatch):
+    from orchestrator import final_pass
+
+    assert run_prune(_config(llama_dir, corpus_file, tmp_path / "cpu", sparsity=0.5))["offload"] is False
+    monkeypatch.setattr(final_pass, "device_free_bytes", lambda device: 1000)  # a device smaller than the model
+    assert run_prune(_config(llama_dir, corpus_file, tmp_path / "small", sparsity=0.5))["offload"] is True
+
+
+def test_prune_honours_the_dtype(llama_dir, corpus_file, tmp_path):
+    metrics = run_prune(_config(llama_dir, corpus_file, tmp_path / "bf16", sparsity=0.5, dtype="bf16"))
+    assert metrics["dtype"] == "bfloat16" and math.isfinite(metrics["pruned_perplexity"])
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert reloaded.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+
+
+def test_offloaded_gemma3_prune_matches_the_in_memory_one(corpus_file, tmp_path):
+    from conftest import build_model, save_model_dir, tiny_gemma3_config
+
+    model_dir = save_model_dir(build_model(tiny_gemma3_config()), tmp_path / "gemma3")
+    runs = {offload: run_prune(_config(model_dir, corpus_file, tmp_path / str(offload), pruner="wanda",
+                                       sparsity=0.5, offload=offload)) for offload in (False, True)}
+    assert runs[True]["pruned_perplexity"] == pytest.approx(runs[False]["pruned_perplexity"], rel=1e-5)
+    expected, got = _weights(tmp_path / "False"), _weights(tmp_path / "True")
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+# --- the search's final passes as Ray tasks -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _search_config(model_dir, out, **kwargs):
+    from orchestrator.search import SearchConfig
+
+    return SearchConfig(out=out, model=str(model_dir), sparsity=0.6, pruner="wanda", batch_size=4, progress=False,
+                        budget_evals=10, **kwargs)
+
+
+def _driver_results(profiles: dict):
+    from orchestrator.candidates import DriverResult
+
+    return {name: DriverResult(name, Profile(tuple(p)), fitness, evaluations=1)
+            for name, (fitness, p) in profiles.items()}
+
+
+def _tokens(tokenizer, corpus_file):
+    from pruning.data import prepare_tokens
+
+    return prepare_tokens(tokenizer, str(corpus_file), seqlen=32, calib_samples=4, eval_windows=6, seed=0)
+
+
+def test_final_passes_run_as_tasks_save_the_winner_and_are_not_redone(local_ray, llama_dir, corpus_file,
+                                                                       tmp_path):
+    from orchestrator.finalists import run_final_passes
+    from pruning.load import load_model
+    from pruning.pruners import get_pruner
+    from pruning.sequential import prune_sequentially
+
+    model, tokenizer = load_model(str(llama_dir))
+    data = _tokens(tokenizer, corpus_file)
+    selection = data.validation[2:4]
+    results = _driver_results({"shapley": (1.0, [0.5, 0.7, 0.6, 0.6]), "evolution": (0.5, [0.6, 0.6, 0.6, 0.6]),
+                               "tune-atp": (3.0, [0.45, 0.55, 0.65, 0.75])})
+    run = tmp_path / "run"
+    summary = run_final_passes(_search_config(llama_dir, run, finalists=2), data, selection, results, tokenizer)
+
+    passes = summary["final_passes"]
+    assert list(passes) == summary["selection"]["finalists"] == ["evolution", "shapley", "tune-atp"]
+    assert summary["winner"] == min(passes, key=lambda name: passes[name]["validation_perplexity"])
+    assert summary["device"] == "cpu" and summary["dtype"] == "float32"
+    node = local_ray.get_runtime_context().get_node_id()
+    assert all(p["node"] == node and p["offload"] is False and not p["reused"] for p in passes.values())
+    assert summary["winner_vs_atp"] == pytest.approx(
+        summary["winner_test_perplexity"] / summary["atp_test_perplexity"] - 1)
+    for key in ("winner", "winner_test_perplexity", "dense_test_perplexity", "selection", "drivers",
+                "final_passes", "atp_test_perplexity", "winner_vs_atp", "device", "dtype"):
+        assert key in summary
+    assert json.loads((run / "summary.json").read_text())["winner"] == summary["winner"]
+
+    # Each finalist's model is the in-memory sequential pass with its profile; the winner's is RUN/model.
+    winner = summary["winner"]
+    prune_sequentially(model, data.calibration, results[winner].best, get_pruner("wanda"), torch.device("cpu"),
+                       batch_size=4, progress=False)
+    saved = _weights(run / "model")
+    assert all(torch.equal(tensor, saved[name]) for name, tensor in model.state_dict().items())
+    assert (run / "model" / "model.safetensors").read_bytes() == \
+        (run / "finalists" / winner / "model.safetensors").read_bytes()
+    metrics = json.loads((run / "model" / "metrics.json").read_text())
+    assert metrics["pruned_perplexity"] == summary["winner_test_perplexity"]
+    assert metrics["dense_perplexity"] == summary["dense_test_perplexity"] and metrics["offload"] is False
+    assert json.loads((run / "model" / "profile.json").read_text())["sparsities"] == \
+        pytest.approx(list(results[winner].best.sparsities))
+
+    # Resume: finished finalists are reused; a finalist whose profile changed is pruned again.
+    stamps = {name: (run / "finalists" / name / "model.safetensors").stat().st_mtime_ns for name in passes}
+    results["shapley"] = _driver_results({"shapley": (1.0, [0.7, 0.5, 0.6, 0.6])})["shapley"]
+    again = run_final_passes(_search_config(llama_dir, run, finalists=2), data, selection, results, tokenizer)
+    assert {name: p["reused"] for name, p in again["final_passes"].items()} == \
+        {"evolution": True, "shapley": False, "tune-atp": True}
+    for name in ("evolution", "tune-atp"):
+        assert (run / "finalists" / name / "model.safetensors").stat().st_mtime_ns == stamps[name]
+        assert again["final_passes"][name]["validation_perplexity"] == passes[name]["validation_perplexity"]
+    assert (run / "finalists" / "shapley" / "model.safetensors").stat().st_mtime_ns != stamps["shapley"]
+    assert again["dense_test_perplexity"] == summary["dense_test_perplexity"]
+
+
+def test_the_winner_is_read_from_another_node_in_chunks(local_ray, tmp_path):
+    from orchestrator.finalists import fetch_directory
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "model.safetensors").write_bytes(bytes(range(256)) * 5 + b"tail")
+    (src / "sub" / "config.json").write_text('{"a": 1}')
+    (src / "empty").write_bytes(b"")
+    (src / "metrics.json").write_text("{}")
+    node = local_ray.get_runtime_context().get_node_id()
+    fetch_directory(node, src, tmp_path / "dst", chunk_bytes=100, skip=("metrics.json",))
+    copied = sorted(p.relative_to(tmp_path / "dst") for p in (tmp_path / "dst").rglob("*") if p.is_file())
+    assert [str(p) for p in copied] == ["empty", "model.safetensors", "sub/config.json"]
+    for path in copied:
+        assert (tmp_path / "dst" / path).read_bytes() == (src / path).read_bytes()

@@ -9,8 +9,9 @@ from conftest import build_model, save_model_dir, tiny_llama_config
 from orchestrator.candidates import DriverResult
 from orchestrator.cli import main
 from orchestrator.results import ResultsTable
-from orchestrator import search
-from orchestrator.search import SearchConfig, _prepare_run_dir, finalists, selection_windows
+from orchestrator import finalists as finalists_module
+from orchestrator.finalists import finalists, run_final_passes, selection_windows
+from orchestrator.search import SearchConfig, _prepare_run_dir
 from pruning.errors import SparseAllocError
 from pruning.data import TokenData
 from pruning.load import find_blocks, find_linears, load_tokenizer
@@ -104,11 +105,25 @@ def test_selection_windows_are_held_out_from_the_fitness_tokens():
 
 def test_the_final_pass_not_the_kl_proxy_picks_the_winner(tmp_path, monkeypatch):
     """Evolution has the best KL but the worst perplexity after the real pass: Shapley wins and is saved."""
+    import ray
+
     model_dir = _fragile_model_dir(tmp_path)
     validation_ppl = {"evolution": 30.0, "shapley": 20.0, "tune-atp": 25.0}
-    monkeypatch.setattr(search, "_final_pass", lambda model, dense, data, selection, profile, config, device, name: {
-        "validation_perplexity": validation_ppl[name], "test_perplexity": validation_ppl[name] + 1,
-        "prune_s": 0.0, "achieved": {}})
+
+    def fake_pass(job, name, profile, calibration, selection, test):  # runs in a Ray worker
+        import json as _json
+        from pathlib import Path as _Path
+
+        out = _Path(job.out)
+        out.mkdir(parents=True)
+        (out / "profile.json").write_text(_json.dumps(profile.to_json()))
+        metrics = {"validation_perplexity": validation_ppl[name], "test_perplexity": validation_ppl[name] + 1,
+                   "prune_s": 0.0, "achieved_sparsity": {}, "offload": False, "device": "cpu", "dtype": "float32",
+                   "node": ray.get_runtime_context().get_node_id(), "inputs": job.inputs}
+        (out / "metrics.json").write_text(_json.dumps(metrics))
+        return metrics
+
+    monkeypatch.setattr(finalists_module, "final_pass_task", fake_pass)
     results = {"shapley": _result("shapley", 1.0, [0.5, 0.7, 0.6, 0.6]),
                "evolution": _result("evolution", 0.5, [0.6, 0.6, 0.6, 0.6]),
                "tune-free": _result("tune-free", 2.0, [0.7, 0.5, 0.6, 0.6]),
@@ -116,7 +131,11 @@ def test_the_final_pass_not_the_kl_proxy_picks_the_winner(tmp_path, monkeypatch)
     tokens = torch.randint(0, 100, (4, 16))
     data = TokenData(calibration=tokens, validation=tokens, test=tokens, protocol={})
     config = SearchConfig(out=tmp_path / "run", model=str(model_dir), budget_evals=10, progress=False)
-    summary = search._finish(config, data, tokens[2:], results, load_tokenizer(str(model_dir)))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = run_final_passes(config, data, tokens[2:], results, load_tokenizer(str(model_dir)))
+    finally:
+        ray.shutdown()
     assert summary["selection"]["finalists"] == ["evolution", "shapley", "tune-atp"]
     assert summary["winner"] == "shapley" and summary["winner_test_perplexity"] == 21.0
     assert summary["winner_vs_atp"] == pytest.approx(21.0 / 26.0 - 1)
