@@ -17,8 +17,8 @@ import torch
 from orchestrator.output import check_output, staged_output, write_json
 from pruning.data import DEFAULT_DATA, prepare_tokens
 from pruning.errors import SparseAllocError
-from pruning.load import (DEFAULT_MODEL, block_param_counts, find_blocks, find_linears, load_model, pick_device,
-                          pick_dtype)
+from pruning.load import (DEFAULT_MODEL, DTYPES, block_param_counts, find_blocks, find_linears, load_model,
+                          pick_device, pick_dtype)
 from pruning.offload import move_non_blocks, tensor_bytes
 from pruning.pruners import get_pruner
 from pruning.sequential import prune_sequentially
@@ -62,16 +62,21 @@ def device_free_bytes(device: torch.device) -> int | None:
 
 
 def pass_reserve_bytes(model, calib_windows: int, seqlen: int, batch_size: int) -> int:
-    """Device bytes the pass needs besides the weights: the calibration hidden states (inputs and
-    outputs of a block), one block's SparseGPT Hessians (fp32) and a mini-batch of fp32 logits (×3:
-    logits, their float copy, the softmax)."""
+    """Device bytes the pass needs besides the weights (as ``sparsealloc plan`` counts them): the
+    calibration hidden states (inputs and outputs of a block), one block's SparseGPT Hessians (fp32,
+    the largest statistics of any pruner), a forward chunk's working activations and a mini-batch of
+    fp32 logits (×3: logits, their float copy, the softmax)."""
     text = getattr(model.config, "text_config", None) or model.config
     element = next(model.parameters()).element_size()
-    hidden = 2 * calib_windows * seqlen * int(text.hidden_size) * element
-    hessians = sum(layer.in_features ** 2 * 4 for layer in find_linears(find_blocks(model)[0]).values())
+    hidden_size = int(text.hidden_size)
+    linears = find_linears(find_blocks(model)[0]).values()
+    calibration = 2 * calib_windows * seqlen * hidden_size * element
+    hessians = sum(layer.in_features ** 2 * 4 for layer in linears)
+    widest = max(layer.out_features for layer in linears)
+    activations = batch_size * seqlen * (4 * hidden_size + 2 * widest) * element * 2
     head = model.get_output_embeddings()
     vocab = head.weight.shape[0] if head is not None else int(text.vocab_size)
-    return hidden + hessians + 3 * batch_size * seqlen * vocab * 4
+    return calibration + hessians + activations + 3 * batch_size * seqlen * vocab * 4
 
 
 def choose_offload(requested: bool | None, model_bytes: int, reserve_bytes: int, free_bytes: int | None) -> bool:
@@ -132,7 +137,8 @@ def resolve_profile(config: PruneConfig, num_blocks: int, weights: list[int]) ->
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    """The ``--dtype`` spelling of ``dtype`` (fp32, bf16, fp16)."""
+    return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def versions() -> dict:

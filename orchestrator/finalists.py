@@ -76,6 +76,7 @@ class PassJob:
 
     model: str  # as every node resolves it: absolute when it is a local path
     pruner: str
+    device: str  # cpu, else the task's GPU (or the CPU when it has none)
     dtype: str
     offload: bool | None
     batch_size: int
@@ -93,7 +94,7 @@ def _load(job: PassJob, calibration_windows: int, seqlen: int):
     from pruning.load import load_model, pick_device, pick_dtype
     from pruning.offload import tensor_bytes
 
-    device = pick_device("auto")
+    device = pick_device("cpu" if job.device == "cpu" else "auto")
     if device.type == "cpu":
         torch.set_num_threads(job.threads)
     dtype = pick_dtype(job.dtype, device)
@@ -219,9 +220,14 @@ def _model_spec(spec: str) -> str:
 
 
 def _task_resources(config: "SearchConfig", tasks: int) -> dict:
-    """``num_gpus`` 1 per task when the cluster has GPUs (or GPU workers were asked for), else CPU tasks
-    sharing the largest node's cores."""
-    if ray.cluster_resources().get("GPU", 0) > 0 or getattr(config, "actor_gpus", None):
+    """``num_gpus`` 1 per task for ``--device cuda`` (``auto``: when the cluster has GPUs or GPU workers
+    were asked for), else CPU tasks sharing the largest node's cores."""
+    device = getattr(config, "device", "auto")
+    if device == "auto":
+        gpu = ray.cluster_resources().get("GPU", 0) > 0 or bool(getattr(config, "actor_gpus", None))
+    else:
+        gpu = device.startswith("cuda")
+    if gpu:
         return {"num_gpus": 1, "num_cpus": 1}
     node_cpus = max([int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] or [1])
     cpus = max(1, min(node_cpus, max(config.threads, node_cpus // max(1, tasks))))
@@ -238,17 +244,18 @@ def run_final_passes(config: "SearchConfig", data, selection: torch.Tensor, resu
     run = Path(config.out).resolve()
     names = finalists(results, config.finalists)
     model = _model_spec(config.model)
+    device = getattr(config, "device", "auto")
     dtype = getattr(config, "dtype", "auto")
     offload = getattr(config, "offload", None)
     windows = {"calibration": _digest(data.calibration), "selection": _digest(selection),
                "test": _digest(data.test)}
-    common = {"model": model, "dtype": dtype, "pruner": config.pruner}
+    common = {"model": model, "device": device, "dtype": dtype, "pruner": config.pruner}
 
     jobs: dict[str, PassJob] = {}
     passes: dict[str, dict] = {}
     for name in names:
         inputs = {**common, **windows, "profile": results[name].best.to_json()}
-        job = PassJob(model, config.pruner, dtype, offload, config.batch_size, config.threads,
+        job = PassJob(model, config.pruner, device, dtype, offload, config.batch_size, config.threads,
                       str(run / "finalists" / name), inputs)
         stored = _stored(run / "finalists" / name / "metrics.json", inputs)
         if stored is None:
@@ -256,7 +263,7 @@ def run_final_passes(config: "SearchConfig", data, selection: torch.Tensor, resu
         else:
             log.info("%s: final pass found in %s, not redone", name, job.out)
             passes[name] = {**stored, "node": ray.get_runtime_context().get_node_id(), "reused": True}
-    dense_inputs = {"model": model, "dtype": dtype, "test": windows["test"]}
+    dense_inputs = {"model": model, "device": device, "dtype": dtype, "test": windows["test"]}
     dense = _stored(run / "finalists" / DENSE_FILE, dense_inputs)
 
     resources = _task_resources(config, len(jobs) + (dense is None))
@@ -270,7 +277,7 @@ def run_final_passes(config: "SearchConfig", data, selection: torch.Tensor, resu
             job = replace(job, threads=threads)
             refs[task.remote(job, name, results[name].best, calibration_ref, selection_ref, test_ref)] = name
         if dense is None:
-            dense_job = PassJob(model, config.pruner, dtype, offload, config.batch_size, threads,
+            dense_job = PassJob(model, config.pruner, device, dtype, offload, config.batch_size, threads,
                                 str(run / "finalists"), dense_inputs)
             dense_task = ray.remote(dense_perplexity_task).options(**resources)
             refs[dense_task.remote(dense_job, data.calibration.shape[0], test_ref)] = None

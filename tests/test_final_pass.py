@@ -114,7 +114,7 @@ def test_offloaded_prune_saves_the_same_model_and_records_device_dtype_offload(l
                                           sparsity=0.5, offload=offload))
         saved = json.loads((tmp_path / str(offload) / "metrics.json").read_text())
         assert saved["offload"] is offload and saved["device"] == "cpu" and saved["device_name"]
-        assert saved["dtype"] == "float32"
+        assert saved["dtype"] == "fp32"
     for key in ("dense_perplexity", "pruned_perplexity"):
         assert runs[True][key] == pytest.approx(runs[False][key], rel=1e-5)
     expected, got = _weights(tmp_path / "False"), _weights(tmp_path / "True")
@@ -129,9 +129,19 @@ def test_offload_auto_follows_the_free_device_memory(llama_dir, corpus_file, tmp
     assert run_prune(_config(llama_dir, corpus_file, tmp_path / "small", sparsity=0.5))["offload"] is True
 
 
+def test_offload_flag_of_the_prune_command(llama_dir, corpus_file, tmp_path):
+    from orchestrator.cli import main
+
+    common = ["prune", "--model", str(llama_dir), "--data", str(corpus_file), "--sparsity", "0.5", "--seqlen", "32",
+              "--calib-samples", "4", "--eval-windows", "2", "--device", "cpu", "--no-progress"]
+    for flag, expected in (("on", True), ("off", False), ("auto", False)):
+        assert main([*common, "--offload", flag, "--out", str(tmp_path / flag)]) == 0
+        assert json.loads((tmp_path / flag / "metrics.json").read_text())["offload"] is expected
+
+
 def test_prune_honours_the_dtype(llama_dir, corpus_file, tmp_path):
     metrics = run_prune(_config(llama_dir, corpus_file, tmp_path / "bf16", sparsity=0.5, dtype="bf16"))
-    assert metrics["dtype"] == "bfloat16" and math.isfinite(metrics["pruned_perplexity"])
+    assert metrics["dtype"] == "bf16" and math.isfinite(metrics["pruned_perplexity"])
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
     assert reloaded.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
 
@@ -196,7 +206,7 @@ def test_final_passes_run_as_tasks_save_the_winner_and_are_not_redone(local_ray,
     passes = summary["final_passes"]
     assert list(passes) == summary["selection"]["finalists"] == ["evolution", "shapley", "tune-atp"]
     assert summary["winner"] == min(passes, key=lambda name: passes[name]["validation_perplexity"])
-    assert summary["device"] == "cpu" and summary["dtype"] == "float32"
+    assert summary["device"] == "cpu" and summary["dtype"] == "fp32"
     node = local_ray.get_runtime_context().get_node_id()
     assert all(p["node"] == node and p["offload"] is False and not p["reused"] for p in passes.values())
     assert summary["winner_vs_atp"] == pytest.approx(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from orchestrator.cli import main
@@ -255,3 +257,21 @@ def test_cli_plan_defaults_to_this_machine(tmp_path_factory, capsys):
 def test_cli_plan_unreadable_model(tmp_path, capsys):
     assert main(["plan", "--model", str(tmp_path / "missing-model"), "--device-memory-gb", "80"]) == 2
     assert "missing-model" in capsys.readouterr().err
+
+
+def test_readme_plan_table_is_what_plan_computes(llama7, llama70):
+    """The README's LLaMA-2 table (bf16, 80 GiB) holds the figures make_plan gives today."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 7 and cells[0] in ("rank tables", "evaluator", "fisher traces", "final pass (wanda)",
+                                            "perplexity"):
+            rows[cells[0]] = cells[1:]
+    assert len(rows) == 5
+    for shape, offset in ((llama7, 0), (llama70, 3)):
+        plan = make_plan(shape, dtype="bf16", device_memory_bytes=80 * GIB)
+        for stage in plan.stages:
+            mode, device, host = rows[stage.name][offset : offset + 3]
+            assert (mode, device, host) == (stage.mode, f"{stage.device_bytes / GIB:.2f}",
+                                            f"{stage.host_bytes / GIB:.2f}"), stage.name

@@ -118,7 +118,7 @@ def test_the_final_pass_not_the_kl_proxy_picks_the_winner(tmp_path, monkeypatch)
         out.mkdir(parents=True)
         (out / "profile.json").write_text(_json.dumps(profile.to_json()))
         metrics = {"validation_perplexity": validation_ppl[name], "test_perplexity": validation_ppl[name] + 1,
-                   "prune_s": 0.0, "achieved_sparsity": {}, "offload": False, "device": "cpu", "dtype": "float32",
+                   "prune_s": 0.0, "achieved_sparsity": {}, "offload": False, "device": "cpu", "dtype": "fp32",
                    "node": ray.get_runtime_context().get_node_id(), "inputs": job.inputs}
         (out / "metrics.json").write_text(_json.dumps(metrics))
         return metrics
@@ -141,3 +141,49 @@ def test_the_final_pass_not_the_kl_proxy_picks_the_winner(tmp_path, monkeypatch)
     assert summary["winner_vs_atp"] == pytest.approx(21.0 / 26.0 - 1)
     saved = json.loads((tmp_path / "run" / "model" / "profile.json").read_text())
     assert saved["sparsities"] == pytest.approx([0.5, 0.7, 0.6, 0.6])
+
+
+def _fitness_by_key(out):
+    import pyarrow.dataset as ds
+
+    rows = ds.dataset(out / "results", format="parquet").to_table(columns=["key", "fitness", "actor"]).to_pylist()
+    return {row["key"]: row["fitness"] for row in rows}
+
+
+def test_streamed_search_under_a_budget_equals_the_resident_one(corpus_file, tmp_path):
+    """Same seed, same requests: the streamed evaluator (budget below the model's weights) and the
+    resident one give the same fitness for every evaluation; the run records the mode."""
+    from orchestrator.plan import ModelShape, make_plan
+    from pruning.offload import non_block_bytes, tensor_bytes
+
+    model = build_model(tiny_llama_config(layers=12))
+    model_dir = save_model_dir(model, tmp_path / "model")
+    weights = non_block_bytes(model) + sum(tensor_bytes(b) for b in find_blocks(model))
+    plan = make_plan(ModelShape.from_model(model), dtype="fp32", device_memory_bytes=weights, evaluator="streamed",
+                     fitness_tokens=128, fitness_seqlen=32, batch_size=4, calib_samples=4, seqlen=32)
+    budget = int(1.01 * max(s.device_bytes for s in plan.stages if s.mode != "resident"))
+    assert budget < weights, "the budget is below the model's weights"
+    resident, streamed = tmp_path / "resident", tmp_path / "streamed"
+    assert main(_args(model_dir, corpus_file, resident, "--evaluator", "resident", budget_evals=16)) == 0
+    assert main(_args(model_dir, corpus_file, streamed, "--evaluator", "streamed", "--device-memory-gb",
+                      f"{budget / 2**30:.12f}", budget_evals=16)) == 0
+    a, b = _fitness_by_key(resident), _fitness_by_key(streamed)
+    assert a.keys() == b.keys() and len(a) > 5
+    assert all(b[k] == pytest.approx(a[k], rel=1e-5) for k in a)
+    config = json.loads((streamed / "config.json").read_text())
+    assert config["config"]["evaluator"] == "streamed" and config["identity"]["dtype"] == "fp32"
+
+
+def test_dtype_reaches_actors_and_final_pass_and_resume_checks_it(corpus_file, tmp_path):
+    model_dir = _fragile_model_dir(tmp_path)
+    out = tmp_path / "run"
+    assert main(_args(model_dir, corpus_file, out, "--dtype", "bf16", "--device", "cpu", budget_evals=8)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dtype"] == "bf16" and summary["device"] == "cpu"
+    assert {p["dtype"] for p in summary["final_passes"].values()} == {"bf16"}
+    metrics = json.loads((out / "model" / "metrics.json").read_text())
+    assert metrics["dtype"] == "bf16"
+    assert json.loads((out / "config.json").read_text())["identity"]["dtype"] == "bf16"
+    fisher = json.loads((out / "sensitivities" / "fisher.json").read_text())
+    assert fisher["identity"]["dtype"] == "bf16" and len(fisher["values"]) == 4
+    assert main(_args(model_dir, corpus_file, out, "--resume", budget_evals=8)) == 2  # fp32 by default
