@@ -74,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--pruner", default="wanda", choices=["magnitude", "wanda", "sparsegpt"],
                         help="final pass")
     search.add_argument("--budget-evals", type=int, default=None, help="fitness evaluations, shared by the drivers")
-    search.add_argument("--budget-minutes", type=float, default=None, help="wall clock for the search itself")
+    search.add_argument("--budget-minutes", type=float, default=None,
+                        help="wall clock for the drivers (setup and final passes come on top)")
+    search.add_argument("--deadline-minutes", type=float, default=None,
+                        help="wall clock for the whole run: the drivers get what setup (measured) and the final "
+                             "passes (estimated) leave")
     search.add_argument("--address", default=None, help="join a cluster: auto or ray://host:10001 (default: local)")
     search.add_argument("--actors", type=int, default=None,
                         help="evaluator actors (default: one per GPU; locally without CUDA, one per --threads cores)")
@@ -139,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
     plan.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     plan.add_argument("--pruner", default="wanda", choices=["magnitude", "wanda", "sparsegpt"], help="final pass")
+
+    results = sub.add_parser("results", help="the evaluations a search wrote to its run directory, by time")
+    results.add_argument("run", type=Path, metavar="RUN", help="run directory of `sparsealloc search --out RUN`")
+    results.add_argument("--csv", type=Path, default=None, metavar="FILE",
+                         help="write every column of every (selected) row to FILE instead of printing the table")
+    results.add_argument("--driver", default=None, metavar="NAME", help="only the rows of this driver")
+    results.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N rows (by time)")
     return parser
 
 
@@ -204,7 +215,8 @@ def _cmd_search(args) -> None:
         eval_windows=args.eval_windows, fitness_windows=args.fitness_windows, fitness_seqlen=args.fitness_seqlen,
         fidelities=tuple(args.fidelities), nm_m=args.nm_m, free_sampler=args.free_sampler,
         finalists=args.finalists, selection_windows=args.selection_windows,
-        budget_evals=args.budget_evals, budget_minutes=args.budget_minutes, actors=args.actors, threads=args.threads,
+        budget_evals=args.budget_evals, budget_minutes=args.budget_minutes, deadline_minutes=args.deadline_minutes,
+        actors=args.actors, threads=args.threads,
         actor_gpus=True if args.gpu_actors else None, address=args.address, batch_size=args.batch_size,
         device=args.device, dtype=args.dtype, evaluator=args.evaluator, device_memory_gb=args.device_memory_gb,
         gpus_per_actor=args.gpus_per_actor, population=args.population,
@@ -297,8 +309,35 @@ def _cmd_plan(args) -> None:
     check_plan(plan)
 
 
+def _cmd_results(args) -> None:
+    from collections import Counter
+
+    from orchestrator.results import format_rows, load_run_results, write_csv
+
+    rows = load_run_results(args.run).to_pylist()
+    if args.driver is not None:
+        drivers = sorted({row["driver"] for row in rows})
+        rows = [row for row in rows if row["driver"] == args.driver]
+        if not rows:
+            raise SparseAllocError(f"{args.run} holds no rows of driver {args.driver!r}; "
+                                   f"its drivers: {', '.join(drivers)}")
+    if args.limit is not None:
+        if args.limit < 1:
+            raise SparseAllocError(f"--limit must be at least 1, got {args.limit}")
+        rows = rows[:args.limit]
+    duplicates = sorted(key for key, n in Counter(row["key"] for row in rows).items() if n > 1)
+    if args.csv is not None:
+        write_csv(rows, args.csv)
+        print(f"{len(rows)} rows written to {args.csv}")
+    else:
+        print(format_rows(rows))
+        print(f"\n{len(rows)} rows, {len({row['key'] for row in rows})} distinct keys")
+    if duplicates:
+        print(f"warning: {len(duplicates)} keys were evaluated more than once", file=sys.stderr)
+
+
 COMMANDS = {"fetch": _cmd_fetch, "prune": _cmd_prune, "sensitivity": _cmd_sensitivity, "profile": _cmd_profile,
-            "search": _cmd_search, "plan": _cmd_plan}
+            "search": _cmd_search, "plan": _cmd_plan, "results": _cmd_results}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,8 +65,10 @@ def selection_windows(validation: torch.Tensor, fitness_tokens: int, count: int)
     """Validation windows after those holding the search's fitness tokens (held out from the search)."""
     skip = math.ceil(fitness_tokens / validation.shape[1])
     if validation.shape[0] <= skip:
-        raise SparseAllocError(f"no validation tokens are left after the {fitness_tokens} fitness tokens to choose "
-                               f"the winner on; raise --eval-windows (now {validation.shape[0]} windows)")
+        raise SparseAllocError(f"the validation split holds {validation.shape[0]} windows of {validation.shape[1]} "
+                               f"tokens; after the {fitness_tokens} fitness tokens (--fitness-windows x "
+                               "--fitness-seqlen) none is left to choose the winner on: lower those, or "
+                               "--selection-windows, or use a larger --data")
     return validation[skip : skip + count]
 
 

@@ -5,9 +5,26 @@ cluster has GPUs, else CPU actors with a configurable thread count. Each actor l
 the host and builds the evaluator once (rank tables, dense reference, cached block inputs) in the
 mode its spec says (resident or streamed); token windows come once through the object store.
 Candidates go to the least-loaded actor in small batches, which the actor scores as one population
-(shared prefixes and shared levels computed once). Actors that die are restarted by Ray
-(``max_restarts``) and their in-flight calls retried (``max_task_retries``); a call that still fails
-is re-submitted to another actor, so a search never loses a result.
+(shared prefixes and shared levels computed once).
+
+Faults, and what the pool does about them:
+
+- an actor that crashes is restarted by Ray (``max_restarts``) and its in-flight calls retried
+  (``max_task_retries``); an actor that is gone for good (restarts used up, killed, node lost) is
+  replaced by a new one (at most ``max_replacements`` in the pool's life) and its in-flight
+  candidates are re-submitted, so a search never loses a result;
+- an actor that is only unavailable for a moment (``ActorUnavailableError``: a network blip, a
+  restart under way) keeps its place: the batch is re-submitted after a short backoff, a bounded
+  number of times;
+- an exception raised by the evaluator itself (CUDA out of memory, a bad candidate) ends the call
+  with one ``SparseAllocError`` naming the actor, its node and the cause, once the other in-flight
+  batches are drained (their rows written) or cancelled;
+- actors that cannot be placed (no GPU in the cluster, too few CPUs) end the start with a
+  ``SparseAllocError`` naming the missing resources after ``placement_timeout_s``; the time an
+  actor spends loading the model once placed does not count.
+
+Rows are written to the results table as they arrive, so whatever ends a search, what was
+evaluated is kept (``--resume`` reads it back).
 """
 
 from __future__ import annotations
@@ -15,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -126,29 +144,50 @@ class EvaluatorPool:
 
     def __init__(self, spec: EvaluatorSpec, calibration: torch.Tensor, fitness_windows: torch.Tensor,
                  results: ResultsTable, num_actors: int | None = None, gpu: bool | None = None,
-                 max_restarts: int = 3) -> None:
+                 max_restarts: int = 3, max_replacements: int | None = None, placement_timeout_s: float = 120.0,
+                 unavailable_retries: int = 5, retry_backoff_s: float = 0.5, drain_timeout_s: float = 300.0) -> None:
         """``gpu``: None = GPU actors when the cluster has GPUs now; True = GPU actors even when it has
-        none yet (an autoscaling cluster then adds GPU workers for them); False = CPU actors."""
+        none yet (an autoscaling cluster then adds GPU workers for them); False = CPU actors.
+
+        ``max_replacements``: actors gone for good that are replaced by new ones over the pool's life
+        (default: the number of actors). ``placement_timeout_s``: how long an actor may wait for a
+        node with its resources (at the start and for a replacement) before the pool gives up.
+        ``unavailable_retries``: re-submissions of one batch whose actor was unavailable, the n-th
+        after ``retry_backoff_s * 2**(n-1)`` seconds. ``drain_timeout_s``: after an evaluator error,
+        how long the other in-flight batches may finish (their rows are written) before the rest is
+        cancelled."""
         gpus = int(ray.cluster_resources().get("GPU", 0))
         use_gpu = gpus > 0 if gpu is None else gpu
         num_actors = num_actors or max(1, gpus // spec.gpus_per_actor)
+        self.resources = {"GPU": spec.gpus_per_actor, "CPU": 1} if use_gpu else {"CPU": spec.threads}
         options = {"num_gpus": spec.gpus_per_actor, "num_cpus": 1} if use_gpu else {"num_cpus": spec.threads}
-        remote = ray.remote(EvaluatorActor).options(max_restarts=max_restarts, max_task_retries=max_restarts,
-                                                    **options)
-        # Held for the pool's lifetime: a restarted actor is rebuilt from these same objects.
-        self._token_refs = (ray.put(calibration), ray.put(fitness_windows))
-        self.actors = [remote.remote(spec, *self._token_refs) for _ in range(num_actors)]
-        self.infos = ray.get([actor.info.remote() for actor in self.actors])
+        self._remote = ray.remote(EvaluatorActor).options(max_restarts=max_restarts, max_task_retries=max_restarts,
+                                                          **options)
+        self.spec = spec
         self.results = results
         self.population = spec.population
         self.max_per_actor = 2
+        self.max_replacements = num_actors if max_replacements is None else max_replacements
+        self.replacements = 0
+        self.resubmitted = 0  # candidates sent again because their actor was lost
+        self.placement_timeout_s = placement_timeout_s
+        self.unavailable_retries = unavailable_retries
+        self.retry_backoff_s = retry_backoff_s
+        self.drain_timeout_s = drain_timeout_s
         self.dead: set[int] = set()
+        self._starting: dict[int, tuple[ray.ObjectRef, float]] = {}  # slot -> (its info call, unplaced since)
+        self._last_death = ""
+        # Held for the pool's lifetime: a restarted or replacement actor is built from these same objects.
+        self._token_refs = (ray.put(calibration), ray.put(fitness_windows))
+        self.actors = [self._remote.remote(spec, *self._token_refs) for _ in range(num_actors)]
+        self.infos = self._start_all()
 
     def close(self) -> None:
         """Stop the actors and drop every handle and object ref (before ``ray.shutdown``)."""
         for actor in self.actors:
-            ray.kill(actor, no_restart=True)
+            _kill(actor)
         self.actors = []
+        self._starting = {}
         self._token_refs = ()
 
     @property
@@ -163,6 +202,110 @@ class EvaluatorPool:
     def max_tokens(self) -> int:
         return self.infos[0]["max_tokens"]
 
+    # ---- starting actors ------------------------------------------------------------------------
+
+    def _poll_s(self) -> float:
+        return max(0.05, min(1.0, self.placement_timeout_s / 4))
+
+    def _start_all(self) -> list[dict]:
+        """Every actor's ``info`` once it has started; a clear error (and no actor left behind) when
+        some cannot be placed within ``placement_timeout_s`` or fail while starting."""
+        calls = {actor.info.remote(): index for index, actor in enumerate(self.actors)}
+        infos: list[dict | None] = [None] * len(self.actors)
+        unplaced_since = {index: time.monotonic() for index in range(len(self.actors))}
+        try:
+            while calls:
+                done, _ = ray.wait(list(calls), num_returns=1, timeout=self._poll_s())
+                for ref in done:
+                    index = calls.pop(ref)
+                    unplaced_since.pop(index)
+                    try:
+                        infos[index] = ray.get(ref)
+                    except ray.exceptions.RayActorError as exc:
+                        raise SparseAllocError(f"evaluator actor {index} failed while starting: "
+                                               f"{_death_cause(exc)}") from None
+                now = time.monotonic()
+                placed = [index for index in unplaced_since if _placed(self.actors[index])]
+                for index in placed:
+                    unplaced_since[index] = now  # placed: loading the model does not count
+                if any(now - since > self.placement_timeout_s for since in unplaced_since.values()):
+                    raise SparseAllocError(self._placement_message(len(unplaced_since) - len(placed),
+                                                                   len(self.actors)))
+        except BaseException:
+            for actor in self.actors:
+                _kill(actor)
+            self.actors = []
+            raise
+        return infos  # type: ignore[return-value]
+
+    def _placement_message(self, pending: int, total: int) -> str:
+        """Which resources the unplaced actors lack, and what to do about it."""
+        need = self.resources
+        cluster, free = ray.cluster_resources(), ray.available_resources()
+        nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+        fitting = [node for node in nodes if all(node.get(r, 0) >= amount for r, amount in need.items())]
+        missing = [r for r, amount in need.items() if not any(node.get(r, 0) >= amount for node in nodes)]
+        what = (f"{pending} of {total} evaluator actors could not be placed within {self.placement_timeout_s:g} s: "
+                f"each needs {_resources(need)}; the cluster has {_resources(cluster, need)} "
+                f"(free: {_resources(free, need)})")
+        if missing:
+            what += f"; no node has {' or '.join(f'{r}: {_number(need[r])}' for r in missing)}"
+        elif fitting:
+            what += "; the nodes that have them are busy"
+        else:
+            what += "; no single node has all of them"
+        if "GPU" in need:
+            fix = "start GPU workers, lower --actors or --gpus-per-actor, or drop --gpu-actors"
+        else:
+            fix = "add CPU workers, or lower --actors or --threads"
+        return f"{what}; {fix}"
+
+    def _replace(self, index: int, cause: str) -> None:
+        """Slot ``index`` lost its actor for good: start a new one there while replacements are left."""
+        self._last_death = cause
+        self.dead.add(index)
+        self._starting.pop(index, None)
+        _kill(self.actors[index])
+        if self.replacements >= self.max_replacements:
+            log.warning("evaluator actor %d is gone (%s); no replacement left (%d used)", index, cause,
+                        self.replacements)
+            return
+        self.replacements += 1
+        log.warning("evaluator actor %d is gone (%s); starting replacement %d of %d", index, cause,
+                    self.replacements, self.max_replacements)
+        self.actors[index] = self._remote.remote(self.spec, *self._token_refs)
+        self._starting[index] = (self.actors[index].info.remote(), time.monotonic())
+        self.dead.discard(index)
+
+    def _check_starting(self, done: ray.ObjectRef | None) -> bool:
+        """Advance the replacements being started; True when ``done`` was one's info call."""
+        now = time.monotonic()
+        for index, (ref, since) in list(self._starting.items()):
+            if ref == done:
+                del self._starting[index]
+                try:
+                    self.infos[index] = ray.get(ref)
+                    log.info("replacement evaluator actor %s is serving in slot %d", self.infos[index]["actor"],
+                             index)
+                except ray.exceptions.RayActorError as exc:
+                    self._replace(index, f"its replacement failed while starting: {_death_cause(exc)}")
+                return True
+            if _placed(self.actors[index]):
+                self._starting[index] = (ref, now)
+            elif now - since > self.placement_timeout_s:
+                self._replace(index, "its replacement could not be placed: "
+                              + self._placement_message(1, 1))
+        return False
+
+    def wait_for_replacements(self) -> None:
+        """Block until every replacement being started serves (its ``infos`` entry filled in) or is
+        given up (dead, or replaced again); ``evaluate`` does not wait for them."""
+        while self._starting:
+            done, _ = ray.wait([ref for ref, _ in self._starting.values()], num_returns=1, timeout=self._poll_s())
+            self._check_starting(done[0] if done else None)
+
+    # ---- evaluating -----------------------------------------------------------------------------
+
     def _chunk(self, queue: list[Candidate], live: int) -> list[Candidate]:
         """The next batch for one actor: up to ``population`` candidates, fewer when that would leave
         other actors idle."""
@@ -170,36 +313,186 @@ class EvaluatorPool:
         batch, queue[:] = queue[:size], queue[size:]
         return batch
 
+    def _write(self, batch: list[Candidate], outcomes: list[dict]) -> None:
+        for candidate, outcome in zip(batch, outcomes):
+            if self.results.get(candidate.key) is not None:
+                continue  # already answered (a duplicate request in one call): one row per evaluation
+            self.results.append({
+                "driver": candidate.driver, "key": candidate.key, "params": candidate.params,
+                "sparsities": list(candidate.sparsities), "nm": candidate.nm, "tokens": candidate.tokens or -1,
+                "draw": candidate.draw, "metric": candidate.metric, **outcome,
+            })
+
+    def _drain(self, in_flight: dict) -> None:
+        """Let the other in-flight batches finish (their rows are written) for up to
+        ``drain_timeout_s``; cancel what is left (queued calls never run)."""
+        deadline = time.monotonic() + self.drain_timeout_s
+        while in_flight and (left := deadline - time.monotonic()) > 0:
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=left)
+            if not done:
+                break
+            call = in_flight.pop(done[0])
+            try:
+                self._write(call.batch, ray.get(done[0]))
+            except ray.exceptions.RayError:
+                pass  # the first error is the one reported
+        for ref in in_flight:
+            try:
+                ray.cancel(ref)
+            except Exception:  # noqa: BLE001 - best effort: the call's result is dropped either way
+                pass
+        in_flight.clear()
+
+    def _task_error(self, call: "_Call", exc: ray.exceptions.RayError) -> SparseAllocError:
+        info = self.infos[call.index] or {}
+        cause = getattr(exc, "cause", None) or exc
+        first = (str(cause).strip().splitlines() or [""])[0]
+        message = (f"evaluator actor {info.get('actor', call.index)} on node {info.get('node', '?')} failed "
+                   f"while scoring {len(call.batch)} candidate(s): {type(cause).__name__}: {first}")
+        if isinstance(cause, torch.OutOfMemoryError) or "out of memory" in first.lower():
+            message += ("; lower --population or --batch-size, use --evaluator streamed, or give each actor more "
+                        "GPUs (--gpus-per-actor)")
+        return SparseAllocError(f"{message}. The {len(self.results)} results written so far are kept in "
+                                f"{self.results.dir} (--resume reads them back)")
+
     def evaluate(self, candidates: list[Candidate]) -> list[float]:
         """Fitness per candidate (same order). Known keys come from the results table (resume);
         new ones are evaluated in parallel and written to it as each arrives."""
         pending = [c for c in dict((c.key, c) for c in candidates).values() if self.results.get(c.key) is None]
         queue = list(pending)
-        in_flight: dict[ray.ObjectRef, tuple[list[Candidate], int]] = {}
+        resubmit: list[tuple[float, list[Candidate], int]] = []  # (when, batch, unavailable attempts so far)
+        in_flight: dict[ray.ObjectRef, _Call] = {}
         load = [0] * len(self.actors)
-        while queue or in_flight:
-            if len(self.dead) == len(self.actors):
-                raise SparseAllocError("every evaluator actor has died; see the Ray logs for the cause")
-            live = [i for i in range(len(self.actors)) if i not in self.dead]
-            while queue and min(load[i] for i in live) < self.max_per_actor:
-                index = min(live, key=lambda i: load[i])
-                batch = self._chunk(queue, len(live))
-                in_flight[self.actors[index].evaluate.remote(batch)] = (batch, index)
-                load[index] += 1
-            done, _ = ray.wait(list(in_flight), num_returns=1)
-            batch, index = in_flight.pop(done[0])
-            load[index] -= 1
-            try:
-                outcomes = ray.get(done[0])
-            except ray.exceptions.RayActorError:
-                log.warning("actor %d is gone after its restarts; re-submitting its candidates elsewhere", index)
-                self.dead.add(index)
-                queue.extend(batch)
-                continue
-            for candidate, outcome in zip(batch, outcomes):
-                self.results.append({
-                    "driver": candidate.driver, "key": candidate.key, "params": candidate.params,
-                    "sparsities": list(candidate.sparsities), "nm": candidate.nm, "tokens": candidate.tokens or -1,
-                    "draw": candidate.draw, "metric": candidate.metric, **outcome,
-                })
+        try:
+            while queue or resubmit or in_flight:
+                ready = [i for i in range(len(self.actors)) if i not in self.dead and i not in self._starting]
+                if not ready and not self._starting and not in_flight:
+                    raise SparseAllocError(
+                        f"every evaluator actor is gone and the {self.max_replacements} replacement(s) are used "
+                        f"up; last cause: {self._last_death or 'unknown'}. The {len(self.results)} results "
+                        f"written so far are kept in {self.results.dir} (--resume reads them back)")
+                now = time.monotonic()
+                while ready and min(load[i] for i in ready) < self.max_per_actor:
+                    due = next((r for r in resubmit if r[0] <= now), None)
+                    if due is None and not queue:
+                        break
+                    index = min(ready, key=lambda i: load[i])
+                    if due is not None:
+                        resubmit.remove(due)
+                        batch, attempts = due[1], due[2]
+                    else:
+                        batch, attempts = self._chunk(queue, len(ready)), 0
+                    in_flight[self.actors[index].evaluate.remote(batch)] = _Call(batch, index, self.actors[index],
+                                                                                 attempts)
+                    load[index] += 1
+                waits = list(in_flight) + [ref for ref, _ in self._starting.values()]
+                timeouts = [when - now for when, _, _ in resubmit] + ([self._poll_s()] if self._starting else [])
+                timeout = max(0.0, min(timeouts)) if timeouts else None
+                if not waits:
+                    time.sleep(timeout or 0.0)
+                    continue
+                done, _ = ray.wait(waits, num_returns=1, timeout=timeout)
+                if self._check_starting(done[0] if done else None) or not done:
+                    continue
+                call = in_flight.pop(done[0])
+                load[call.index] -= 1
+                try:
+                    outcomes = ray.get(done[0])
+                except ray.exceptions.RayTaskError as exc:  # raised by the evaluator: its traceback in the debug log
+                    log.debug("evaluator error in actor %d: %s", call.index, exc)
+                    error = self._task_error(call, exc)
+                    self._drain_quietly(in_flight)
+                    raise error from None
+                except ray.exceptions.ActorUnavailableError as exc:
+                    name = (self.infos[call.index] or {}).get("actor", call.index)
+                    if call.attempts >= self.unavailable_retries:
+                        self._drain(in_flight)
+                        raise SparseAllocError(
+                            f"evaluator actor {name} stayed unavailable through {call.attempts} retries of one "
+                            f"batch: {_first_line(str(exc))}. The {len(self.results)} results written so far are "
+                            f"kept in {self.results.dir} (--resume reads them back)") from None
+                    delay = self.retry_backoff_s * 2 ** call.attempts
+                    log.warning("evaluator actor %s is unavailable (%s); re-submitting its batch in %.1f s "
+                                "(retry %d of %d)", name, _first_line(str(exc)), delay, call.attempts + 1,
+                                self.unavailable_retries)
+                    resubmit.append((time.monotonic() + delay, call.batch, call.attempts + 1))
+                    continue
+                except ray.exceptions.RayActorError as exc:
+                    if call.actor is self.actors[call.index] and call.index not in self.dead:
+                        self._replace(call.index, _death_cause(exc))  # its other calls fail the same way
+                    self.resubmitted += len(call.batch)
+                    resubmit.append((0.0, call.batch, call.attempts))
+                    continue
+                except ray.exceptions.RayError as exc:  # anything else Ray says about the call: reported alike
+                    error = self._task_error(call, exc)
+                    self._drain(in_flight)
+                    raise error from None
+                self._write(call.batch, outcomes)
+        except BaseException:
+            self._drain_quietly(in_flight)
+            raise
         return [self.results.get(c.key)["fitness"] for c in candidates]
+
+    def _drain_quietly(self, in_flight: dict) -> None:
+        """Interrupted (or failing): cancel what is still queued so the actors are free for what comes
+        next; rows already written stay."""
+        for ref in in_flight:
+            try:
+                ray.cancel(ref)
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+        in_flight.clear()
+
+
+@dataclass
+class _Call:
+    """One in-flight ``evaluate`` call: its batch, the slot and actor it went to, unavailable retries so far."""
+
+    batch: list[Candidate]
+    index: int
+    actor: object
+    attempts: int
+
+
+def _kill(actor) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
+
+
+def _placed(actor) -> bool:
+    """Whether Ray has given the actor a worker process (it is loading or serving), from the GCS actor
+    table; False when that cannot be told (then placement time counts until its first answer)."""
+    try:
+        from ray._private import state
+
+        entry = state.actors(actor._actor_id.hex())
+    except Exception:  # noqa: BLE001 - a private table: if it moves, fall back to the plain timeout
+        return False
+    return bool(entry.get("Pid")) or entry.get("State") == "ALIVE"
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def _death_cause(exc: ray.exceptions.RayActorError) -> str:
+    """One line on why an actor died: the exception its constructor raised, or Ray's reason."""
+    text = getattr(exc, "error_msg", None) or str(exc)
+    if getattr(exc, "actor_init_failed", False):
+        raised = [line for line in text.splitlines() if re.match(r"^[A-Za-z_][\w.]*: ", line)]
+        if raised:
+            kind, _, message = raised[-1].partition(": ")
+            return f"{kind.rsplit('.', 1)[-1]}: {message}"
+    because = [line.strip() for line in text.splitlines() if line.strip().startswith("The actor is dead because")]
+    return because[0] if because else _first_line(text)
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def _resources(resources: dict, only: dict | None = None) -> str:
+    keys = list(only) if only is not None else list(resources)
+    return ", ".join(f"{key}: {_number(resources.get(key, 0))}" for key in keys)

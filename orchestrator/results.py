@@ -1,19 +1,34 @@
 """Append-only results table: every evaluation is a row, written as soon as it arrives.
 
-The table is a parquet dataset in ``RUN_DIR/results/`` (one small part file per write, renamed
-into place, so an interrupted run loses nothing already written). A resumed run reads it back and
-answers repeated requests from it instead of re-evaluating.
+The table is a parquet dataset in ``RUN_DIR/results/``: one part file per write (one row from
+``append``, a batch from ``append_many``), named ``part-<run_id>-<time_ns>-<uuid4 hex>.parquet`` so
+that no write can ever land on an existing part (a missing part never shifts the names of the next
+ones). Each part is written under a hidden temporary name (``.tmp-…``) and renamed into place, so an
+interrupted run loses nothing already written and a half-written file is never read: readers take
+only ``part-*.parquet`` files, and a plain ``pyarrow.dataset.dataset(RUN_DIR / "results")`` skips the
+hidden temporaries too. A resumed run reads the table back and answers repeated requests from it
+instead of re-evaluating. A key is meant to be evaluated exactly once; a duplicate (a bug) is kept in
+the files and reported by ``duplicate_keys`` rather than hidden.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import time
+import uuid
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+
+from pruning.errors import SparseAllocError
+
+log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema([
     ("run_id", pa.string()), ("driver", pa.string()), ("key", pa.string()), ("params", pa.string()),
@@ -21,6 +36,30 @@ SCHEMA = pa.schema([
     ("tokens", pa.int64()), ("draw", pa.int64()), ("metric", pa.string()), ("seconds", pa.float64()),
     ("node", pa.string()), ("actor", pa.string()), ("timestamp", pa.float64()),
 ])
+
+PART_GLOB = "part-*.parquet"
+TEMP_PREFIX = ".tmp-"  # leading dot: ignored by pyarrow.dataset's default ignore_prefixes
+
+
+def part_files(results_dir: Path) -> list[Path]:
+    """The finished parts of a results directory (temporaries and ``.partial`` leftovers excluded)."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        return []
+    return sorted(p for p in results_dir.glob(PART_GLOB) if p.is_file())
+
+
+def read_results_dir(results_dir: Path, columns: list[str] | None = None) -> pa.Table:
+    """Every row of a results directory as one Arrow table, sorted by timestamp (stable), read with
+    ``pyarrow.dataset``. Creates nothing; an absent or empty directory gives an empty table."""
+    parts = part_files(results_dir)
+    schema = SCHEMA if columns is None else pa.schema([SCHEMA.field(c) for c in columns])
+    if not parts:
+        return schema.empty_table()
+    dataset = ds.dataset([str(p) for p in parts], schema=SCHEMA, format="parquet")
+    wanted = list(schema.names) if "timestamp" in schema.names else [*schema.names, "timestamp"]
+    table = dataset.to_table(columns=wanted).sort_by("timestamp")
+    return table.select(schema.names)
 
 
 class ResultsTable:
@@ -30,30 +69,124 @@ class ResultsTable:
         self.dir = Path(run_dir) / "results"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.run_id = run_id
-        self._rows: dict[str, dict] = {row["key"]: row for row in self.read()}
-        self._next_part = len(list(self.dir.glob("part-*.parquet")))
+        self._tag = re.sub(r"[^A-Za-z0-9_-]", "_", run_id) or "run"
+        self._rows: dict[str, dict] = {}
+        for row in self.read():
+            self._rows.setdefault(row["key"], row)  # a duplicate (a bug) keeps the first answer
+
+    def read_table(self) -> pa.Table:
+        """Every row written so far (all runs in this directory), duplicates included, by timestamp."""
+        return read_results_dir(self.dir)
 
     def read(self) -> list[dict]:
-        """Every row written so far (all runs in this directory)."""
-        parts = sorted(self.dir.glob("part-*.parquet"))
-        return [row for part in parts for row in pq.read_table(part, schema=SCHEMA).to_pylist()]
+        """Every row written so far (all runs in this directory), duplicates included, by timestamp."""
+        return self.read_table().to_pylist()
+
+    def duplicate_keys(self) -> list[str]:
+        """Keys written more than once (read from the files; always empty unless something re-evaluated)."""
+        keys = read_results_dir(self.dir, ["key"]).column("key").to_pylist()
+        return sorted(key for key, count in Counter(keys).items() if count > 1)
 
     def __len__(self) -> int:
+        """Distinct keys (``len(read())`` counts rows, duplicates included)."""
         return len(self._rows)
 
     def get(self, key: str) -> dict | None:
         return self._rows.get(key)
 
     def append(self, row: dict) -> dict:
-        """Write one evaluation (fields of SCHEMA; run_id and timestamp filled in)."""
-        row = {**row, "run_id": self.run_id, "timestamp": time.time()}
+        """Write one evaluation as one part (fields of SCHEMA; run_id and timestamp filled in)."""
+        return self.append_many([row])[0]
+
+    def append_many(self, rows: list[dict]) -> list[dict]:
+        """Write a batch of evaluations as one part; nothing is written for an empty batch."""
+        if not rows:
+            return []
+        now = time.time()
+        rows = [self._normalize(row, now) for row in rows]
+        table = pa.Table.from_pylist(rows, schema=SCHEMA)
+        name = f"part-{self._tag}-{time.time_ns()}-{uuid.uuid4().hex}.parquet"
+        final = self.dir / name
+        temp = self.dir / f"{TEMP_PREFIX}{name}"
+        pq.write_table(table, temp)
+        if final.exists():  # never replace a written part (unique names make this unreachable)
+            temp.unlink()
+            raise FileExistsError(f"results part {final} already exists; refusing to overwrite it")
+        os.replace(temp, final)
+        for row in rows:
+            if row["key"] in self._rows:
+                log.warning("results key written twice (a re-evaluation): %s", row["key"])
+            self._rows.setdefault(row["key"], row)
+        return rows
+
+    def _normalize(self, row: dict, now: float) -> dict:
+        row = {**row, "run_id": self.run_id, "timestamp": now}
         row["params"] = row["params"] if isinstance(row.get("params"), str) else json.dumps(row.get("params") or {})
         row["nm"] = row["nm"] if isinstance(row.get("nm"), str) or row.get("nm") is None else json.dumps(row["nm"])
-        table = pa.Table.from_pylist([row], schema=SCHEMA)
-        final = self.dir / f"part-{self._next_part:06d}.parquet"
-        partial = final.with_suffix(".partial")
-        pq.write_table(table, partial)
-        os.replace(partial, final)
-        self._next_part += 1
-        self._rows[row["key"]] = row
         return row
+
+
+# --- the `sparsealloc results` view -------------------------------------------------------------
+
+COLUMNS = ("driver", "key", "tokens", "draw", "metric", "fitness", "seconds", "actor", "node")
+
+
+def load_run_results(run: Path) -> pa.Table:
+    """The rows of a run directory (or of its ``results/`` folder itself), by timestamp; creates nothing.
+    Raises SparseAllocError when there are none."""
+    run = Path(run)
+    results_dir = run if run.name == "results" and part_files(run) else run / "results"
+    table = read_results_dir(results_dir)
+    if table.num_rows == 0:
+        where = "does not exist" if not run.exists() else f"holds no results ({results_dir}/{PART_GLOB})"
+        raise SparseAllocError(f"{run} {where}; run `sparsealloc search --out {run}` first, then point "
+                               f"`sparsealloc results` at that directory")
+    return table
+
+
+def key_summary(row: dict) -> str:
+    """A short stand-in for a row's key: an 8-hex digest (equal keys, equal digests) and the profile's
+    mean, min and max sparsity (``n:m`` when it has N:M patterns)."""
+    import hashlib
+
+    digest = hashlib.sha1(row["key"].encode()).hexdigest()[:8]
+    sparsities = row.get("sparsities") or []
+    if not sparsities:
+        return digest
+    mean = sum(sparsities) / len(sparsities)
+    nm = " n:m" if row.get("nm") not in (None, "null") else ""
+    return f"{digest} {mean:.3f} [{min(sparsities):.2f}-{max(sparsities):.2f}]{nm}"
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A fixed-width table of rows (the `sparsealloc results` view)."""
+    def cells(row: dict) -> list[str]:
+        tokens = "all" if row["tokens"] is None or row["tokens"] < 0 else str(row["tokens"])
+        fitness = "-" if row["fitness"] is None else f"{row['fitness']:.6g}"
+        seconds = "-" if row["seconds"] is None else f"{row['seconds']:.3f}"
+        node = (row["node"] or "-")[:12]
+        return [row["driver"] or "-", key_summary(row), tokens, str(row["draw"]), row["metric"] or "-", fitness,
+                seconds, row["actor"] or "-", node]
+
+    body = [cells(row) for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(COLUMNS)]
+    right = {"tokens", "draw", "fitness", "seconds"}
+    lines = ["  ".join(h.rjust(w) if h in right else h.ljust(w) for h, w in zip(COLUMNS, widths)).rstrip()]
+    for r in body:
+        lines.append("  ".join(c.rjust(w) if h in right else c.ljust(w)
+                               for h, c, w in zip(COLUMNS, r, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    """Every column of SCHEMA, one line per row; ``sparsities`` as a JSON list."""
+    import csv
+
+    try:
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=SCHEMA.names)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({**row, "sparsities": json.dumps(row["sparsities"])})
+    except OSError as exc:
+        raise SparseAllocError(f"cannot write --csv {path}: {exc}") from exc

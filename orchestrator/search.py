@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -26,6 +27,7 @@ import torch
 
 from orchestrator.budget import Budget, driver_allowance
 from orchestrator.candidates import Candidate, DriverResult
+from orchestrator.clock import RunClock
 from orchestrator.evolution import EvolutionConfig, run_evolution
 from orchestrator.final_pass import versions
 from orchestrator.finalists import run_final_passes, selection_windows
@@ -74,6 +76,7 @@ class SearchConfig:
     selection_windows: int = 8
     budget_evals: int | None = None
     budget_minutes: float | None = None
+    deadline_minutes: float | None = None
     actors: int | None = None
     threads: int = 1
     actor_gpus: bool | None = None
@@ -107,9 +110,10 @@ class SearchConfig:
     def identity(self) -> dict:
         """The fields a resumed run must share with the original."""
         keep = ("method", "sparsity", "model", "data", "text_field", "seqlen", "calib_samples", "fitness_windows",
-                "fitness_seqlen", "fidelities", "nm_m", "free_sampler", "seed", "budget_evals", "shares", "device",
-                "dtype", "batch_size")
+                "fitness_seqlen", "fidelities", "nm_m", "free_sampler", "seed", "shares", "device", "dtype",
+                "batch_size", "selection_windows", "eval_windows")
         identity = {k: getattr(self, k) for k in keep}
+        identity["evaluator"] = {"levels": "wanda rank tables", "fitness": "KL(dense || pruned)"}
         identity["version"] = versions()["sparsealloc"]
         return json.loads(json.dumps(identity))
 
@@ -173,6 +177,29 @@ def _check_memory(config: SearchConfig) -> str:
     return plan.evaluator
 
 
+def _token_sets(config: SearchConfig, tokenizer) -> tuple:
+    """Calibration, test, fitness and selection tokens, each from its own flags: fitness is the first
+    ``--fitness-windows`` x ``--fitness-seqlen`` validation tokens, selection the ``--selection-windows``
+    windows of ``--seqlen`` after them, test ``--eval-windows`` windows of the test split."""
+    fitness_tokens = config.fitness_windows * config.fitness_seqlen
+    if min(config.fitness_windows, config.fitness_seqlen) < 1:
+        raise SparseAllocError("--fitness-windows and --fitness-seqlen must be at least 1")
+    if max(config.fidelities) > fitness_tokens:
+        raise SparseAllocError(f"--fidelities asks for {max(config.fidelities)} tokens but the fitness set holds "
+                               f"{fitness_tokens} (--fitness-windows {config.fitness_windows} x --fitness-seqlen "
+                               f"{config.fitness_seqlen}); lower --fidelities or raise those")
+    validation_windows = math.ceil(fitness_tokens / config.seqlen) + config.selection_windows
+    data = prepare_tokens(tokenizer, config.data, seqlen=config.seqlen, calib_samples=config.calib_samples,
+                          eval_windows=config.eval_windows, seed=config.seed, text_field=config.text_field,
+                          validation_windows=validation_windows)
+    fitness = consecutive_windows(data.validation.flatten(), config.fitness_seqlen, config.fitness_windows)
+    if fitness.numel() < fitness_tokens:
+        raise SparseAllocError(f"the validation split of --data holds {data.validation.numel()} tokens, fewer than the "
+                               f"{fitness_tokens} fitness tokens (--fitness-windows x --fitness-seqlen); lower those "
+                               "or use a larger --data")
+    return data, fitness, selection_windows(data.validation, fitness_tokens, config.selection_windows)
+
+
 def _actor_count(config: SearchConfig) -> int | None:
     """``--actors``, else one CPU actor per ``--threads`` cores on a local machine without CUDA;
     None lets the pool put one actor on each GPU."""
@@ -196,14 +223,45 @@ def _init_ray(config: SearchConfig, actors: int | None) -> bool:
     return True
 
 
-def _budget(config: SearchConfig, share: float, shares_left: float, spent_evals: int, spent_seconds: float) -> Budget:
-    """The next driver's budget: its share of the search's, plus its part of what earlier drivers left."""
-    if config.budget_evals is None and config.budget_minutes is None:
-        raise SparseAllocError("give a budget: --budget-evals N and/or --budget-minutes M")
+def _budget(config: SearchConfig, search_seconds: float | None, share: float, shares_left: float, spent_evals: int,
+            spent_seconds: float, already: float) -> Budget:
+    """The next driver's budget: its share of the search's, plus its part of what earlier drivers left;
+    its clock starts at the ``already`` seconds it used before a resume."""
     evals = driver_allowance(config.budget_evals, spent_evals, share, shares_left)
-    seconds = driver_allowance(None if config.budget_minutes is None else config.budget_minutes * 60,
-                               spent_seconds, share, shares_left)
-    return Budget(max_evals=None if evals is None else max(1, int(evals)), max_seconds=seconds)
+    seconds = driver_allowance(search_seconds, spent_seconds, share, shares_left)
+    return Budget(max_evals=None if evals is None else max(1, int(evals)),
+                  max_seconds=None if seconds is None else max(seconds, 1e-3),
+                  started=time.monotonic() - already)
+
+
+# Forward-pass equivalents per calibration token of each pruner's pass (observing, solving).
+PASS_COST = {"magnitude": 0.2, "wanda": 1.5, "sparsegpt": 6.0}
+
+
+def _estimate_final_s(config: SearchConfig, data, selection: torch.Tensor, seconds_per_token: float,
+                      actors: int) -> float:
+    """Wall-clock estimate of the final stage from the measured cost of one fitness token: each
+    finalist prunes on the calibration tokens and scores selection and test tokens, plus the dense
+    test perplexity; the passes share the cores the actors used."""
+    passes = config.finalists + (1 if config.method == "all" else 0)
+    tokens = passes * (data.calibration.numel() * PASS_COST[config.pruner] + selection.numel() + data.test.numel())
+    tokens += data.test.numel()
+    return 1.25 * (seconds_per_token * tokens / max(1, actors) + 10.0 * passes)
+
+
+def _search_seconds(config: SearchConfig, clock: RunClock, estimate_final_s: float) -> float | None:
+    """Seconds the drivers may use in all: ``--budget-minutes``, and under ``--deadline-minutes`` what
+    setup (spent) and the final stage (estimated) leave of the deadline."""
+    limits = [] if config.budget_minutes is None else [config.budget_minutes * 60]
+    if config.deadline_minutes is not None:
+        left = config.deadline_minutes * 60 - clock.spent("setup") - estimate_final_s
+        if left <= 0:
+            raise SparseAllocError(
+                f"--deadline-minutes {config.deadline_minutes} leaves no time to search: setup took "
+                f"{clock.spent('setup'):.0f} s and the final passes are estimated at {estimate_final_s:.0f} s; "
+                "raise the deadline, or lower --finalists, --calib-samples or --eval-windows")
+        limits.append(left)
+    return min(limits) if limits else None
 
 
 def _inputs_identity(config: SearchConfig, calibration: torch.Tensor) -> dict:
@@ -276,51 +334,68 @@ def run_search(config: SearchConfig) -> dict:
                                f"and {config.selection_windows}")
     if config.evaluator not in ("auto", "resident", "streamed"):
         raise SparseAllocError(f"unknown --evaluator {config.evaluator!r}; choose auto, resident or streamed")
+    if config.budget_evals is None and config.budget_minutes is None and config.deadline_minutes is None:
+        raise SparseAllocError("give a budget: --budget-evals N, --budget-minutes M and/or --deadline-minutes D")
     shares = config.drivers()
     torch.manual_seed(config.seed)
     actors = _actor_count(config)
+    wall_start = time.monotonic()
     started_ray = _init_ray(config, actors)
     pool: EvaluatorPool | None = None
+    clock: RunClock | None = None
     try:
         config = _resolve_device(config)
         mode = _check_memory(config)
-        run_id = _prepare_run_dir(config)
         tokenizer = load_tokenizer(config.model)
-        data = prepare_tokens(tokenizer, config.data, seqlen=config.seqlen, calib_samples=config.calib_samples,
-                              eval_windows=config.eval_windows, seed=config.seed, text_field=config.text_field)
-        fitness = consecutive_windows(data.validation.flatten(), config.fitness_seqlen, config.fitness_windows)
+        data, fitness, selection = _token_sets(config, tokenizer)
         top_tokens = int(fitness.numel())
-        if max(config.fidelities) > top_tokens:
-            raise SparseAllocError(f"fidelity {max(config.fidelities)} tokens exceeds the {top_tokens} fitness tokens "
-                                   "(--fitness-windows x --fitness-seqlen)")
-        selection = selection_windows(data.validation, top_tokens, config.selection_windows)
-        spec = EvaluatorSpec(config.model, dtype=config.dtype, device="auto" if config.device == "cuda" else "cpu",
-                             batch_size=config.batch_size, threads=config.threads, mode=mode,
-                             memory_budget=None if config.device_memory_gb is None else
-                             int(config.device_memory_gb * 2**30),
-                             gpus_per_actor=config.gpus_per_actor, population=config.population,
-                             owl_multipliers=tuple(float(m) for m in OWL_M_CHOICES))
-        pool = EvaluatorPool(spec, data.calibration, fitness, ResultsTable(Path(config.out), run_id), actors,
-                             gpu=config.device == "cuda")
+        run_id = _prepare_run_dir(config)  # only once every input has passed its checks
+        clock = RunClock(Path(config.out))
+        with clock.phase("setup", extra=time.monotonic() - wall_start):
+            spec = EvaluatorSpec(config.model, dtype=config.dtype, device="auto" if config.device == "cuda" else "cpu",
+                                 batch_size=config.batch_size, threads=config.threads, mode=mode,
+                                 memory_budget=None if config.device_memory_gb is None else
+                                 int(config.device_memory_gb * 2**30),
+                                 gpus_per_actor=config.gpus_per_actor, population=config.population,
+                                 owl_multipliers=tuple(float(m) for m in OWL_M_CHOICES))
+            pool = EvaluatorPool(spec, data.calibration, fitness, ResultsTable(Path(config.out), run_id), actors,
+                                 gpu=config.device == "cuda")
+            probe = Candidate.of(families.uniform(pool.num_blocks, config.sparsity), top_tokens, "setup")
+            pool.evaluate([probe])
+            per_token = pool.results.get(probe.key)["seconds"] / top_tokens  # an actor's compute time
+        estimate_final_s = _estimate_final_s(config, data, selection, per_token, len(pool.actors))
+        search_seconds = _search_seconds(config, clock, estimate_final_s)
+        log.info("setup %.0f s; search %s; final passes estimated at %.0f s", clock.spent("setup"),
+                 "unbounded in time" if search_seconds is None else f"{search_seconds:.0f} s", estimate_final_s)
         results: dict[str, DriverResult] = {}
         spent_evals, spent_seconds = 0, 0.0
         for index, (name, share) in enumerate(shares.items()):
-            start = time.perf_counter()
-            budget = _budget(config, share, sum(list(shares.values())[index:]), spent_evals, spent_seconds)
-            result = _run_driver(name, pool, config, budget, data.calibration, top_tokens)
-            # Compare drivers on one footing: every best profile scored on all fitness tokens.
-            result.fitness = pool.evaluate([Candidate.of(result.best, top_tokens, name)])[0]
-            result.details["seconds"] = time.perf_counter() - start
+            with clock.phase(f"driver:{name}") as already:
+                budget = _budget(config, search_seconds, share, sum(list(shares.values())[index:]), spent_evals,
+                                 spent_seconds, already)
+                result = _run_driver(name, pool, config, budget, data.calibration, top_tokens)
+                # Compare drivers on one footing: every best profile scored on all fitness tokens.
+                result.fitness = pool.evaluate([Candidate.of(result.best, top_tokens, name)])[0]
+            result.details["seconds"] = clock.spent(f"driver:{name}")
             spent_evals += budget.used_evals
             spent_seconds += result.details["seconds"]
             results[name] = result
             write_profile(Path(config.out) / f"best-{name}.json", result.best, result.best.mean(pool.block_weights),
                           driver=name, fitness=result.fitness)
-            log.info("%s: best validation KL %.4f after %d evaluations", name, result.fitness, result.evaluations)
+            log.info("%s: best validation KL %.4f after %d evaluations, %.0f s", name, result.fitness,
+                     result.evaluations, result.details["seconds"])
         pool.close()  # frees the actors' GPUs for the final-pass tasks
         pool = None
-        return run_final_passes(config, data, selection, results, tokenizer)
+        with clock.phase("final passes"):
+            summary = run_final_passes(config, data, selection, results, tokenizer)
+        summary["timings"] = {**{k: round(v, 3) for k, v in clock.seconds.items()},
+                              "final_passes_estimate": round(estimate_final_s, 3),
+                              "search_seconds_allowed": search_seconds}
+        write_json(Path(config.out) / "summary.json", summary)
+        return summary
     finally:
+        if clock is not None:
+            clock.close()
         if pool is not None:
             pool.close()
         if started_ray:

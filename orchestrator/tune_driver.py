@@ -1,22 +1,31 @@
-"""Ray Tune + Optuna over a family's hyper-parameters (ATP β, OWL λ/M, map strength, free vectors).
+"""Optuna over a family's hyper-parameters (ATP β, OWL λ/M, map strength, free vectors), ask/tell
+from the search process, every trial evaluated through the shared evaluator pool.
 
-Trials build a profile from their config and call the shared evaluator actors (created by the
-driver; handles passed in with ``tune.with_parameters``), report with ``ray.tune.report``, and
-need only a token CPU share since the work happens in the actors. A run directory's Tune state
-resumes with ``Tuner.restore``.
+Each round asks ``concurrency`` trials of one Optuna study (TPE, with ``constant_liar`` so trials
+asked before earlier ones are told do not all land on the same point, or CMA-ES), builds their
+profiles, sends them to ``EvaluatorPool.evaluate`` as one batch and tells the values back in ask
+order. The pool does the rest, as it does for every other driver: least-loaded dispatch over the
+actors (a round keeps all of them busy, each scoring its share as one population), known keys
+answered from the results table, each new answer written to it as it arrives.
+
+This replaced Ray Tune trials, which bypassed the pool: a trial picked an actor at random (two
+trials often queued on one actor while another sat idle), never consulted the results table, and
+its row was written only after ``Tuner.fit`` returned, so an interrupted search depended on Tune's
+own snapshots. Now there is one pool for every driver, each evaluation happens exactly once, and
+resume needs no state of its own: the seeded sampler, told the same values in the same order,
+asks the same trials again, and the results table answers those already evaluated, so a resumed
+run re-evaluates nothing and stops where the uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import logging
-import random
+import math
 from pathlib import Path
 from typing import Callable
 
 import optuna
-import ray
-from ray import tune
-from ray.tune.search.optuna import OptunaSearch
+from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 
 from orchestrator.budget import Budget
 from orchestrator.candidates import Candidate, DriverResult
@@ -27,105 +36,89 @@ from search_spaces.families import Space
 from search_spaces.profile import Profile
 
 log = logging.getLogger(__name__)
-TRIAL_CPU = 0.01  # trials only wait on actor calls
 DEFAULT_TRIALS = 20  # with neither an evaluation nor a time budget
-TIME_BOUNDED_TRIALS = 100_000  # with a time budget only: Tune's time_budget_s ends the search
 SAMPLERS = ("tpe", "cmaes")
+TRIALS_PER_ACTOR = 2  # trials in flight per actor in one round (the pool keeps two calls per actor)
 
 
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    """Optuna's TPE, or CMA-ES (for many continuous keys, e.g. free vectors; Optuna samples spaces
-    of one dimension or integer keys independently under CMA-ES)."""
+def make_sampler(name: str, seed: int, in_flight: int = 1) -> optuna.samplers.BaseSampler:
+    """Optuna's TPE (multivariate), or CMA-ES (for many continuous keys, e.g. free vectors; Optuna
+    samples spaces of one dimension or integer keys independently under CMA-ES). With more than one
+    trial ``in_flight`` (asked before the others are told) TPE uses the constant liar, so the trials
+    of one round spread out instead of repeating one guess. Both are set explicitly: Optuna 5 makes
+    them the default, Optuna 4 does not."""
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=in_flight > 1)
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     raise SparseAllocError(f"unknown Optuna sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
-def to_tune_space(space: Space) -> dict:
-    """Our neutral search-space description → Tune domains (flat keys, one per parameter)."""
-    kinds = {"uniform": tune.uniform, "loguniform": tune.loguniform, "int": tune.randint}
-    out = {}
+def to_distributions(space: Space) -> dict[str, BaseDistribution]:
+    """Our neutral search-space description → Optuna distributions (flat keys, bounds inclusive)."""
+    out: dict[str, BaseDistribution] = {}
     for name, (kind, low, high) in space.items():
-        if kind not in kinds:
+        if kind == "uniform":
+            out[name] = FloatDistribution(low, high)
+        elif kind == "loguniform":
+            out[name] = FloatDistribution(low, high, log=True)
+        elif kind == "int":
+            out[name] = IntDistribution(int(low), int(high))
+        else:
             raise SparseAllocError(f"unknown search-space kind {kind!r} for {name}")
-        out[name] = kinds[kind](low, high + 1) if kind == "int" else kinds[kind](low, high)
     return out
-
-
-class _ProgressCallback(tune.Callback):
-    """Feeds the driver's progress line as trials finish."""
-
-    def __init__(self, bar: DriverProgress | None) -> None:
-        self.bar = bar
-
-    def __getstate__(self) -> dict:
-        return {"bar": None}  # Tune pickles its run config for restore; the terminal line stays here
-
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if self.bar is not None:
-            self.bar.budget.charge()
-            self.bar.update(result.get("fitness"))
-
-
-def _trial(config: dict, actors: list, build: Callable[[dict], Profile], tokens: int | None, driver: str) -> None:
-    candidate = Candidate.of(build(config), tokens, driver, **config)
-    outcome = ray.get(random.choice(actors).evaluate.remote([candidate]))[0]
-    tune.report({"fitness": outcome["fitness"], "seconds": outcome["seconds"], "actor": outcome["actor"],
-                 "node": outcome["node"]})
 
 
 def run_tune(pool: EvaluatorPool, driver: str, space: Space, build: Callable[[dict], Profile], budget: Budget,
              run_dir: Path, tokens: int | None = None, seed: int = 0, max_concurrent: int | None = None,
              resume: bool = False, progress: bool = True, sampler: str = "tpe") -> DriverResult:
-    """Optuna search (``sampler``: TPE or CMA-ES) over ``space``; every finished trial is a row of the
-    results table."""
-    remaining = budget.remaining_evals()
-    if remaining is not None:
-        num_samples = remaining
-    else:
-        num_samples = TIME_BOUNDED_TRIALS if budget.max_seconds is not None else DEFAULT_TRIALS
-    if num_samples < 1 or budget.exhausted():
-        raise SparseAllocError(f"no budget left for the {driver} Tune search")
-    time_left = None if budget.max_seconds is None else max(1.0, budget.max_seconds - budget.elapsed)
-    trainable = tune.with_resources(
-        tune.with_parameters(_trial, actors=pool.actors, build=build, tokens=tokens, driver=driver),
-        {"cpu": TRIAL_CPU})
-    bar = DriverProgress(driver, Budget(budget.max_evals, budget.max_seconds), progress)
-    storage = (Path(run_dir) / "tune").resolve()
-    experiment = storage / driver
-    if resume and tune.Tuner.can_restore(str(experiment)):
-        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=to_tune_space(space),
-            tune_config=tune.TuneConfig(
-                search_alg=OptunaSearch(metric="fitness", mode="min", sampler=make_sampler(sampler, seed)),
-                num_samples=num_samples, time_budget_s=time_left,
-                max_concurrent_trials=max_concurrent or len(pool.actors), reuse_actors=True),
-            run_config=tune.RunConfig(name=driver, storage_path=str(storage), verbose=0,
-                                      callbacks=[_ProgressCallback(bar)]),
-        )
-    grid = tuner.fit()
-    bar.close()
-    best_fitness, best_config, evaluations = float("inf"), None, 0
-    for result in grid:
-        if result.error or "fitness" not in (result.metrics or {}):
-            continue
-        config = {k: result.config[k] for k in space}
-        candidate = Candidate.of(build(config), tokens, driver, **config)
-        if pool.results.get(candidate.key) is None:
-            pool.results.append({"driver": driver, "key": candidate.key, "params": config,
-                                 "sparsities": list(candidate.sparsities), "nm": candidate.nm,
-                                 "tokens": tokens or -1, "draw": 0, "metric": "kl",
-                                 "fitness": result.metrics["fitness"], "seconds": result.metrics["seconds"],
-                                 "node": result.metrics["node"], "actor": result.metrics["actor"]})
-        budget.charge()
-        evaluations += 1
-        if result.metrics["fitness"] < best_fitness:
-            best_fitness, best_config = result.metrics["fitness"], config
+    """Optuna search (``sampler``: TPE or CMA-ES) over ``space``, ``max_concurrent`` trials per round
+    (default: two per actor), each round one ``pool.evaluate`` batch; stops when ``budget`` is
+    exhausted (every trial is charged, also those the results table answers) and returns the best.
+
+    ``run_dir`` and ``resume`` are accepted for the callers' sake and not needed: the driver keeps no
+    state of its own, and rerunning with the same seed against the same results table resumes.
+    """
+    del run_dir, resume  # resume is the results table's job (see the module docstring)
+    if budget.exhausted():
+        raise SparseAllocError(f"no budget left for the {driver} search")
+    concurrency = max_concurrent if max_concurrent is not None else TRIALS_PER_ACTOR * len(pool.actors)
+    if concurrency < 1:
+        raise SparseAllocError(f"the {driver} search needs at least one trial per round, got {concurrency}")
+    limit = DEFAULT_TRIALS if budget.max_evals is None and budget.max_seconds is None else None
+    distributions = to_distributions(space)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line reports the trials
+    study = optuna.create_study(direction="minimize", sampler=make_sampler(sampler, seed, concurrency))
+    bar = DriverProgress(driver, budget, progress)
+    best_fitness, best_config, trials, rounds = math.inf, None, 0, 0
+    try:
+        while not budget.exhausted() and (limit is None or trials < limit):
+            size = concurrency
+            for left in (budget.remaining_evals(), None if limit is None else limit - trials):
+                if left is not None:
+                    size = min(size, left)
+            asked = [study.ask(distributions) for _ in range(size)]
+            configs = [dict(trial.params) for trial in asked]
+            batch = []
+            for config in configs:
+                profile = build(config)
+                batch.append(Candidate(profile.sparsities, profile.nm, tokens, "kl", driver, config))
+            fitness = pool.evaluate(batch)
+            if len(fitness) != len(batch):
+                raise SparseAllocError(f"the pool returned {len(fitness)} fitnesses for {len(batch)} candidates")
+            budget.charge(len(batch))
+            trials += len(batch)
+            rounds += 1
+            for trial, config, value in zip(asked, configs, fitness):  # in ask order: same seed, same asks
+                value = float(value) if math.isfinite(value) else math.inf
+                study.tell(trial, value)
+                if best_config is None or value < best_fitness:
+                    best_fitness, best_config = value, config
+            bar.update(best_fitness)
+    finally:
+        bar.close()
     if best_config is None:
-        raise SparseAllocError(f"the {driver} Tune search finished no trial; see the Ray logs")
-    return DriverResult(driver, build(best_config), best_fitness, evaluations, {"best_config": best_config})
+        raise SparseAllocError(f"the {driver} search evaluated no trial")
+    return DriverResult(driver, build(best_config), best_fitness, trials,
+                        {"trials": trials, "rounds": rounds, "concurrency": concurrency, "sampler": sampler,
+                         "best_config": best_config})

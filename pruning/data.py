@@ -164,8 +164,11 @@ def prepare_tokens(
     eval_windows: int | None = None,
     seed: int = 0,
     text_field: str | None = None,
+    validation_windows: int | None = None,
 ) -> TokenData:
-    """Calibration (random windows), validation and test (consecutive windows) token blocks."""
+    """Calibration (random windows), validation and test (consecutive windows) token blocks.
+    ``eval_windows`` caps the test windows, and the validation windows unless ``validation_windows``
+    gives their own cap."""
     if seqlen < 2:
         raise SparseAllocError(f"--seqlen must be at least 2, got {seqlen}")
     if calib_samples < 1:
@@ -174,7 +177,8 @@ def prepare_tokens(
     streams = {name: tokenize_stream(tokenizer, docs[name]) for name in SPLITS}
     data = TokenData(
         calibration=random_windows(streams["calibration"], calib_samples, seqlen, seed),
-        validation=consecutive_windows(streams["validation"], seqlen, eval_windows),
+        validation=consecutive_windows(streams["validation"], seqlen,
+                                       eval_windows if validation_windows is None else validation_windows),
         test=consecutive_windows(streams["test"], seqlen, eval_windows),
         protocol={},
     )

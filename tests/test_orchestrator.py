@@ -69,14 +69,67 @@ def test_tune_atp_beats_uniform(pool, uniform_fitness, tmp_path):
     assert pool.results.get(Candidate.of(result.best, None, "tune-atp").key) is not None
 
 
-def test_tune_resume_restores_finished_trials(pool, tmp_path):
+def test_tune_interrupted_run_resumes_without_re_evaluating(pool, tmp_path, monkeypatch):
     space, build = families.atp_space(4, 0.5), lambda c: families.atp(4, 0.5, c["beta"])
-    first = run_tune(pool, "tune-atp", space, build, Budget(max_evals=3), tmp_path, seed=1, progress=False)
-    rows = len(pool.results)
-    again = run_tune(pool, "tune-atp", space, build, Budget(max_evals=3), tmp_path, seed=1, resume=True,
-                     progress=False)
-    assert len(pool.results) == rows  # Tuner.restore: the finished trials are not run again
-    assert again.fitness == first.fitness and again.best == first.best
+    run_dir = tmp_path / "run"
+    original_results, original_actors = pool.results, list(pool.actors)
+    sent: list[str] = []  # keys of the candidates handed to an actor
+
+    class Counting:  # an actor handle that records what its evaluate.remote is asked to score
+        def __init__(self, actor):
+            class Evaluate:
+                @staticmethod
+                def remote(batch):
+                    sent.extend(c.key for c in batch)
+                    return actor.evaluate.remote(batch)
+
+            self.evaluate = Evaluate
+
+    try:
+        pool.results = ResultsTable(run_dir, "first")
+        append, calls = pool.results.append, {"n": 0}
+
+        def interrupted_append(row):
+            calls["n"] += 1
+            if calls["n"] > 5:
+                raise KeyboardInterrupt
+            return append(row)
+
+        monkeypatch.setattr(pool.results, "append", interrupted_append)
+        with pytest.raises(KeyboardInterrupt):  # in the second round of four trials
+            run_tune(pool, "tune-atp", space, build, Budget(max_evals=8), run_dir, seed=1, progress=False)
+        stored = {row["key"] for row in ResultsTable(run_dir, "check").read()}
+        assert len(stored) == 5
+
+        pool.results = ResultsTable(run_dir, "resumed")
+        pool.actors = [Counting(actor) for actor in original_actors]
+        budget = Budget(max_evals=8)
+        resumed = run_tune(pool, "tune-atp", space, build, budget, run_dir, seed=1, resume=True, progress=False)
+        assert len(sent) == 3 and not set(sent) & stored  # the actors scored only the three unfinished trials
+        assert resumed.evaluations == 8 and budget.used_evals == 8  # stored answers are charged too
+        keys = {row["key"] for row in ResultsTable(run_dir, "check").read()}
+        assert len(keys) == 8
+
+        pool.actors = original_actors  # the same seed uninterrupted asks the same trials
+        pool.results = ResultsTable(tmp_path / "fresh", "fresh")
+        fresh = run_tune(pool, "tune-atp", space, build, Budget(max_evals=8), tmp_path, seed=1, progress=False)
+        assert {row["key"] for row in pool.results.read()} == keys
+        assert fresh.best == resumed.best and fresh.fitness == pytest.approx(resumed.fitness)
+    finally:
+        pool.results, pool.actors = original_results, original_actors
+
+
+def test_tune_spreads_concurrent_trials_over_both_actors(pool, tmp_path):
+    original = pool.results
+    try:
+        pool.results = ResultsTable(tmp_path, "spread")
+        result = run_tune(pool, "tune-atp", families.atp_space(4, 0.55), lambda c: families.atp(4, 0.55, c["beta"]),
+                          Budget(max_evals=8), tmp_path, seed=3, progress=False)
+        actors = [row["actor"] for row in pool.results.read()]  # in arrival order: round 1, then round 2
+        assert result.details["concurrency"] == 4 and len(actors) == 8
+        assert len(set(actors[:4])) == 2 and len(set(actors[4:])) == 2  # every round kept both actors busy
+    finally:
+        pool.results = original
 
 
 def test_time_budget_stops_cleanly(pool):
@@ -115,14 +168,17 @@ def test_interrupt_then_resume_repeats_no_finished_evaluation(pool, tmp_path, mo
         monkeypatch.setattr(pool.results, "append", interrupted_append)
         with pytest.raises(KeyboardInterrupt):
             run_shapley(pool, 0.45, Budget(max_evals=100), window=2, chunk=4, progress=False)
-        assert len(ResultsTable(run_dir, "check")) == 5
+        check = ResultsTable(run_dir, "check")
+        assert len(check.read()) == 5 and check.duplicate_keys() == []  # rows, not distinct keys
 
         pool.results = ResultsTable(run_dir, "resumed")
         new_rows = []
         append_resumed = pool.results.append
         monkeypatch.setattr(pool.results, "append", lambda row: new_rows.append(row) or append_resumed(row))
         result = run_shapley(pool, 0.45, Budget(max_evals=100), window=2, chunk=4, progress=False)
-        total = len(ResultsTable(run_dir, "check"))
+        check = ResultsTable(run_dir, "check")
+        total = len(check.read())  # rows: a re-evaluated candidate would add one
+        assert check.duplicate_keys() == []
         assert len(new_rows) == total - 5  # the five finished evaluations were not redone
         assert result.evaluations == total
     finally:

@@ -1,6 +1,7 @@
 """`sparsealloc search` end to end on the tiny model: run, then --resume repeats nothing."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -99,7 +100,7 @@ def test_selection_windows_are_held_out_from_the_fitness_tokens():
     validation = torch.arange(40).view(5, 8)
     assert torch.equal(selection_windows(validation, 12, 2), validation[2:4])  # 12 fitness tokens span 2 windows
     assert torch.equal(selection_windows(validation, 16, 8), validation[2:])
-    with pytest.raises(SparseAllocError, match="--eval-windows"):
+    with pytest.raises(SparseAllocError, match="--fitness-windows x --fitness-seqlen"):
         selection_windows(validation, 40, 1)
 
 
@@ -187,3 +188,45 @@ def test_dtype_reaches_actors_and_final_pass_and_resume_checks_it(corpus_file, t
     fisher = json.loads((out / "sensitivities" / "fisher.json").read_text())
     assert fisher["identity"]["dtype"] == "bf16" and len(fisher["values"]) == 4
     assert main(_args(model_dir, corpus_file, out, "--resume", budget_evals=8)) == 2  # fp32 by default
+
+
+def _rows(out):
+    table = ResultsTable(out, "check")
+    return table.read(), table.duplicate_keys()
+
+
+def test_budget_grows_on_resume_without_redoing_evaluations(corpus_file, tmp_path):
+    model_dir = _fragile_model_dir(tmp_path)
+    out = tmp_path / "run"
+    assert main(_args(model_dir, corpus_file, out, budget_evals=8)) == 0
+    first, duplicates = _rows(out)
+    assert duplicates == []
+    assert main(_args(model_dir, corpus_file, out, "--resume", budget_evals=20)) == 0
+    grown, duplicates = _rows(out)
+    assert duplicates == [], "no evaluation of the first run was redone"
+    assert len(grown) > len(first)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["drivers"]["evolution"]["evaluations"] > 8
+    assert {"setup", "driver:evolution", "final passes"} <= set(summary["timings"])
+
+
+def test_a_search_refused_at_validation_leaves_no_run_directory(corpus_file, tmp_path, capsys):
+    model_dir = _fragile_model_dir(tmp_path)
+    out = tmp_path / "run"
+    assert main(_args(model_dir, corpus_file, out, "--fidelities", "64", "4096")) == 2
+    assert "--fidelities asks for 4096 tokens" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_deadline_bounds_the_whole_run(corpus_file, tmp_path):
+    model_dir = _fragile_model_dir(tmp_path)
+    out = tmp_path / "run"
+    start = time.monotonic()
+    assert main(_args(model_dir, corpus_file, out, "--deadline-minutes", "1.0", budget_evals=100000)) == 0
+    wall = time.monotonic() - start
+    assert wall <= 60 * 1.05, wall
+    summary = json.loads((out / "summary.json").read_text())
+    timings = summary["timings"]
+    assert 0 < timings["search_seconds_allowed"] < 60 - timings["setup"]
+    assert timings["driver:evolution"] <= timings["search_seconds_allowed"] * 1.05
+    assert summary["drivers"]["evolution"]["evaluations"] > 8

@@ -1,0 +1,148 @@
+"""Pool faults on a local Ray (num_cpus=3, two CPU actors on the tiny model): an actor gone for good
+is replaced and its candidates re-submitted, an evaluator error is one clear SparseAllocError, actors
+that cannot be placed fail within the placement timeout, and a transient ActorUnavailableError is
+retried without burying the actor."""
+
+import logging
+import time
+
+import pytest
+import ray
+import torch
+
+from conftest import build_model, save_model_dir, tiny_llama_config
+from orchestrator import pool as pool_module
+from orchestrator.candidates import Candidate
+from orchestrator.pool import EvaluatorPool, EvaluatorSpec
+from orchestrator.results import ResultsTable
+from pruning.errors import SparseAllocError
+from search_spaces import families
+
+
+def _tokens():
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(3, 120, (4, 32), generator=generator), torch.randint(3, 120, (4, 32), generator=generator)
+
+
+def _atp(target: float, count: int, driver: str) -> list[Candidate]:
+    top = families.atp_beta_max(4, target)
+    return [Candidate.of(families.atp(4, target, i * top / (count - 1)), driver=driver) for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_model_dir(build_model(tiny_llama_config()), tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def pool(local_ray, model_dir, tmp_path_factory):
+    pool = EvaluatorPool(EvaluatorSpec(str(model_dir)), *_tokens(), ResultsTable(tmp_path_factory.mktemp("run"), "t"),
+                         num_actors=2)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def results(pool, tmp_path):
+    """A fresh results table per test, so every test evaluates its candidates itself."""
+    original = pool.results
+    pool.results = ResultsTable(tmp_path / "run", "fault")
+    yield pool.results
+    pool.results = original
+
+
+def test_actor_gone_for_good_is_replaced_and_its_candidates_resubmitted(pool, results, monkeypatch):
+    candidates = _atp(0.5, 16, "kill")
+    victim, victim_name = pool.actors[0], pool.infos[0]["actor"]
+    replacements, resubmitted = pool.replacements, pool.resubmitted
+    wait, killed = ray.wait, []
+
+    def kill_then_wait(*args, **kwargs):  # the first wait comes right after both actors got their batches
+        if not killed:
+            killed.append(victim)
+            ray.kill(victim, no_restart=True)  # no restart left: Ray's own retry cannot hide the loss
+        return wait(*args, **kwargs)
+
+    monkeypatch.setattr(pool_module.ray, "wait", kill_then_wait)
+    fitness = pool.evaluate(candidates)
+    monkeypatch.undo()
+
+    assert killed and len(fitness) == 16 and all(f >= 0 for f in fitness)
+    assert pool.resubmitted > resubmitted  # the killed actor's in-flight candidates were sent again
+    assert pool.replacements == replacements + 1 and len(pool.actors) == 2
+    assert pool.actors[0] is not victim and 0 not in pool.dead
+    pool.wait_for_replacements()
+    assert pool.infos[0]["actor"] != victim_name and pool.infos[0]["blocks"] == 4
+    assert ray.get(pool.actors[0].info.remote())["actor"] == pool.infos[0]["actor"]  # the replacement serves
+    keys = sorted(row["key"] for row in results.read())
+    assert keys == sorted(c.key for c in candidates)  # every candidate's row, each exactly once
+    assert victim_name not in {row["actor"] for row in results.read()}
+
+
+def test_evaluator_error_is_one_clear_error_and_keeps_results(pool, results):
+    good = _atp(0.55, 4, "good")
+    pool.evaluate(good[:2])
+    bad = Candidate.of(families.uniform(4, 0.5), driver="bad", metric="no-such-metric")  # raises inside the actor
+    with pytest.raises(SparseAllocError) as caught:
+        pool.evaluate(good[2:] + [bad])  # two batches: [good, good] on one actor, [bad] on the other
+    message = str(caught.value)
+    assert "SparseAllocError: unknown fitness metric 'no-such-metric'" in message
+    assert any(info["actor"] in message and info["node"] in message for info in pool.infos)
+    assert "Traceback" not in message and "\n" not in message
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__  # reported once, not chained
+    assert all(results.get(c.key) is not None for c in good)  # earlier rows kept, the other batch drained
+    assert results.get(bad.key) is None and len(results.read()) == 4
+    assert not pool.dead and pool.evaluate([good[0]]) == [results.get(good[0].key)["fitness"]]  # still serving
+
+
+def test_unplaceable_actors_fail_within_the_timeout_naming_what_is_missing(local_ray, model_dir, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(SparseAllocError) as caught:
+        EvaluatorPool(EvaluatorSpec(str(model_dir)), *_tokens(), ResultsTable(tmp_path, "gpu"), num_actors=2,
+                      gpu=True, placement_timeout_s=2)
+    assert time.monotonic() - start < 30
+    message = str(caught.value)
+    assert "2 of 2 evaluator actors could not be placed within 2 s" in message
+    assert "each needs GPU: 1, CPU: 1" in message and "the cluster has GPU: 0" in message
+    assert "no node has GPU: 1" in message and "--gpu-actors" in message
+    from ray._private import state
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # the pending actors were killed, not left waiting for a GPU
+        pending = [a for a in state.actors().values() if a["State"] == "PENDING_CREATION"]
+        if not pending:
+            break
+        time.sleep(0.2)
+    assert not pending
+
+
+def test_unavailable_actor_is_retried_not_buried(pool, results, monkeypatch, caplog):
+    pool.wait_for_replacements()
+    candidate = _atp(0.45, 2, "blip")[1]
+    actors, replacements = list(pool.actors), pool.replacements
+    get, calls = ray.get, []
+
+    def flaky_get(refs, *args, **kwargs):
+        calls.append(refs)
+        if len(calls) == 1:
+            raise ray.exceptions.ActorUnavailableError("the connection dropped for a moment", None)
+        return get(refs, *args, **kwargs)
+
+    monkeypatch.setattr(pool, "retry_backoff_s", 0.05)
+    monkeypatch.setattr(pool_module.ray, "get", flaky_get)
+    with caplog.at_level(logging.WARNING, logger="orchestrator.pool"):
+        fitness = pool.evaluate([candidate])
+    monkeypatch.undo()
+
+    assert len(calls) == 2  # the batch was sent again after the blip, and answered
+    assert "unavailable" in caplog.text and "re-submitting" in caplog.text
+    assert not pool.dead and pool.replacements == replacements  # not taken for dead
+    assert all(now is before for now, before in zip(pool.actors, actors))
+    assert results.get(candidate.key)["fitness"] == fitness[0] and len(results.read()) == 1
