@@ -8,9 +8,11 @@ import logging
 import sys
 from pathlib import Path
 
+from orchestrator.drivers import DRIVERS, all_shares
 from pruning.errors import SparseAllocError
+from pruning.pruners import PRUNERS
+from search_spaces.families import FAMILIES
 
-FAMILIES = ("uniform", "atp", "owl", "shapley", "fisher", "free")
 
 
 def _add_model_data_args(parser: argparse.ArgumentParser, seqlen: int, calib_samples: int) -> None:
@@ -43,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = sub.add_parser("prune", help="final pruning pass with a uniform or per-block profile")
     prune.add_argument("--out", type=Path, required=True, help="output directory (model, profile.json, metrics.json)")
-    prune.add_argument("--pruner", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    prune.add_argument("--pruner", default="wanda", choices=list(PRUNERS))
     prune.add_argument("--sparsity", type=float, default=None, help="target mean sparsity in [0, 1)")
     prune.add_argument("--nm", default=None, help="uniform N:M pattern, N zeros in every M weights (e.g. 2:4)")
     prune.add_argument("--profile", type=Path, default=None,
@@ -68,10 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = sub.add_parser("search", help="search per-block profiles on Ray, then prune with the winner")
     search.add_argument("--method", default="all",
-                        choices=["all", "shapley", "evolution", "tune-atp", "tune-owl", "tune-fisher", "tune-free"])
+                        choices=["all", *DRIVERS],
+                        help="all (" + ", ".join(f"{n} {s:.0%}" for n, s in all_shares().items()).replace("%", "%%")
+                             + " of the budget) or "
+                             + "; ".join(f"{name}: {d.help}" for name, d in DRIVERS.items()))
     search.add_argument("--sparsity", type=float, default=0.7, help="target mean sparsity")
     search.add_argument("--out", type=Path, required=True, help="run directory")
-    search.add_argument("--pruner", default="wanda", choices=["magnitude", "wanda", "sparsegpt"],
+    search.add_argument("--pruner", default="wanda", choices=list(PRUNERS),
                         help="final pass")
     search.add_argument("--budget-evals", type=int, default=None, help="fitness evaluations, shared by the drivers")
     search.add_argument("--budget-minutes", type=float, default=None,
@@ -112,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_data_args(search, seqlen=512, calib_samples=32)
 
     prof = sub.add_parser("profile", help="build a per-block profile from a family and its hyper-parameters")
-    prof.add_argument("--family", required=True, choices=FAMILIES)
+    prof.add_argument("--family", required=True, choices=list(FAMILIES),
+                      help="; ".join(f"{name}: {f.help}" for name, f in FAMILIES.items()))
     prof.add_argument("--sparsity", type=float, required=True, help="target mean sparsity")
     prof.add_argument("--out", type=Path, required=True, help="profile JSON to write")
     prof.add_argument("--beta", type=float, default=None, help="ATP common difference (default: half its maximum)")
@@ -142,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--calib-samples", type=int, default=32, help="calibration windows")
     plan.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
     plan.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
-    plan.add_argument("--pruner", default="wanda", choices=["magnitude", "wanda", "sparsegpt"], help="final pass")
+    plan.add_argument("--pruner", default="wanda", choices=list(PRUNERS), help="final pass")
 
     results = sub.add_parser("results", help="the evaluations a search wrote to its run directory, by time")
     results.add_argument("run", type=Path, metavar="RUN", help="run directory of `sparsealloc search --out RUN`")
@@ -248,40 +254,31 @@ def _read_sensitivity(path: Path | None, family: str) -> list[float]:
 
 
 def _cmd_profile(args) -> None:
-    from search_spaces import families
+    from search_spaces.families import FAMILIES, FamilyInputs, nm_profile
     from search_spaces.profile import write_profile
 
-    params: dict = {}
-    if args.family in ("owl", "shapley", "fisher"):
-        values = _read_sensitivity(args.sensitivity, args.family)
-        num_blocks = len(values)
-    elif args.family == "free":
+    family = FAMILIES[args.family]
+    values = None
+    if family.needs == "values":
         if not args.values:
-            raise SparseAllocError("--family free needs --values v0,v1,… (one per block)")
+            raise SparseAllocError(f"--family {args.family} needs --values v0,v1,… (one per block)")
         try:
             values = [float(v) for v in args.values.split(",")]
         except ValueError as exc:
             raise SparseAllocError(f"--values must be comma-separated numbers: {exc}") from exc
+    elif family.needs is not None:
+        values = _read_sensitivity(args.sensitivity, family.needs)
+    if values is not None:
         num_blocks = len(values)
     else:
         from pruning.load import num_blocks_of
 
         num_blocks = args.num_blocks or num_blocks_of(args.model)
-    if args.family == "uniform":
-        profile = families.uniform(num_blocks, args.sparsity)
-    elif args.family == "atp":
-        beta = args.beta if args.beta is not None else families.atp_beta_max(num_blocks, args.sparsity) / 2
-        profile, params = families.atp(num_blocks, args.sparsity, beta), {"beta": beta}
-    elif args.family == "owl":
-        profile, params = families.owl(values, args.sparsity, args.lam), {"lam": args.lam}
-    elif args.family in ("shapley", "fisher"):
-        profile = families.sensitivity_map(values, args.sparsity, args.strength)
-        params = {"strength": args.strength}
-    else:
-        profile = families.free_vector(values, args.sparsity)
+    profile, params = family.build(FamilyInputs(num_blocks, args.sparsity, values, args.beta, args.lam,
+                                                args.strength))
     target = args.sparsity
     if args.nm_m:
-        profile = families.nm_profile(list(profile.sparsities), args.sparsity, args.nm_m)
+        profile = nm_profile(list(profile.sparsities), args.sparsity, args.nm_m)
         target = profile.mean()
     write_profile(args.out, profile, target, family=args.family, params=params)
     print(" ".join(f"{s:.3f}" for s in profile.sparsities))

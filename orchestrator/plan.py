@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pruning.errors import SparseAllocError
+from pruning.pruners import PRUNERS
 
 GIB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 EVALUATOR_MODES = ("auto", "resident", "streamed")
-PRUNERS = ("magnitude", "wanda", "sparsegpt")
 RANK_BYTES = 2  # int16 rank table entry per prunable weight
 MAX_GPUS_PER_ACTOR = 64  # how far the advice looks for a --gpus-per-actor that fits
 

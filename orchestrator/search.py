@@ -28,16 +28,12 @@ import torch
 from orchestrator.budget import Budget, driver_allowance
 from orchestrator.candidates import Candidate, DriverResult
 from orchestrator.clock import RunClock
-from orchestrator.evolution import EvolutionConfig, run_evolution
+from orchestrator.drivers import DRIVERS, OWL_M_CHOICES, DriverContext, all_shares
 from orchestrator.final_pass import versions
 from orchestrator.finalists import run_final_passes, selection_windows
 from orchestrator.output import check_output, write_json
 from orchestrator.pool import EvaluatorPool, EvaluatorSpec
-from orchestrator.progress import DriverProgress
 from orchestrator.results import ResultsTable
-from orchestrator.sensitivity_store import load_or_compute
-from orchestrator.shapley_driver import run_shapley
-from orchestrator.tune_driver import run_tune
 from pruning.data import DEFAULT_DATA, consecutive_windows, prepare_tokens
 from pruning.errors import SparseAllocError
 from pruning.load import DEFAULT_MODEL, load_tokenizer, pick_device, pick_dtype
@@ -47,10 +43,6 @@ from search_spaces.profile import write_profile
 
 log = logging.getLogger(__name__)
 
-DRIVERS = ("shapley", "evolution", "tune-atp", "tune-owl", "tune-fisher", "tune-free")
-# Share of the budget each driver gets under --method all.
-ALL_SHARES = {"shapley": 0.3, "evolution": 0.4, "tune-free": 0.15, "tune-atp": 0.15}
-OWL_M_CHOICES = (3, 4, 5, 6, 7, 8, 9, 10)
 
 
 @dataclass
@@ -92,7 +84,7 @@ class SearchConfig:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
-    shares: dict = field(default_factory=lambda: dict(ALL_SHARES))
+    shares: dict = field(default_factory=all_shares)
 
     def drivers(self) -> dict[str, float]:
         """The drivers to run, in order, with their fractions of the budget (summing to 1)."""
@@ -264,66 +256,6 @@ def _search_seconds(config: SearchConfig, clock: RunClock, estimate_final_s: flo
     return min(limits) if limits else None
 
 
-def _inputs_identity(config: SearchConfig, calibration: torch.Tensor) -> dict:
-    """What a stored Fisher trace or OWL ratio depends on (resume refuses a mismatch)."""
-    return {"model": config.model, "data": config.data, "dtype": config.dtype, "device": config.device,
-            "calibration": list(calibration.shape), "calibration_sum": int(calibration.sum()),
-            "version": versions()["sparsealloc"]}
-
-
-def _fisher(pool: EvaluatorPool, config: SearchConfig, calibration: torch.Tensor) -> list[float]:
-    """Fisher traces on half the calibration windows, computed once per run dir (kept for resume)."""
-    windows = calibration[: max(1, calibration.shape[0] // 2)]
-    return load_or_compute(Path(config.out), "fisher", _inputs_identity(config, windows),
-                           lambda: ray.get(pool.actors[0].fisher_traces.remote(windows)))
-
-
-def _run_driver(name: str, pool: EvaluatorPool, config: SearchConfig, budget: Budget, calibration: torch.Tensor,
-                top_tokens: int) -> DriverResult:
-    n, target, weights = pool.num_blocks, config.sparsity, pool.block_weights
-    if name == "shapley":
-        return run_shapley(pool, target, budget, tokens=top_tokens, seed=config.seed, progress=config.progress)
-    if name == "evolution":
-        fisher = _fisher(pool, config, calibration)
-        seeds = [families.sensitivity_map(fisher, target, 1.0, weights), families.uniform(n, target),
-                 families.atp(n, target, families.atp_beta_max(n, target) / 2)]
-        bar = DriverProgress("evolution", budget, config.progress)
-        survivors = tuple([4] * (len(config.fidelities) - 1) + [1])
-        result = run_evolution(
-            pool.evaluate, seeds,
-            EvolutionConfig(target=target, nm_m=config.nm_m, fidelities=tuple(config.fidelities), survivors=survivors,
-                            seed=config.seed, weights=weights),
-            budget, on_generation=lambda _g, best, _e: bar.update(best))
-        bar.close()
-        return DriverResult("evolution", result.best, result.fitness, result.evaluations,
-                            {"generations": result.generations, "history": result.history, "fisher": fisher})
-    run_dir = Path(config.out)
-    if name == "tune-atp":
-        return run_tune(pool, name, families.atp_space(n, target), lambda c: families.atp(n, target, c["beta"]),
-                        budget, run_dir, top_tokens, config.seed, resume=config.resume,
-                        progress=config.progress)
-    if name == "tune-owl":
-        ratios = {m: load_or_compute(Path(config.out), f"owl-M{m}", _inputs_identity(config, calibration),
-                                     lambda m=m: ray.get(pool.actors[0].outlier_ratios.remote(float(m))))
-                  for m in OWL_M_CHOICES}
-        space = {"lam": ("uniform", 0.0, 0.2), "M": ("int", OWL_M_CHOICES[0], OWL_M_CHOICES[-1])}
-        return run_tune(pool, name, space, lambda c: families.owl(ratios[int(c["M"])], target, c["lam"]),
-                        budget, run_dir, top_tokens, config.seed, resume=config.resume,
-                        progress=config.progress)
-    if name == "tune-fisher":
-        fisher = _fisher(pool, config, calibration)
-        return run_tune(pool, name, families.sensitivity_space(),
-                        lambda c: families.sensitivity_map(fisher, target, c["strength"], weights),
-                        budget, run_dir, top_tokens, config.seed, resume=config.resume,
-                        progress=config.progress)
-    keys = families.free_keys(n)
-    lo, hi = max(0.0, target - 0.25), min(0.99, target + 0.25)
-    return run_tune(pool, name, families.free_space(n, lo, hi),
-                    lambda c: families.free_vector([c[k] for k in keys], target, weights, lo, hi),
-                    budget, run_dir, top_tokens, config.seed, resume=config.resume, progress=config.progress,
-                    sampler=config.free_sampler)
-
-
 def run_search(config: SearchConfig) -> dict:
     """Run the configured drivers, then the final pass of the winner; returns the summary."""
     if not 0.0 < config.sparsity < 1.0:
@@ -373,7 +305,7 @@ def run_search(config: SearchConfig) -> dict:
             with clock.phase(f"driver:{name}") as already:
                 budget = _budget(config, search_seconds, share, sum(list(shares.values())[index:]), spent_evals,
                                  spent_seconds, already)
-                result = _run_driver(name, pool, config, budget, data.calibration, top_tokens)
+                result = DRIVERS[name].run(DriverContext(pool, config, data.calibration, top_tokens), budget)
                 # Compare drivers on one footing: every best profile scored on all fitness tokens.
                 result.fitness = pool.evaluate([Candidate.of(result.best, top_tokens, name)])[0]
             result.details["seconds"] = clock.spent(f"driver:{name}")

@@ -7,7 +7,8 @@ into its tuner's own distributions, so this module imports neither ray nor optun
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -157,3 +158,44 @@ def nm_profile(values: Sequence[float], target: float, m: int = 4, weights: Sequ
     sparsities = round_to_levels(values, [0.0, *nm_levels(m)], target, weights)
     patterns = tuple(None if s == 0 else (round(s * m), m) for s in sparsities)
     return Profile(tuple(sparsities), patterns)
+
+
+@dataclass(frozen=True)
+class FamilyInputs:
+    """What a family may build from: the block count, the target, per-block values (sensitivities or
+    a free vector, when the family needs them) and its hyper-parameters."""
+
+    num_blocks: int
+    target: float
+    values: Sequence[float] | None = None
+    beta: float | None = None
+    lam: float = 0.08
+    strength: float = 1.0
+
+
+@dataclass(frozen=True)
+class Family:
+    """A registered family: its builder (inputs -> profile and the parameters used), what per-block
+    values it needs (None, a sensitivity method's name, or "values" for a free vector) and its help."""
+
+    build: Callable[[FamilyInputs], tuple[Profile, dict]]
+    needs: str | None
+    help: str
+
+
+def _atp_family(inputs: FamilyInputs) -> tuple[Profile, dict]:
+    beta = inputs.beta if inputs.beta is not None else atp_beta_max(inputs.num_blocks, inputs.target) / 2
+    return atp(inputs.num_blocks, inputs.target, beta), {"beta": beta}
+
+
+FAMILIES: dict[str, Family] = {
+    "uniform": Family(lambda i: (uniform(i.num_blocks, i.target), {}), None, "the same sparsity in every block"),
+    "atp": Family(_atp_family, None, "arithmetic progression with depth (--beta)"),
+    "owl": Family(lambda i: (owl(i.values, i.target, i.lam), {"lam": i.lam}), "owl", "OWL outlier ratios (--lam)"),
+    "shapley": Family(lambda i: (sensitivity_map(i.values, i.target, i.strength), {"strength": i.strength}),
+                      "shapley", "Shapley values: more important blocks less sparse (--strength)"),
+    "fisher": Family(lambda i: (sensitivity_map(i.values, i.target, i.strength), {"strength": i.strength}),
+                     "fisher", "Fisher traces: more sensitive blocks less sparse (--strength)"),
+    "free": Family(lambda i: (free_vector(i.values, i.target), {}), "values",
+                   "any per-block vector (--values), projected onto the mean"),
+}

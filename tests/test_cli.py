@@ -64,3 +64,20 @@ def test_profile_needs_the_right_sensitivity(tmp_path, capsys):
     assert "needs 'fisher'" in capsys.readouterr().err
     assert main(["profile", "--family", "atp", "--sparsity", "0.5", "--beta", "0.9", "--num-blocks", "4",
                  "--out", str(tmp_path / "p.json")]) == 2
+
+
+def test_choices_come_from_the_registries(monkeypatch):
+    from orchestrator import cli, drivers
+    from orchestrator.search import SearchConfig
+    from pruning import pruners
+    from search_spaces import families
+
+    monkeypatch.setitem(drivers.DRIVERS, "planted", drivers.Driver(lambda c, b: None, "a test driver", 0.5))
+    monkeypatch.setitem(pruners.PRUNERS, "planted-pruner", pruners.PRUNERS["wanda"])
+    monkeypatch.setitem(families.FAMILIES, "planted-family", families.FAMILIES["uniform"])
+    parser = cli.build_parser()
+    search = parser.parse_args(["search", "--method", "planted", "--pruner", "planted-pruner", "--out", "x"])
+    assert (search.method, search.pruner) == ("planted", "planted-pruner")
+    profile = parser.parse_args(["profile", "--family", "planted-family", "--sparsity", "0.5", "--out", "p.json"])
+    assert profile.family == "planted-family"
+    assert list(SearchConfig(out="x").drivers()) == ["shapley", "evolution", "tune-free", "tune-atp", "planted"]
