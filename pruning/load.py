@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import struct
 from pathlib import Path
 
 import torch
@@ -53,8 +54,13 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
     path = Path(path)
     if not path.is_file():
         raise SparseAllocError(f"GGUF file {path} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except (struct.error, ValueError, KeyError, IndexError, OSError, EOFError, MemoryError) as exc:
+        raise SparseAllocError(
+            f"could not read GGUF file {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "it is truncated or not a GGUF model: download it again, or give a Hugging Face directory") from exc
     _drop_gguf_quantizer(model)
     return model, tokenizer
 

@@ -47,3 +47,54 @@ def test_download_failure_says_what_to_do(monkeypatch):
     monkeypatch.setattr(assets.sys, "executable", "false")  # pip cannot run: simulates no index
     with pytest.raises(SparseAllocError, match="place surely_not_a_real_package_sparsealloc-0.0.1"):
         fetch_asset(asset)
+
+
+def test_truncated_gguf_is_a_clear_error(tmp_path):
+    import gguf
+    import numpy as np
+
+    from pruning.load import load_model
+
+    whole = tmp_path / "whole.gguf"
+    writer = gguf.GGUFWriter(str(whole), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_tensor("token_embd.weight", np.ones((32, 16), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    truncated = tmp_path / "model.gguf"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 3])
+    with pytest.raises(SparseAllocError, match="truncated or not a GGUF model"):
+        load_model(str(truncated))
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(SparseAllocError, match="truncated or not a GGUF model"):
+        load_model(str(tmp_path / "junk.gguf"))
+
+
+def test_converted_model_is_verified_and_rebuilt_when_corrupt(monkeypatch):
+    out = cache_root() / "models" / assets.DEFAULT_MODEL_NAME
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(b"corrupt")
+    (out / "model.safetensors.sha256").write_text(hashlib.sha256(b"good").hexdigest())
+    conversions = []
+
+    class FakeModel:
+        def save_pretrained(self, path):
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "config.json").write_text("{}")
+            (path / "model.safetensors").write_bytes(b"good")
+
+    class FakeTokenizer:
+        def save_pretrained(self, path):
+            (path / "tokenizer.json").write_text("{}")
+
+    import pruning.load
+
+    monkeypatch.setattr(assets, "fetch_asset", lambda asset: assets.Path("unused.gguf"))
+    monkeypatch.setattr(pruning.load, "load_gguf", lambda path: conversions.append(path) or (FakeModel(), FakeTokenizer()))
+    assert assets.default_model_dir() == out and len(conversions) == 1, "a corrupt conversion is rebuilt"
+    assert (out / "model.safetensors").read_bytes() == b"good"
+    assert assets.default_model_dir() == out and len(conversions) == 1, "a verified one is used as it is"

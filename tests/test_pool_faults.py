@@ -107,7 +107,7 @@ def test_unplaceable_actors_fail_within_the_timeout_naming_what_is_missing(local
     with pytest.raises(SparseAllocError) as caught:
         EvaluatorPool(EvaluatorSpec(str(model_dir)), *_tokens(), ResultsTable(tmp_path, "gpu"), num_actors=2,
                       gpu=True, placement_timeout_s=2)
-    assert time.monotonic() - start < 30
+    assert time.monotonic() - start < 15  # the 2 s timeout, a poll and the start of two actor processes
     message = str(caught.value)
     assert "2 of 2 evaluator actors could not be placed within 2 s" in message
     assert "each needs GPU: 1, CPU: 1" in message and "the cluster has GPU: 0" in message

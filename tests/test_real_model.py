@@ -42,3 +42,13 @@ def test_sparsegpt_half_on_default_model(real_cache, tmp_path):
     ids = torch.tensor([[504, 2365, 6354, 16438]])  # "The quick brown fox"
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def test_pruners_rank_sparsegpt_wanda_magnitude_at_60(real_cache, tmp_path):
+    """A broken SparseGPT update (or Wanda's activation term) would break this order."""
+    ppl = {}
+    for pruner in ("magnitude", "wanda", "sparsegpt"):
+        metrics = run_prune(PruneConfig(out=tmp_path / pruner, pruner=pruner, sparsity=0.6, seqlen=128,
+                                        calib_samples=16, eval_windows=8, progress=False, device="cpu"))
+        ppl[pruner] = metrics["pruned_perplexity"]
+    assert ppl["sparsegpt"] < ppl["wanda"] < ppl["magnitude"], ppl

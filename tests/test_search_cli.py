@@ -39,14 +39,19 @@ def test_search_saves_winner_and_resume_reuses_results(corpus_file, tmp_path, ca
     out = tmp_path / "run"
     assert main(_args(model_dir, corpus_file, out)) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["winner"] == "evolution" and summary["drivers"]["evolution"]["evaluations"] <= 24
+    assert summary["drivers"]["evolution"]["evaluations"] <= 24
+    # The saved model is pruned with the driver's best profile, block by block (not uniform, not another).
+    best = json.loads((out / "best-evolution.json").read_text())["sparsities"]
+    assert best == summary["drivers"]["evolution"]["profile"] and len(set(best)) > 1
     metrics = json.loads((out / "model" / "metrics.json").read_text())
+    assert metrics["achieved_sparsity"]["per_block"] == pytest.approx(best, abs=0.02)
     assert metrics["achieved_sparsity"]["overall"] == pytest.approx(0.6, abs=0.01)
-    rows = len(ResultsTable(out, "check"))
-    assert rows > 0 and "winner evolution" in capsys.readouterr().out
+    rows, duplicates = _rows(out)
+    assert rows and duplicates == [] and "winner evolution" in capsys.readouterr().out
 
     assert main(_args(model_dir, corpus_file, out, "--resume")) == 0
-    assert len(ResultsTable(out, "check")) == rows  # every request answered from the results table
+    again, duplicates = _rows(out)
+    assert len(again) == len(rows) and duplicates == []  # every request answered from the results table
     assert json.loads((out / "summary.json").read_text())["drivers"]["evolution"]["profile"] == \
         summary["drivers"]["evolution"]["profile"]
 

@@ -1,0 +1,59 @@
+"""A search killed with SIGKILL mid-run and resumed ends like an uninterrupted one: every evaluation
+exactly once in the results table, the same best profile, the same winner."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import build_model, save_model_dir, tiny_llama_config
+from orchestrator.cli import main
+from orchestrator.results import ResultsTable
+from pruning.load import find_blocks, find_linears
+
+ROOT = Path(__file__).parents[1]
+
+
+def _args(model_dir, data, out, *extra):
+    return ["search", "--method", "evolution", "--sparsity", "0.6", "--budget-evals", "40", "--model", str(model_dir),
+            "--data", str(data), "--seqlen", "32", "--calib-samples", "4", "--fitness-windows", "4",
+            "--fitness-seqlen", "32", "--fidelities", "64", "128", "--eval-windows", "8", "--actors", "1",
+            "--population", "1", "--out", str(out), "--no-progress", *extra]
+
+
+def test_sigkilled_search_resumes_to_the_same_end(corpus_file, tmp_path):
+    model = build_model(tiny_llama_config())
+    for layer in find_linears(find_blocks(model)[0]).values():
+        layer.weight.data *= 6.0
+    model_dir = save_model_dir(model, tmp_path / "model")
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main(_args(model_dir, corpus_file, whole)) == 0
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+    process = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *_args(model_dir, corpus_file, killed)],
+                               cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            results = killed / "results"
+            if results.exists() and len(list(results.glob("part-*.parquet"))) >= 8:
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, "the search ended before it could be killed"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+        process.wait()
+    before = len(ResultsTable(killed, "check").read())
+    assert 8 <= before < len(ResultsTable(whole, "check").read())
+
+    assert main(_args(model_dir, corpus_file, killed, "--resume")) == 0
+    table, reference = ResultsTable(killed, "check"), ResultsTable(whole, "check")
+    assert table.duplicate_keys() == [], "no evaluation ran twice"
+    assert {r["key"] for r in table.read()} == {r["key"] for r in reference.read()}
+    a, b = (json.loads((run / "summary.json").read_text()) for run in (whole, killed))
+    assert a["winner"] == b["winner"] and a["drivers"]["evolution"]["profile"] == b["drivers"]["evolution"]["profile"]
+    assert a["final_passes"][a["winner"]]["test_perplexity"] == b["final_passes"][b["winner"]]["test_perplexity"]
