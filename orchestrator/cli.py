@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--selection-windows", type=int, default=8,
                         help="validation windows, after the fitness tokens, that pick the winner among finalists")
     search.add_argument("--eval-windows", type=int, default=32,
-                        help="validation and test windows (test: the final perplexity)")
+                        help="test windows of --seqlen tokens for the final perplexity (the fitness and selection "
+                             "tokens come from the validation split through their own flags)")
     search.add_argument("--evaluator", default="auto", choices=["auto", "resident", "streamed"],
                         help="where the evaluator keeps the weights: resident on the actor's GPUs, or streamed "
                              "block by block from host memory (auto: resident when the memory plan says it fits)")

@@ -421,7 +421,6 @@ class EvaluatorPool:
                     if call.actor is self.actors[call.index] and call.index not in self.dead:
                         self._replace(call.index, _death_cause(exc))  # its other calls fail the same way
                     self.resubmitted += len(call.batch)
-                    resubmit.append((0.0, call.batch, call.attempts))
                     continue
                 except ray.exceptions.RayError as exc:  # anything else Ray says about the call: reported alike
                     error = self._task_error(call, exc)

@@ -4,10 +4,12 @@ Each driver returns its best profile by the fast KL proxy; the best ``finalists`
 Tune ATP best, the baseline) get the real final pruning pass, and the one with the lowest validation
 perplexity on held-out validation windows (not the fitness tokens the search optimised) wins.
 
-The run directory holds ``config.json``, the append-only ``results/`` table, Tune state, each
-driver's best profile, ``summary.json`` and the pruned model (``model/``). Rerunning the same
-command with ``--resume`` repeats the same seeded requests, which the results table answers
-without re-evaluating, so an interrupted search continues where it stopped.
+The run directory holds ``config.json`` (settings and the identity a resume must match), the
+append-only ``results/`` table, ``clock.json`` (seconds per phase), ``sensitivities/`` (Fisher
+traces, OWL ratios), each driver's best profile, ``finalists/``, ``summary.json`` and the pruned
+model (``model/``). Rerunning the same command with ``--resume`` repeats the same seeded requests,
+which the results table answers without re-evaluating, so an interrupted search continues where
+it stopped.
 """
 
 from __future__ import annotations
@@ -210,7 +212,7 @@ def _init_ray(config: SearchConfig, actors: int | None) -> bool:
     if actors is None:  # local GPUs: Ray detects them and the cores, one actor per GPU
         ray.init(include_dashboard=False, log_to_driver=False)
         return True
-    # One logical CPU more than the CPU actors use: Tune trials only wait on actor calls.
+    # One logical CPU more than the CPU actors use, so the dense-perplexity task runs beside a final pass.
     ray.init(num_cpus=actors * config.threads + 1, include_dashboard=False, log_to_driver=False)
     return True
 

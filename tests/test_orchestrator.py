@@ -139,16 +139,27 @@ def test_time_budget_stops_cleanly(pool):
     assert result.evaluations == 0 and "budget" in result.details["note"]
 
 
-def test_killed_actor_is_replaced_and_no_result_is_lost(pool):
+def test_killed_actor_is_replaced_and_no_result_is_lost(pool, monkeypatch):
     candidates = [Candidate.of(families.atp(4, 0.5, beta), driver="kill-test") for beta in
                   [i * families.atp_beta_max(4, 0.5) / 11 for i in range(12)]]
-    killer = threading.Timer(1.0, lambda: ray.kill(pool.actors[0], no_restart=False))
-    killer.start()
+    victim, replacements, resubmitted = pool.actors[0], pool.replacements, pool.resubmitted
+    wait, killed = ray.wait, []
+
+    def kill_then_wait(*args, **kwargs):  # the pool's first wait: both actors hold batches in flight
+        if not killed:
+            killed.append(victim)
+            ray.kill(victim, no_restart=True)  # no restart left, so Ray's own retry cannot hide the loss
+        return wait(*args, **kwargs)
+
+    monkeypatch.setattr(ray, "wait", kill_then_wait)
     fitness = pool.evaluate(candidates)
-    killer.join()
-    assert len(fitness) == 12 and all(f >= 0 for f in fitness)
+    monkeypatch.undo()
+    assert killed and len(fitness) == 12 and all(f >= 0 for f in fitness)
     assert all(pool.results.get(c.key) is not None for c in candidates)
-    assert ray.get(pool.actors[0].info.remote())["blocks"] == 4  # restarted and serving again
+    assert pool.resubmitted > resubmitted  # the pool re-submitted the dead actor's in-flight candidates
+    assert pool.replacements == replacements + 1 and pool.actors[0] is not victim
+    pool.wait_for_replacements()
+    assert ray.get(pool.actors[0].info.remote())["blocks"] == 4  # the replacement is serving
 
 
 def test_interrupt_then_resume_repeats_no_finished_evaluation(pool, tmp_path, monkeypatch):
