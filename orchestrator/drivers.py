@@ -59,19 +59,15 @@ def _inputs_identity(context: DriverContext, windows: "torch.Tensor") -> dict:
 
 def fisher_traces(context: DriverContext) -> list[float]:
     """Fisher traces on half the calibration windows, computed once per run dir (kept for resume)."""
-    import ray
-
     windows = context.calibration[: max(1, context.calibration.shape[0] // 2)]
     return load_or_compute(context.run_dir, "fisher", _inputs_identity(context, windows),
-                           lambda: ray.get(context.pool.actors[0].fisher_traces.remote(windows)))
+                           lambda: context.pool.call("fisher_traces", windows))
 
 
 def outlier_ratios(context: DriverContext, multiplier: int) -> list[float]:
     """OWL ratios for one M, counted by the actors while building their rank tables; kept in the run dir."""
-    import ray
-
     return load_or_compute(context.run_dir, f"owl-M{multiplier}", _inputs_identity(context, context.calibration),
-                           lambda: ray.get(context.pool.actors[0].outlier_ratios.remote(float(multiplier))))
+                           lambda: context.pool.call("outlier_ratios", float(multiplier)))
 
 
 def _shapley(context: DriverContext, budget: "Budget") -> "DriverResult":

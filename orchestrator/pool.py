@@ -304,24 +304,43 @@ class EvaluatorPool:
             done, _ = ray.wait([ref for ref, _ in self._starting.values()], num_returns=1, timeout=self._poll_s())
             self._check_starting(done[0] if done else None)
 
+    def call(self, method: str, *args):
+        """``method(*args)`` on one live actor (Fisher traces, OWL ratios): an actor that is gone is
+        replaced and the call tried on another; an error inside the actor is one clear error."""
+        while True:
+            self.wait_for_replacements()
+            live = [i for i in range(len(self.actors)) if i not in self.dead and i not in self._starting]
+            if not live:
+                raise SparseAllocError(f"no evaluator actor is left to compute {method}; last cause: "
+                                       f"{self._last_death or 'unknown'}")
+            index = live[0]
+            try:
+                return ray.get(getattr(self.actors[index], method).remote(*args))
+            except ray.exceptions.RayActorError as exc:
+                if not isinstance(exc, ray.exceptions.ActorUnavailableError):
+                    self._replace(index, _death_cause(exc))
+            except ray.exceptions.RayTaskError as exc:
+                cause = getattr(exc, "cause", None) or exc
+                info = self.infos[index] or {}
+                raise SparseAllocError(f"evaluator actor {info.get('actor', index)} on node {info.get('node', '?')} "
+                                       f"failed computing {method}: {type(cause).__name__}: "
+                                       f"{_first_line(str(cause))}") from None
+
     # ---- evaluating -----------------------------------------------------------------------------
 
-    def _chunk(self, queue: list[Candidate], live: int) -> list[Candidate]:
-        """The next batch for one actor: up to ``population`` candidates, fewer when that would leave
-        other actors idle."""
-        size = max(1, min(self.population, math.ceil(len(queue) / live)))
-        batch, queue[:] = queue[:size], queue[size:]
-        return batch
+    def _batch_size(self, queued: int, ready: int) -> int:
+        """Candidates per call in one dispatch round: up to ``population``, fewer when a larger batch
+        would leave ready actors idle (the queue split evenly over them)."""
+        return max(1, min(self.population, math.ceil(queued / max(1, ready))))
 
     def _write(self, batch: list[Candidate], outcomes: list[dict]) -> None:
-        for candidate, outcome in zip(batch, outcomes):
-            if self.results.get(candidate.key) is not None:
-                continue  # already answered (a duplicate request in one call): one row per evaluation
-            self.results.append({
-                "driver": candidate.driver, "key": candidate.key, "params": candidate.params,
-                "sparsities": list(candidate.sparsities), "nm": candidate.nm, "tokens": candidate.tokens or -1,
-                "draw": candidate.draw, "metric": candidate.metric, **outcome,
-            })
+        """One results part for the batch that arrived (keys already answered are skipped: one row per
+        evaluation)."""
+        self.results.append_many([{
+            "driver": candidate.driver, "key": candidate.key, "params": candidate.params,
+            "sparsities": list(candidate.sparsities), "nm": candidate.nm, "tokens": candidate.tokens or -1,
+            "draw": candidate.draw, "metric": candidate.metric, **outcome,
+        } for candidate, outcome in zip(batch, outcomes) if self.results.get(candidate.key) is None])
 
     def _drain(self, in_flight: dict) -> None:
         """Let the other in-flight batches finish (their rows are written) for up to
@@ -372,6 +391,7 @@ class EvaluatorPool:
                         f"up; last cause: {self._last_death or 'unknown'}. The {len(self.results)} results "
                         f"written so far are kept in {self.results.dir} (--resume reads them back)")
                 now = time.monotonic()
+                size = self._batch_size(len(queue), len(ready))
                 while ready and min(load[i] for i in ready) < self.max_per_actor:
                     due = next((r for r in resubmit if r[0] <= now), None)
                     if due is None and not queue:
@@ -381,13 +401,14 @@ class EvaluatorPool:
                         resubmit.remove(due)
                         batch, attempts = due[1], due[2]
                     else:
-                        batch, attempts = self._chunk(queue, len(ready)), 0
+                        batch, queue[:], attempts = queue[:size], queue[size:], 0
                     in_flight[self.actors[index].evaluate.remote(batch)] = _Call(batch, index, self.actors[index],
                                                                                  attempts)
                     load[index] += 1
                 waits = list(in_flight) + [ref for ref, _ in self._starting.values()]
-                timeouts = [when - now for when, _, _ in resubmit] + ([self._poll_s()] if self._starting else [])
-                timeout = max(0.0, min(timeouts)) if timeouts else None
+                # Wake for a backoff ending or a replacement to check; a due batch waits for a call to end.
+                timeouts = [when - now for when, _, _ in resubmit if when > now]
+                timeout = min(timeouts + ([self._poll_s()] if self._starting else []), default=None)
                 if not waits:
                     time.sleep(timeout or 0.0)
                     continue
@@ -421,6 +442,7 @@ class EvaluatorPool:
                     if call.actor is self.actors[call.index] and call.index not in self.dead:
                         self._replace(call.index, _death_cause(exc))  # its other calls fail the same way
                     self.resubmitted += len(call.batch)
+                    resubmit.append((0.0, call.batch, call.attempts))
                     continue
                 except ray.exceptions.RayError as exc:  # anything else Ray says about the call: reported alike
                     error = self._task_error(call, exc)

@@ -1,6 +1,5 @@
 """Drivers on a local Ray (num_cpus=3, two CPU actors) with a planted problem: block 0 is fragile."""
 
-import threading
 import time
 
 import pytest
@@ -87,15 +86,7 @@ def test_tune_interrupted_run_resumes_without_re_evaluating(pool, tmp_path, monk
 
     try:
         pool.results = ResultsTable(run_dir, "first")
-        append, calls = pool.results.append, {"n": 0}
-
-        def interrupted_append(row):
-            calls["n"] += 1
-            if calls["n"] > 5:
-                raise KeyboardInterrupt
-            return append(row)
-
-        monkeypatch.setattr(pool.results, "append", interrupted_append)
+        monkeypatch.setattr(pool.results, "append_many", _interrupted_after(pool.results.append_many, 5))
         with pytest.raises(KeyboardInterrupt):  # in the second round of four trials
             run_tune(pool, "tune-atp", space, build, Budget(max_evals=8), run_dir, seed=1, progress=False)
         stored = {row["key"] for row in ResultsTable(run_dir, "check").read()}
@@ -167,16 +158,7 @@ def test_interrupt_then_resume_repeats_no_finished_evaluation(pool, tmp_path, mo
     original = pool.results
     try:
         pool.results = ResultsTable(run_dir, "first")
-        calls = {"n": 0}
-        append = pool.results.append
-
-        def interrupted_append(row):
-            calls["n"] += 1
-            if calls["n"] > 5:
-                raise KeyboardInterrupt
-            return append(row)
-
-        monkeypatch.setattr(pool.results, "append", interrupted_append)
+        monkeypatch.setattr(pool.results, "append_many", _interrupted_after(pool.results.append_many, 5))
         with pytest.raises(KeyboardInterrupt):
             run_shapley(pool, 0.45, Budget(max_evals=100), window=2, chunk=4, progress=False)
         check = ResultsTable(run_dir, "check")
@@ -184,8 +166,8 @@ def test_interrupt_then_resume_repeats_no_finished_evaluation(pool, tmp_path, mo
 
         pool.results = ResultsTable(run_dir, "resumed")
         new_rows = []
-        append_resumed = pool.results.append
-        monkeypatch.setattr(pool.results, "append", lambda row: new_rows.append(row) or append_resumed(row))
+        append_resumed = pool.results.append_many
+        monkeypatch.setattr(pool.results, "append_many", lambda rows: new_rows.extend(rows) or append_resumed(rows))
         result = run_shapley(pool, 0.45, Budget(max_evals=100), window=2, chunk=4, progress=False)
         check = ResultsTable(run_dir, "check")
         total = len(check.read())  # rows: a re-evaluated candidate would add one
@@ -224,3 +206,20 @@ def test_sampler_names():
     assert isinstance(make_sampler("tpe", 0), optuna.samplers.TPESampler)
     with pytest.raises(Exception, match="unknown Optuna sampler"):
         make_sampler("grid", 0)
+
+
+def _interrupted_after(append_many, rows: int):
+    """``append_many`` that writes the first ``rows`` rows, then raises KeyboardInterrupt (an interrupt
+    arriving while results come in)."""
+    written = {"n": 0}
+
+    def interrupted(batch):
+        room = rows - written["n"]
+        if len(batch) > room:
+            append_many(batch[:room])
+            written["n"] = rows
+            raise KeyboardInterrupt
+        written["n"] += len(batch)
+        return append_many(batch)
+
+    return interrupted

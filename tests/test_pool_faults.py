@@ -43,8 +43,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pool(local_ray, model_dir, tmp_path_factory):
-    pool = EvaluatorPool(EvaluatorSpec(str(model_dir)), *_tokens(), ResultsTable(tmp_path_factory.mktemp("run"), "t"),
-                         num_actors=2)
+    pool = EvaluatorPool(EvaluatorSpec(str(model_dir), owl_multipliers=(5.0,)), *_tokens(),
+                         ResultsTable(tmp_path_factory.mktemp("run"), "t"), num_actors=2)
     yield pool
     pool.close()
 
@@ -123,6 +123,20 @@ def test_unplaceable_actors_fail_within_the_timeout_naming_what_is_missing(local
     assert not pending
 
 
+def test_every_actor_gone_and_no_replacement_left_is_a_clear_error(local_ray, model_dir, tmp_path):
+    lone = EvaluatorPool(EvaluatorSpec(str(model_dir)), *_tokens(), ResultsTable(tmp_path, "lone"), num_actors=1,
+                         max_replacements=0)
+    try:
+        ray.kill(lone.actors[0], no_restart=True)
+        with pytest.raises(SparseAllocError) as caught:
+            lone.evaluate(_atp(0.5, 3, "lone"))
+        message = str(caught.value)
+        assert "every evaluator actor is gone and the 0 replacement(s) are used up" in message
+        assert "killed by `ray.kill`" in message and "--resume" in message
+    finally:
+        lone.close()
+
+
 def test_unavailable_actor_is_retried_not_buried(pool, results, monkeypatch, caplog):
     pool.wait_for_replacements()
     candidate = _atp(0.45, 2, "blip")[1]
@@ -146,3 +160,10 @@ def test_unavailable_actor_is_retried_not_buried(pool, results, monkeypatch, cap
     assert not pool.dead and pool.replacements == replacements  # not taken for dead
     assert all(now is before for now, before in zip(pool.actors, actors))
     assert results.get(candidate.key)["fitness"] == fitness[0] and len(results.read()) == 1
+
+
+def test_single_calls_survive_a_dead_actor_and_report_errors(pool):
+    ray.kill(pool.actors[0], no_restart=True)
+    assert len(pool.call("outlier_ratios", 5.0)) == 4  # answered by a live or replacement actor
+    with pytest.raises(SparseAllocError, match=r"failed computing outlier_ratios: SparseAllocError: OWL ratios"):
+        pool.call("outlier_ratios", 7.0)
