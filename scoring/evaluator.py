@@ -292,13 +292,17 @@ class CandidateEvaluator:
     # ---- fitness --------------------------------------------------------------------------------
 
     def window_ids(self, tokens: int | None = None, draw: int = 0) -> list[int]:
-        """The fitness windows a fidelity of ``tokens`` tokens uses: the ``draw``-th run of that many
-        consecutive windows, wrapping around (draw 0 = the first ones; all windows when ``tokens`` is None)."""
+        """The fitness windows a fidelity of ``tokens`` tokens uses: draw 0 = the first ones (all windows
+        when ``tokens`` is None); draw d > 0 = a random minibatch of that many windows, the same for the
+        same d (a fresh minibatch per selection stage, EvoPress-style)."""
         total = self.windows.shape[0]
         count = total if tokens is None else max(1, math.ceil(tokens / self.windows.shape[1]))
         if count > total:
             raise SparseAllocError(f"fidelity of {tokens} tokens exceeds the {self.max_tokens} cached fitness tokens")
-        return [(draw * count + i) % total for i in range(count)]
+        if draw == 0:
+            return list(range(count))
+        order = torch.randperm(total, generator=torch.Generator().manual_seed(draw))
+        return sorted(order[:count].tolist())
 
     @torch.no_grad()
     def fitness(self, profile: Profile, tokens: int | None = None, metric: str = "kl", draw: int = 0) -> float:
