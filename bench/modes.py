@@ -32,6 +32,12 @@ def _search(out: Path, mode: str, args: argparse.Namespace) -> tuple[list[str], 
     return command, time.perf_counter() - start
 
 
+def _weights_gib() -> float:
+    from orchestrator.plan import shape_of
+
+    return shape_of("default").total_elements * 4 / 2**30
+
+
 def _fitness_by_key(run: Path) -> dict[str, float]:
     rows = ds.dataset(run / "results", format="parquet").to_table(columns=["key", "fitness"]).to_pylist()
     return {row["key"]: row["fitness"] for row in rows}
@@ -58,7 +64,10 @@ def main() -> None:
         "",
         f"Command: `python -m bench.modes --method {args.method} --budget-evals {args.budget_evals} "
         f"--device-memory-gb {args.device_memory_gb} --seed {args.seed}`, run {time.strftime('%Y-%m-%d')}.",
-        "It ran these two searches on the default model (fp32, CPU) and compared their results tables:",
+        "It ran these two searches on the default model (fp32, CPU) and compared their results tables. The "
+        f"streamed run's budget of {args.device_memory_gb} GiB is below the model's own weights "
+        f"({_weights_gib():.3f} GiB in fp32): the embeddings, the LM head and at most two blocks (weights, int16 "
+        "ranks, masked scratch) sit on the device at a time, the evaluator counting its bytes against the budget.",
         "",
         *[f"- {mode}: `{' '.join(commands[mode])}` ({seconds[mode]:.0f} s)" for mode in runs],
         "",

@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--nm-m", type=int, default=None, help="evolution over the mixed N:M menu 1:M … (M-1):M")
     search.add_argument("--free-sampler", default="tpe", choices=["tpe", "cmaes"],
                         help="Optuna sampler of the tune-free search over per-block vectors")
+    search.add_argument("--estimator", default="permutation", choices=["permutation", "sliding"],
+                        help="Shapley driver's estimator: antithetic permutation pairs while the budget lasts, "
+                             "or the sliding window of SV-NUP (both anytime)")
     search.add_argument("--finalists", type=int, default=2,
                         help="how many drivers' best profiles (by validation KL) get the real final pass; the "
                              "lowest held-out validation perplexity after it wins (the Tune ATP best always runs)")
@@ -221,6 +224,7 @@ def _cmd_search(args) -> None:
         data=args.data, text_field=args.text_field, seqlen=args.seqlen, calib_samples=args.calib_samples,
         eval_windows=args.eval_windows, fitness_windows=args.fitness_windows, fitness_seqlen=args.fitness_seqlen,
         fidelities=tuple(args.fidelities), nm_m=args.nm_m, free_sampler=args.free_sampler,
+        estimator=args.estimator,
         finalists=args.finalists, selection_windows=args.selection_windows,
         budget_evals=args.budget_evals, budget_minutes=args.budget_minutes, deadline_minutes=args.deadline_minutes,
         actors=args.actors, threads=args.threads,

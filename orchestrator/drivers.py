@@ -74,8 +74,8 @@ def _shapley(context: DriverContext, budget: "Budget") -> "DriverResult":
     from orchestrator.shapley_driver import run_shapley
 
     config = context.config
-    return run_shapley(context.pool, config.sparsity, budget, tokens=context.top_tokens, seed=config.seed,
-                       progress=config.progress)
+    return run_shapley(context.pool, config.sparsity, budget, estimator=config.estimator, tokens=context.top_tokens,
+                       seed=config.seed, progress=config.progress)
 
 
 def _evolution(context: DriverContext, budget: "Budget") -> "DriverResult":

@@ -66,6 +66,7 @@ class SearchConfig:
     fidelities: tuple[int, ...] = (256, 1024)
     nm_m: int | None = None
     free_sampler: str = "tpe"
+    estimator: str = "permutation"
     finalists: int = 2
     selection_windows: int = 8
     budget_evals: int | None = None
@@ -104,8 +105,8 @@ class SearchConfig:
     def identity(self) -> dict:
         """The fields a resumed run must share with the original."""
         keep = ("method", "sparsity", "model", "data", "text_field", "seqlen", "calib_samples", "fitness_windows",
-                "fitness_seqlen", "fidelities", "nm_m", "free_sampler", "seed", "shares", "device", "dtype",
-                "batch_size", "selection_windows", "eval_windows")
+                "fitness_seqlen", "fidelities", "nm_m", "free_sampler", "estimator", "seed", "shares", "device",
+                "dtype", "batch_size", "selection_windows", "eval_windows")
         identity = {k: getattr(self, k) for k in keep}
         identity["evaluator"] = {"levels": "wanda rank tables", "fitness": "KL(dense || pruned)"}
         identity["version"] = versions()["sparsealloc"]

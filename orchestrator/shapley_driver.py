@@ -1,81 +1,179 @@
-"""SV-NUP on the pool: Shapley values of blocks from coalition evaluations, mapped to a profile."""
+"""SV-NUP on the pool: Shapley values of blocks from coalition evaluations, mapped to a profile.
+
+Anytime: the coalitions are evaluated in *units* that each complete a piece of the estimate (an
+antithetic pair of block orders, or one window of the sliding-window plan), a few units per
+``pool.evaluate`` call, for as long as the budget lasts. After every batch an estimate exists; when
+the budget ends the completed units make the estimate (flagged ``partial``). Sampling stops early
+enough to leave room for the few evaluations that pick the strength of the value → sparsity map.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+from typing import TYPE_CHECKING, Callable, Sequence
+
 import numpy as np
 
 from orchestrator.budget import Budget
 from orchestrator.candidates import Candidate, DriverResult
-from orchestrator.pool import EvaluatorPool
 from orchestrator.progress import DriverProgress
+from pruning.errors import SparseAllocError
 from scoring import shapley
+from scoring.shapley import Coalition
 from search_spaces import families
+
+if TYPE_CHECKING:  # the driver only needs evaluate, num_blocks and block_weights (tests pass a fake)
+    from orchestrator.pool import EvaluatorPool
 
 log = logging.getLogger(__name__)
 
+ESTIMATORS = ("permutation", "sliding")
+MAX_PAIRS = 64  # antithetic pairs at most: beyond this the estimate barely moves, the budget goes to other drivers
 
-def _coalition_candidate(coalition: frozenset[int], n: int, sparsity: float, tokens: int | None) -> Candidate:
+# Called after every batch with the current values, their standard errors (None: sliding window) and
+# the units (pairs or windows) completed so far.
+OnEstimate = Callable[[np.ndarray, "np.ndarray | None", int], None]
+
+
+def _coalition_candidate(coalition: Coalition, n: int, sparsity: float, tokens: int | None) -> Candidate:
     values = tuple(sparsity if block in coalition else 0.0 for block in range(n))
     return Candidate(values, None, tokens, "kl", "shapley", {"coalition": sorted(coalition)})
 
 
-def run_shapley(pool: EvaluatorPool, target: float, budget: Budget, estimator: str = "sliding", window: int = 3,
-                strengths: tuple[float, ...] = (0.5, 1.0, 2.0), tokens: int | None = None, seed: int = 0,
-                chunk: int = 16, progress: bool = True) -> DriverResult:
-    """Shapley values (sliding window, or antithetic permutations when the budget is too small for
-    the window plan), then the strength of the value → sparsity map picked by fitness."""
-    n = pool.num_blocks
-    bar = DriverProgress("shapley", budget, progress)
-    reserve = len(strengths)
-    plan = shapley.sliding_window_plan(n, window) if estimator == "sliding" else None
-    remaining = budget.remaining_evals()
-    if plan is not None and remaining is not None and len(plan) + reserve > remaining:
-        log.warning("sliding-window Shapley needs %d evaluations, budget leaves %d: using permutation sampling",
-                    len(plan), remaining)
-        plan = None
-    values: dict[frozenset[int], float] = {}
+def _floats(array: np.ndarray | None) -> list[float | None] | None:
+    """JSON-safe floats (NaN, e.g. the standard error of a single pair, as None)."""
+    return None if array is None else [float(v) if math.isfinite(v) else None for v in np.asarray(array, float)]
 
-    def evaluate(coalitions: list[frozenset[int]]) -> bool:
-        """Evaluate in chunks until done (True) or the budget runs out (False)."""
-        for start in range(0, len(coalitions), chunk):
-            if budget.exhausted():
+
+class _Sampler:
+    """Evaluates units (lists of coalitions) in batches, each coalition once, while the budget leaves
+    room for them plus ``reserve`` evaluations."""
+
+    def __init__(self, pool: "EvaluatorPool", budget: Budget, target: float, tokens: int | None, reserve: int,
+                 bar: DriverProgress) -> None:
+        self.pool, self.budget, self.target, self.tokens, self.reserve, self.bar = (
+            pool, budget, target, tokens, reserve, bar)
+        self.n = pool.num_blocks
+        self.values: dict[Coalition, float] = {}  # every coalition requested, in request order
+        self.seconds = 0.0  # wall clock of the batches, and the evaluations they requested (for the time check)
+        self.timed = 0
+
+    def new(self, units: Sequence[Sequence[Coalition]]) -> list[Coalition]:
+        """The coalitions of ``units`` not requested yet, deduplicated, in order."""
+        return [c for c in dict.fromkeys(c for unit in units for c in unit) if c not in self.values]
+
+    def fits(self, count: int) -> bool:
+        """Whether ``count`` more evaluations, then the reserve, fit in what is left of the budget
+        (seconds projected from the batches so far)."""
+        budget = self.budget
+        if budget.exhausted():
+            return False
+        left = budget.remaining_evals()
+        if left is not None and count + self.reserve > left:
+            return False
+        if budget.max_seconds is not None and self.timed:
+            projected = (count + self.reserve) * self.seconds / self.timed
+            if budget.elapsed + projected > budget.max_seconds:
                 return False
-            part = [c for c in coalitions[start : start + chunk] if c not in values]
-            fitness = pool.evaluate([_coalition_candidate(c, n, target, tokens) for c in part])
-            budget.charge(len(part))
-            values.update(zip(part, fitness))
-            bar.update()
         return True
 
-    def fallback(note: str) -> DriverResult:
-        """Best so far when no Shapley estimate could be completed: the uniform profile (scored only if
-        the budget still allows)."""
-        uniform = families.uniform(n, target)
-        fitness = float("inf")
-        if not budget.exhausted():
-            fitness = pool.evaluate([Candidate.of(uniform, tokens, "shapley")])[0]
-            budget.charge()
-        bar.close()
-        return DriverResult("shapley", uniform, fitness, len(values), {"note": note})
+    def evaluate(self, coalitions: list[Coalition]) -> None:
+        if not coalitions:
+            return
+        start = self.budget.elapsed
+        fitness = self.pool.evaluate([_coalition_candidate(c, self.n, self.target, self.tokens)
+                                      for c in coalitions])
+        self.budget.charge(len(coalitions))  # answers from the results table (resume) count too
+        self.values.update(zip(coalitions, fitness))
+        self.seconds += self.budget.elapsed - start
+        self.timed += len(coalitions)
+        self.bar.update()
 
-    if plan is not None:
-        if not evaluate(plan):
-            return fallback("the budget ran out before the sliding-window plan was complete")
-        phi, stderr, used = shapley.sliding_window_shapley(n, window, values), None, f"sliding window w={window}"
-    else:  # permutation pairs until the budget (keeping room for the strength choice) runs out
-        pairs = 0
-        while True:
-            sampled = shapley.permutation_plan(n, 2 * (pairs + 1), seed)
-            needed = [c for c in sampled.coalitions() if c not in values]
-            left = budget.remaining_evals()
-            if budget.exhausted() or (left is not None and len(needed) + reserve > left) or not evaluate(needed):
+    def run(self, units: list[list[Coalition]], per_batch: int, after_batch: Callable[[int], None]) -> int:
+        """Evaluate the units in order, ``per_batch`` at a time (one at first: an estimate and a timing
+        soonest), fewer at the end if only fewer fit; the number of units completed."""
+        done = 0
+        while done < len(units):
+            take, needed = 0, []
+            for k in range(1, min(1 if done == 0 else per_batch, len(units) - done) + 1):
+                more = self.new(units[done : done + k])
+                if not self.fits(len(more)):
+                    break
+                take, needed = k, more
+            if take == 0:
                 break
-            pairs += 1
-        if pairs == 0:
-            return fallback("the budget was too small for one permutation pair")
-        phi, stderr = shapley.permutation_shapley(shapley.permutation_plan(n, 2 * pairs, seed), values)
-        used = f"permutation sampling, {2 * pairs} orders"
+            self.evaluate(needed)
+            done += take
+            after_batch(done)
+        return done
+
+
+def run_shapley(pool: "EvaluatorPool", target: float, budget: Budget, estimator: str = "permutation",
+                window: int = 3, strengths: tuple[float, ...] = (0.5, 1.0, 2.0), tokens: int | None = None,
+                seed: int = 0, chunk: int = 16, max_pairs: int = MAX_PAIRS, progress: bool = True,
+                on_estimate: OnEstimate | None = None) -> DriverResult:
+    """Shapley values of the blocks, anytime, then the strength of the value → sparsity map picked by
+    fitness (``len(strengths)`` evaluations kept in reserve for it).
+
+    ``estimator="permutation"`` (default): antithetic pairs (an order and its reverse, one stream
+    per ``seed``) until the budget ends or ``max_pairs`` pairs are done; values are the mean
+    marginal damages over the completed pairs, with standard errors. ``"sliding"``: the paper's
+    windows of ``window`` adjacent blocks, one after another; with the plan cut short, blocks in no
+    completed window get the mean of the others and are listed in ``details["incomplete"]``. About
+    ``chunk`` coalitions go to the pool per call. A resumed run (same seed, same results table)
+    requests the same coalitions and the pool answers them from the table. Uniform only when not one
+    unit could be completed (``details["note"]`` says so).
+    """
+    if estimator not in ESTIMATORS:
+        raise SparseAllocError(f"unknown Shapley estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    if max_pairs < 1:
+        raise SparseAllocError(f"max_pairs={max_pairs} must be at least 1")
+    n = pool.num_blocks
+    bar = DriverProgress("shapley", budget, progress)
+    sampler = _Sampler(pool, budget, target, tokens, len(strengths), bar)
+    history: list[dict] = []
+
+    def record(phi: np.ndarray, stderr: np.ndarray | None, done: int) -> None:
+        finite = None if stderr is None else stderr[np.isfinite(stderr)]
+        widest = None if finite is None or not finite.size else float(finite.max())
+        history.append({"evaluations": len(sampler.values), "units": done, "max_stderr": widest})
+        log.info("shapley (%s): %d units, %d evaluations, largest standard error %s", estimator, done,
+                 len(sampler.values), "n/a" if widest is None else f"{widest:.4g}")
+        if on_estimate is not None:
+            on_estimate(phi, stderr, done)
+
+    if estimator == "permutation":
+        plan = shapley.permutation_plan(n, 2 * max_pairs, seed)
+        units = [plan.unit_coalitions(u) for u in range(plan.units)]
+        per_batch = max(1, math.ceil(chunk / max(1, 2 * (n - 1))))  # a pair adds at most 2(n-1) coalitions
+
+        def estimate(done: int) -> tuple[np.ndarray, np.ndarray | None, dict]:
+            phi, stderr = shapley.permutation_shapley(plan.head(done), sampler.values)
+            return phi, stderr, {"permutations": 2 * done, "pairs": done, "max_pairs": max_pairs}
+    else:
+        window = min(window, n, shapley.MAX_EXACT_PLAYERS)
+        units = [subsets for _, subsets in shapley.sliding_window_units(n, window)]
+        per_batch = max(1, math.ceil(chunk / 2 ** (window - 1)))  # a later window adds 2**(w-1) coalitions
+
+        def estimate(done: int) -> tuple[np.ndarray, np.ndarray | None, dict]:
+            raw, _ = shapley.sliding_window_partial(n, window, sampler.values)
+            missing = np.isnan(raw)
+            phi = np.where(missing, raw[~missing].mean(), raw)
+            return phi, None, {"window": window, "windows": done, "windows_total": len(units),
+                               "incomplete": [int(b) for b in np.flatnonzero(missing)]}
+
+    done = sampler.run(units, per_batch, lambda d: record(*estimate(d)[:2], d))
+    if done == 0:
+        what = "one permutation pair" if estimator == "permutation" else "one window"
+        return _uniform(pool, target, budget, tokens, bar, sampler, estimator,
+                        f"the budget ran out before {what} was complete: uniform profile, no Shapley estimate")
+    phi, stderr, counts = estimate(done)
+    partial = done < len(units)
+    if partial:
+        log.info("shapley (%s): the budget ended after %d of %d units; the estimate uses the completed ones",
+                 estimator, done, len(units))
+
     profiles = {s: families.sensitivity_map(list(phi), target, s, pool.block_weights) for s in strengths}
     scores = dict(zip(strengths, pool.evaluate([Candidate.of(p, tokens, "shapley", strength=s)
                                                 for s, p in profiles.items()])))
@@ -83,7 +181,22 @@ def run_shapley(pool: EvaluatorPool, target: float, budget: Budget, estimator: s
     best = min(scores, key=scores.get)
     bar.update(scores[best])
     bar.close()
-    return DriverResult("shapley", profiles[best], scores[best], len(values) + len(scores), {
-        "estimator": used, "values": [float(v) for v in np.asarray(phi)],
-        "stderr": None if stderr is None else [float(v) for v in stderr], "strength": best,
-        "fitness_by_strength": scores})
+    return DriverResult("shapley", profiles[best], scores[best], len(sampler.values) + len(scores), {
+        "estimator": estimator, "values": _floats(phi), "stderr": _floats(stderr), **counts,
+        "evaluations": len(sampler.values), "partial": partial, "strength": best, "fitness_by_strength": scores,
+        "history": history})
+
+
+def _uniform(pool: "EvaluatorPool", target: float, budget: Budget, tokens: int | None, bar: DriverProgress,
+             sampler: _Sampler, estimator: str, note: str) -> DriverResult:
+    """Best so far when no unit was completed: the uniform profile (scored only if the budget still allows)."""
+    log.warning("shapley: %s", note)
+    uniform = families.uniform(pool.num_blocks, target)
+    fitness, scored = float("inf"), 0
+    if not budget.exhausted():
+        fitness, scored = pool.evaluate([Candidate.of(uniform, tokens, "shapley")])[0], 1
+        budget.charge()
+    bar.close()
+    return DriverResult("shapley", uniform, fitness, len(sampler.values) + scored, {
+        "note": note, "estimator": estimator, "values": None, "stderr": None, "evaluations": len(sampler.values),
+        "partial": True})

@@ -86,7 +86,35 @@ class PermutationPlan:
 
     def coalitions(self) -> list[Coalition]:
         """Every prefix of every permutation (empty and full set included), deduplicated."""
-        return _dedup(frozenset(p[:k]) for p in self.permutations for k in range(self.n + 1))
+        return _dedup(c for p in self.permutations for c in prefix_coalitions(p))
+
+    @property
+    def units(self) -> int:
+        """Independent sampling units: antithetic pairs, or single orders."""
+        return len(self.permutations) // 2 if self.antithetic else len(self.permutations)
+
+    def head(self, units: int) -> "PermutationPlan":
+        """The first ``units`` units (pairs or orders): the plan a run stopped after them would have used.
+
+        Orders are drawn one stream per seed, so ``permutation_plan(n, m, seed)`` is the head of
+        ``permutation_plan(n, M, seed)`` for every ``m <= M``: an anytime run that stops early, and a
+        resumed run, see the same orders.
+        """
+        if not 0 <= units <= self.units:
+            raise SparseAllocError(f"the plan has {self.units} units, asked for the first {units}")
+        per_unit = 2 if self.antithetic else 1
+        return PermutationPlan(self.n, self.permutations[: per_unit * units], self.antithetic)
+
+    def unit_coalitions(self, unit: int) -> list[Coalition]:
+        """The coalitions one unit (an order and its reverse, or one order) needs: the prefixes of its orders."""
+        per_unit = 2 if self.antithetic else 1
+        orders = self.permutations[per_unit * unit : per_unit * (unit + 1)]
+        return _dedup(c for order in orders for c in prefix_coalitions(order))
+
+
+def prefix_coalitions(order: Sequence[int]) -> list[Coalition]:
+    """The ``n + 1`` prefixes of a block order, from the empty set to the full set."""
+    return [frozenset(order[:k]) for k in range(len(order) + 1)]
 
 
 def permutation_plan(n: int, num_permutations: int, seed: int, antithetic: bool = True) -> PermutationPlan:
@@ -149,6 +177,16 @@ def sliding_window_cost(n: int, window: int, stride: int = 1) -> int:
     return len(sliding_window_plan(n, window, stride))
 
 
+def sliding_window_units(n: int, window: int, stride: int = 1) -> list[tuple[int, list[Coalition]]]:
+    """The windows of the sliding-window plan, in plan order: ``(start, its 2**window subsets)``.
+
+    Evaluating them in this order completes one window after another (the plan is their
+    deduplicated concatenation), which is what an anytime run needs.
+    """
+    _check_players(n)
+    return [(s, _subsets(range(s, s + window))) for s in _window_starts(n, window, stride)]
+
+
 def sliding_window_shapley(n: int, window: int, values: Values, stride: int = 1) -> np.ndarray:
     """Per block, the exact Shapley value of the window games in which the block is most central.
 
@@ -157,10 +195,27 @@ def sliding_window_shapley(n: int, window: int, values: Values, stride: int = 1)
     ``r`` apart and ``window >= 2r + 1``, the result equals the exact Shapley value.
     """
     _check_players(n)
+    return _sliding_over(n, window, values, _window_starts(n, window, stride))
+
+
+def sliding_window_partial(n: int, window: int, values: Values, stride: int = 1) -> tuple[np.ndarray, list[int]]:
+    """The sliding-window estimate from the windows whose coalitions all have values (a plan cut short).
+
+    Each block gets the value of the most central *completed* window holding it (so, once every
+    window is complete, :func:`sliding_window_shapley`); blocks in no completed window get NaN. Also
+    returns the starts of the completed windows.
+    """
+    _check_players(n)
+    done = [s for s in _window_starts(n, window, stride)
+            if all(c in values for c in _subsets(range(s, s + window)))]
+    return _sliding_over(n, window, values, done), done
+
+
+def _sliding_over(n: int, window: int, values: Values, starts: Sequence[int]) -> np.ndarray:
     best = np.full(n, -1.0)
     total = np.zeros(n)
     count = np.zeros(n)
-    for s in _window_starts(n, window, stride):
+    for s in starts:
         blocks = range(s, s + window)
         phi = _exact_over(blocks, values)
         for index, block in enumerate(blocks):
@@ -172,7 +227,7 @@ def sliding_window_shapley(n: int, window: int, values: Values, stride: int = 1)
             if centrality == best[block]:
                 total[block] += phi[index]
                 count[block] += 1
-    return total / count
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).parents[1]
 
 
 def _args(model_dir, data, out, *extra):
-    return ["search", "--method", "evolution", "--sparsity", "0.6", "--budget-evals", "40", "--model", str(model_dir),
+    return ["search", "--method", "evolution", "--sparsity", "0.6", "--budget-evals", "300", "--model", str(model_dir),
             "--data", str(data), "--seqlen", "32", "--calib-samples", "4", "--fitness-windows", "4",
             "--fitness-seqlen", "32", "--fidelities", "64", "128", "--eval-windows", "8", "--actors", "1",
             "--population", "1", "--out", str(out), "--no-progress", *extra]
@@ -40,15 +40,15 @@ def test_sigkilled_search_resumes_to_the_same_end(corpus_file, tmp_path):
     try:
         while time.monotonic() < deadline and process.poll() is None:
             results = killed / "results"
-            if results.exists() and len(list(results.glob("part-*.parquet"))) >= 8:
+            if results.exists() and len(list(results.glob("part-*.parquet"))) >= 20:
                 break
-            time.sleep(0.2)
+            time.sleep(0.01)
         assert process.poll() is None, "the search ended before it could be killed"
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray processes it started
         process.wait()
     before = len(ResultsTable(killed, "check").read())
-    assert 8 <= before < len(ResultsTable(whole, "check").read())
+    assert 20 <= before < len(ResultsTable(whole, "check").read())
 
     assert main(_args(model_dir, corpus_file, killed, "--resume")) == 0
     table, reference = ResultsTable(killed, "check"), ResultsTable(whole, "check")
