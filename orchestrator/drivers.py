@@ -89,11 +89,14 @@ def _evolution(context: DriverContext, budget: "Budget") -> "DriverResult":
     seeds = [families.sensitivity_map(fisher, target, 1.0, weights), families.uniform(n, target),
              families.atp(n, target, families.atp_beta_max(n, target) / 2)]
     bar = DriverProgress("evolution", budget, config.progress)
+    # One parent (crossover needs two; on the planted ablation a second parent did not pay for its
+    # rescoring). The final choice is scored on all fitness tokens with the key the search rescores the
+    # driver's best with, so that rescoring is answered from the results table.
     survivors = tuple([4] * (len(config.fidelities) - 1) + [1])
     result = run_evolution(
         pool.evaluate, seeds,
         EvolutionConfig(target=target, nm_m=config.nm_m, fidelities=tuple(config.fidelities), survivors=survivors,
-                        seed=config.seed, weights=weights),
+                        seed=config.seed, weights=weights, final_tokens=context.top_tokens),
         budget, on_generation=lambda _g, best, _e: bar.update(best))
     bar.close()
     return DriverResult("evolution", result.best, result.fitness, result.evaluations,

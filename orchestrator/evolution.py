@@ -4,31 +4,47 @@ A profile is a vector of per-block *level indices* on a sorted grid ``levels`` (
 0.00 … 0.99; with ``nm_m`` the mixed N:M menu {0, 1/m, …, (m-1)/m}, where 0 means dense and every other
 level n/m carries the pattern (n, m)).
 
-Mutation is mean-preserving: a child is its parent after 1..``max_swaps`` moves, each taking one block one
-level up and another block one level down. On an evenly spaced grid with equal block weights the sum of
-the indices — hence the mean sparsity — never changes. With unequal ``weights`` (parameter counts) or an
-uneven custom grid a move can shift the weighted mean, so a move is accepted only if the child's weighted
-mean stays within one level (the grid's largest gap) of the target; rejected moves are redrawn a few
-times and then skipped.
+Variation is budget-preserving (the parameter-weighted mean sparsity stays at the target):
+
+* **Mutation**: a child is its parent after 1..``max_swaps`` moves, each taking one block one level up and
+  another block one level down. On an evenly spaced grid with equal block weights the sum of the indices —
+  hence the mean sparsity — never changes. With unequal ``weights`` (parameter counts) or an uneven custom
+  grid a move can shift the weighted mean, so a move is accepted only if the child's weighted mean stays
+  within one level (the grid's largest gap) of the target; rejected moves are redrawn a few times and then
+  skipped.
+* **Crossover** (with probability ``crossover_rate`` when there are at least two parents, else mutation
+  alone): the child takes contiguous segments alternately from two parents (1..``crossover_points`` cut
+  points), then :func:`repair` moves single blocks one level at a time, all in the direction of the goal
+  mean and never past it (plus at most one last move across it when that lands closer), preferring blocks
+  that stay between the two parents' levels. The result keeps every level on the grid, has exactly the
+  parents' index sum with equal weights on an even grid, and is otherwise within one level of the target
+  (usually much closer). The repaired child is then mutated like any other.
 
 Each generation uses multi-fidelity selection: ``offspring`` children are scored on ``fidelities[0]``
-tokens, the best ``survivors[0]`` are rescored on ``fidelities[1]`` tokens, and so on. At the last stage
-the children compete with the current parents' (cached) top-fidelity scores and the best
-``survivors[-1]`` become the new parents — elitist, so the best top-fidelity fitness never gets worse.
-With ``fresh_tokens`` (the default) the lower stages of generation g are scored on the g-th slice of the
-fitness windows (``Candidate.draw``), so each generation's cheap selection sees tokens the previous one
-did not (EvoPress samples fresh calibration data per generation); the top stage always uses the same
-tokens, so parents and children stay comparable there.
-Every stage is one call to ``evaluate`` (one batch, evaluated in parallel by the caller).
+tokens, the best ``survivors[0]`` are rescored on ``fidelities[1]`` tokens, and so on; at the last stage
+the best ``survivors[-1]`` of children and parents become the new parents. Every stage is one call to
+``evaluate`` (one batch, evaluated in parallel by the caller).
+
+With ``fresh_tokens`` (the default; EvoPress-style selection) every stage of every generation is scored on
+a fresh random minibatch of the fitness windows: ``Candidate.draw`` is a new positive number per
+(generation, stage), derived from ``seed`` and never reused in a run, and the current parents are scored
+again at the last stage on the same minibatch as the children, so selection compares like with like and a
+long search cannot fit one fixed set of tokens. ``history`` then holds minibatch scores (not monotone). At
+the end the final parents are scored once on draw 0 with ``final_tokens`` tokens (None: all fitness
+windows) and the best of them is the answer — elitist in that unbiased score; evaluations for this are
+reserved in an evaluation budget (and spent even when the clock has run out: one batch of at most
+``survivors[-1]`` profiles). With ``fresh_tokens=False`` every stage uses the same first tokens (draw 0)
+and parents keep their cached top-fidelity score: the best top-fidelity fitness never gets worse, and
+no final rescoring is done (the ablation baseline).
 
 Generation 0 is the initial population: the seed profiles snapped onto the grid (``round_to_levels``,
-mean kept as close to the target as the grid allows) plus mutants of them, up to ``offspring`` in all; it
-goes through the same stages. ``max_generations`` counts generation 0.
+mean kept as close to the target as the grid allows) plus children of them (crossover between seeds when
+there are several), up to ``offspring`` in all; it goes through the same stages. ``max_generations``
+counts generation 0.
 
 Children are distinct from each other, from the parents and (after generation 0) from every profile
-already scored, so no evaluation is spent twice on one profile at one fidelity; a non-finite fitness
-counts as +inf. This module imports no ray: the caller's ``evaluate`` does the
-fan-out.
+already scored, so no evaluation is spent twice on one profile at one fidelity and draw; a non-finite
+fitness counts as +inf. This module imports no ray: the caller's ``evaluate`` does the fan-out.
 """
 
 from __future__ import annotations
@@ -48,6 +64,7 @@ from search_spaces.profile import Profile
 DRIVER = "evolution"
 _MOVE_TRIES = 20  # redraws of one move whose weighted mean would leave the tolerance band
 _CHILD_TRIES = 10  # attempts per child at producing a profile not seen in this generation
+_EPS = 1e-12
 
 OnGeneration = Callable[[int, float, int], None]
 
@@ -55,7 +72,11 @@ OnGeneration = Callable[[int, float, int], None]
 @dataclass
 class EvolutionConfig:
     """Settings of ``run_evolution``; ``survivors[i]`` profiles survive stage i (scored on ``fidelities[i]``
-    tokens), and ``survivors[-1]`` is the number of parents."""
+    tokens), and ``survivors[-1]`` is the number of parents. ``crossover_rate``: the probability that a
+    child comes from crossover of two parents (then mutation) rather than mutation alone; it only applies
+    with at least two parents. ``crossover_points``: at most this many cut points per crossover.
+    ``final_tokens``: the fidelity of the final choice among the parents under ``fresh_tokens`` (None =
+    all fitness windows)."""
 
     target: float
     levels: list[float] | None = None
@@ -68,6 +89,9 @@ class EvolutionConfig:
     seed: int = 0
     weights: list[float] | None = None
     fresh_tokens: bool = True
+    crossover_rate: float = 0.5
+    crossover_points: int = 2
+    final_tokens: int | None = None
 
     def grid(self) -> np.ndarray:
         """The sorted level grid, after validating the config."""
@@ -110,13 +134,21 @@ class EvolutionConfig:
             raise SparseAllocError(f"max_swaps={self.max_swaps} must be at least 1")
         if self.max_generations < 1:
             raise SparseAllocError(f"max_generations={self.max_generations} must be at least 1")
+        if not (math.isfinite(self.crossover_rate) and 0.0 <= self.crossover_rate <= 1.0):
+            raise SparseAllocError(f"crossover_rate={self.crossover_rate} must be a probability in [0, 1]")
+        if self.crossover_points < 1:
+            raise SparseAllocError(f"crossover_points={self.crossover_points} must be at least 1")
+        if self.final_tokens is not None and self.final_tokens < 1:
+            raise SparseAllocError(f"final_tokens={self.final_tokens} must be a positive token count or None")
         return grid
 
 
 @dataclass
 class EvolutionResult:
-    """The best profile by top-fidelity fitness; ``history[g]`` is the best after generation g.
+    """The best profile and its fitness; ``history[g]`` is the best parent's score after generation g.
 
+    With ``fresh_tokens`` the fitness is the final parents' best score on draw 0 at ``final_tokens`` and
+    ``history`` holds each generation's minibatch scores; without, both are top-fidelity scores.
     ``generations`` counts completed generations (generation 0, the initial population, included);
     ``evaluations`` the evaluations this run charged. If the budget ran out before any profile reached
     the top fidelity, ``best`` is the best at the highest stage reached (``fitness`` that stage's score),
@@ -128,6 +160,15 @@ class EvolutionResult:
     generations: int
     evaluations: int
     history: list[float] = field(default_factory=list)
+
+
+def weighted_mean(levels_idx: np.ndarray, grid: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """The (parameter-)weighted mean sparsity of a level-index vector on ``grid``."""
+    values = np.asarray(grid, dtype=float)[np.asarray(levels_idx, dtype=np.int64)]
+    if weights is None:
+        return float(values.mean())
+    w = np.asarray(weights, dtype=float)
+    return float((w * values).sum() / w.sum())
 
 
 def mutate(
@@ -168,6 +209,82 @@ def mutate(
     return child
 
 
+def crossover(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, max_points: int = 2) -> np.ndarray:
+    """A child of parents ``a`` and ``b`` made of contiguous segments taken alternately from each.
+
+    1..``max_points`` cut points (uniform, distinct, between blocks) and a random first parent; with one
+    block the child is a copy of a random parent. Not repaired: its mean can be off (see :func:`repair`).
+    """
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    if a.ndim != 1 or a.shape != b.shape:
+        raise SparseAllocError("crossover needs two flat level-index vectors of the same length")
+    first, second = (a, b) if rng.random() < 0.5 else (b, a)
+    n = a.size
+    if n < 2:
+        return first.copy()
+    count = int(rng.integers(1, min(max_points, n - 1) + 1))
+    cuts = np.sort(rng.choice(np.arange(1, n), size=count, replace=False))
+    segment = np.searchsorted(cuts, np.arange(n), side="right")  # 0 before the first cut, 1 after, ...
+    return np.where(segment % 2 == 0, first, second)
+
+
+def repair(
+    levels_idx: np.ndarray,
+    grid: np.ndarray,
+    goal: float,
+    rng: np.random.Generator,
+    weights: np.ndarray | None = None,
+    between: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Move blocks one level at a time until the weighted mean is as close to ``goal`` as single moves
+    towards it get; the input is not changed.
+
+    Every move goes in the goal's direction and never past it (a random block among those whose move
+    fits, preferring, with ``between = (a, b)``, blocks that stay within [min(a, b), max(a, b)]); when no
+    move fits, at most one last move crosses the goal if that lands closer. So all moves go one way, every
+    level stays on the grid, and the result's mean is within one grid step × the largest block share of
+    ``goal`` (``goal`` must lie in [grid[0], grid[-1]]); with equal weights on an even grid and a goal
+    reachable on it (e.g. the parents' mean), the result has exactly the goal's index sum.
+    """
+    grid = np.asarray(grid, dtype=float)
+    child = np.array(levels_idx, dtype=np.int64, copy=True)
+    if child.ndim != 1 or child.size == 0 or child.min() < 0 or child.max() >= grid.size:
+        raise SparseAllocError("repair needs a flat vector of level indices on the grid")
+    if not grid[0] - _EPS <= goal <= grid[-1] + _EPS:
+        raise SparseAllocError(f"goal mean {goal} is outside the level range [{grid[0]}, {grid[-1]}]")
+    w = np.ones(child.size) if weights is None else np.asarray(weights, dtype=float)
+    share = w / w.sum()
+    lo = hi = None
+    if between is not None:
+        lo = np.minimum(between[0], between[1])
+        hi = np.maximum(between[0], between[1])
+    gap = float(share @ grid[child]) - goal
+    while abs(gap) > _EPS:
+        step = -1 if gap > 0 else 1
+        moved = child + step
+        movable = (moved >= 0) & (moved < grid.size)
+        delta = np.zeros(child.size)
+        delta[movable] = share[movable] * (grid[moved[movable]] - grid[child[movable]])
+        fits = movable & (np.abs(delta) <= abs(gap) + _EPS)
+        if not fits.any():
+            closer = movable & (np.abs(gap + delta) < abs(gap) - _EPS)
+            if closer.any():
+                i = int(np.argmin(np.where(closer, np.abs(gap + delta), np.inf)))
+                child[i] = moved[i]
+            break
+        choice = fits
+        if lo is not None:
+            inside = fits & (moved >= lo) & (moved <= hi)
+            if inside.any():
+                choice = inside
+        options = np.flatnonzero(choice)
+        i = int(options[rng.integers(options.size)])
+        child[i] = moved[i]
+        gap = float(share @ grid[child]) - goal
+    return child
+
+
 def run_evolution(
     evaluate: EvaluateBatch,
     seeds: Sequence[Profile],
@@ -178,9 +295,10 @@ def run_evolution(
     """Evolve per-block sparsity profiles at mean ``config.target``; lower fitness is better.
 
     Stops after ``config.max_generations`` generations, when the budget is exhausted (checked before every
-    stage; a stage larger than the remaining evaluations is trimmed to fit), or when no new child can be
-    produced. ``on_generation(generation, best_fitness, evaluations)`` is called after every completed
-    generation, ``evaluations`` being those charged by this run so far.
+    stage; a stage larger than the remaining evaluations is trimmed to fit, keeping back with
+    ``fresh_tokens`` the evaluations the final choice needs), or when no new child can be produced.
+    ``on_generation(generation, best_fitness, evaluations)`` is called after every completed generation,
+    ``evaluations`` being those charged by this run so far.
     """
     grid = config.grid()
     rng = np.random.default_rng(config.seed)
@@ -201,13 +319,13 @@ def run_evolution(
         )
     w = np.ones(num_blocks) if weights is None else np.asarray(weights)
     gaps = np.diff(grid)
-    even = bool(np.allclose(gaps, gaps[0], rtol=0, atol=1e-12))
+    exact = bool(np.allclose(gaps, gaps[0], rtol=0, atol=1e-12)) and bool(np.all(w == w[0]))
     tolerance = float(gaps.max()) + 1e-12
 
     def mean_ok(idx: np.ndarray) -> bool:
-        return abs(float((w * grid[idx]).sum() / w.sum()) - config.target) <= tolerance
+        return abs(weighted_mean(idx, grid, w) - config.target) <= tolerance
 
-    accept = None if (even and np.all(w == w[0])) else mean_ok
+    accept = None if exact else mean_ok
 
     def make_profile(idx: tuple[int, ...]) -> Profile:
         sparsities = tuple(float(grid[k]) for k in idx)
@@ -223,30 +341,30 @@ def run_evolution(
         idx = tuple(int(np.argmin(np.abs(grid - v))) for v in values)
         if idx not in snapped:
             snapped.append(idx)
+    # Crossover repairs towards the seeds' grid mean when it is exact (index sums kept), else the target.
+    goal = weighted_mean(np.asarray(snapped[0]), grid) if exact else config.target
 
-    scores: list[dict[tuple[int, ...], float]] = [{} for _ in config.fidelities]
+    stages = len(config.fidelities)
+    top = stages - 1
+    fresh_mode = config.fresh_tokens
+    reserve = config.survivors[-1] if fresh_mode else 0  # evaluations kept back for the final choice
+    draw_base = 1 + int(np.random.default_rng([config.seed, 0x5EED]).integers(0, 2**31)) * 2**20
+
+    def draw_of(generation: int, stage: int) -> int:
+        """A positive minibatch number per (generation, stage), never the same twice in one run."""
+        return draw_base + generation * stages + stage if fresh_mode else 0
+
+    scores: dict[tuple[int, int], dict[tuple[int, ...], float]] = {}  # (stage, draw) -> profile -> fitness
     evaluations = 0
-    top = len(config.fidelities) - 1
 
-    def score_stage(stage: int, generation: int, pool: list[tuple[int, ...]]) -> list[tuple[int, ...]] | None:
-        """Score ``pool`` (in order of preference) at one stage; None when the budget stopped it first."""
+    def score(pool: list[tuple[int, ...]], tokens: int | None, draw: int, params: dict) -> dict:
+        """Score the profiles of ``pool`` not yet known at (``params['stage']``, ``draw``) in one batch."""
         nonlocal evaluations
-        if budget.exhausted():
-            return None
-        cache = scores[stage]
+        cache = scores.setdefault((params["stage"], draw), {})
         fresh = [idx for idx in pool if idx not in cache]
-        remaining = budget.remaining_evals()
-        if remaining is not None and len(fresh) > remaining:
-            kept = set(fresh[:remaining])
-            fresh = fresh[:remaining]
-            pool = [idx for idx in pool if idx in cache or idx in kept]
         if fresh:
-            batch = [
-                Candidate.of(make_profile(idx), tokens=int(config.fidelities[stage]), driver=DRIVER,
-                             draw=generation if config.fresh_tokens and stage < top else 0,
-                             generation=generation, stage=stage)
-                for idx in fresh
-            ]
+            batch = [Candidate.of(make_profile(idx), tokens=tokens, driver=DRIVER, draw=draw, **params)
+                     for idx in fresh]
             budget.charge(len(batch))
             evaluations += len(batch)
             fitness = list(evaluate(batch))
@@ -257,64 +375,113 @@ def run_evolution(
             for idx, value in zip(fresh, fitness):
                 value = float(value)
                 cache[idx] = value if math.isfinite(value) else math.inf
+        return cache
+
+    def score_stage(stage: int, generation: int, pool: list[tuple[int, ...]],
+                    parents: list[tuple[int, ...]]) -> list[tuple[int, ...]] | None:
+        """Score ``pool`` (in order of preference) at one stage; None when the budget stopped it first.
+
+        With fresh tokens the top stage also scores the ``parents`` (listed first) on the same draw; it
+        is skipped unless all of them and at least one child fit next to the final choice's reserve."""
+        if budget.exhausted():
+            return None
+        draw = draw_of(generation, stage)
+        cache = scores.get((stage, draw), {})
+        if fresh_mode and stage == top:
+            pool = list(parents) + [idx for idx in pool if idx not in parents]
+        remaining = budget.remaining_evals()
+        if remaining is not None:
+            if fresh_mode and (parents or stage == top):
+                remaining -= reserve
+            fresh = [idx for idx in pool if idx not in cache]
+            if fresh_mode and stage == top and remaining < sum(p not in cache for p in parents) + 1:
+                return None
+            if len(fresh) > remaining:
+                if remaining <= 0:
+                    return None
+                kept = set(fresh[:remaining])
+                pool = [idx for idx in pool if idx in cache or idx in kept]
+        score(pool, int(config.fidelities[stage]), draw, {"generation": generation, "stage": stage})
         return pool
 
-    def ranked(stage: int, pool: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
-        order = sorted(range(len(pool)), key=lambda k: (scores[stage][pool[k]], k))  # stable on ties
+    def ranked(cache: dict, pool: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        order = sorted(range(len(pool)), key=lambda k: (cache[pool[k]], k))  # stable on ties
         return [pool[k] for k in order]
+
+    def child_of(parents: list[tuple[int, ...]]) -> tuple[int, ...]:
+        if len(parents) >= 2 and rng.random() < config.crossover_rate:
+            i, j = rng.choice(len(parents), size=2, replace=False)
+            a, b = np.asarray(parents[int(i)]), np.asarray(parents[int(j)])
+            base = repair(crossover(a, b, rng, config.crossover_points), grid, goal, rng, w, (a, b))
+        else:
+            base = np.asarray(parents[int(rng.integers(len(parents)))])
+        return tuple(int(k) for k in mutate(base, grid.size, rng, config.max_swaps, accept))
 
     def children_of(parents: list[tuple[int, ...]], count: int, taken: set) -> list[tuple[int, ...]]:
         out: list[tuple[int, ...]] = []
         for _ in range(count * _CHILD_TRIES):
             if len(out) >= count:
                 break
-            parent = parents[int(rng.integers(len(parents)))]
-            child = tuple(int(k) for k in mutate(np.asarray(parent), grid.size, rng, config.max_swaps, accept))
+            child = child_of(parents)
             if child not in taken:
                 taken.add(child)
                 out.append(child)
         return out
 
     parents: list[tuple[int, ...]] = []
+    seen: set[tuple[int, ...]] = set()  # every profile scored at stage 0
     history: list[float] = []
-    best_partial: tuple[int, tuple[int, ...]] | None = None  # (stage, profile) when no top score exists yet
+    best_partial: tuple[float, int, tuple[int, ...]] | None = None  # (score, stage, profile) before any parents
+    generation = 0
 
     for generation in range(config.max_generations):
         if generation == 0:
             pool = list(snapped)
             pool += children_of(snapped, config.offspring - len(pool), set(pool))
         else:
-            pool = children_of(parents, config.offspring, set(parents) | scores[0].keys())
+            pool = children_of(parents, config.offspring, set(parents) | seen)
             if not pool:
                 break  # nothing new can be reached from the parents
         stopped = False
-        for stage in range(len(config.fidelities)):
-            scored = score_stage(stage, generation, pool)
+        for stage in range(stages):
+            scored = score_stage(stage, generation, pool, parents)
             if scored is None:
                 stopped = True
                 break
-            pool = ranked(stage, scored)
+            cache = scores[(stage, draw_of(generation, stage))]
+            if stage == 0:
+                seen.update(scored)
+            pool = ranked(cache, scored)
             if stage < top:
-                if pool and not parents and (best_partial is None or stage >= best_partial[0]):
-                    best_partial = (stage, pool[0])
+                if pool and not parents and (best_partial is None or stage >= best_partial[1]):
+                    best_partial = (cache[pool[0]], stage, pool[0])
                 pool = pool[: config.survivors[stage]]
         if stopped or not pool:
             break
-        contenders = pool + [p for p in parents if p not in pool]
-        parents = ranked(top, contenders)[: config.survivors[-1]]
-        history.append(scores[top][parents[0]])
+        if not fresh_mode:  # parents compete with their cached top-fidelity scores
+            pool = ranked(cache, pool + [p for p in parents if p not in pool])
+        parents = pool[: config.survivors[-1]]
+        history.append(cache[parents[0]])
         if on_generation is not None:
             on_generation(generation, history[-1], evaluations)
         if budget.exhausted():
             break
 
+    if parents and fresh_mode:
+        # The answer: the best final parent on draw 0 (unbiased, ``final_tokens``), evaluations permitting.
+        remaining = budget.remaining_evals()
+        final = parents if remaining is None else parents[:remaining]
+        if final:
+            cache = score(final, config.final_tokens, 0, {"generation": generation, "stage": "final"})
+            best = ranked(cache, final)[0]
+            return EvolutionResult(make_profile(best), cache[best], len(history), evaluations, history)
     if parents:
-        best, fitness = parents[0], scores[top][parents[0]]
+        best, fitness = parents[0], history[-1]
     elif best_partial is not None:
-        best, fitness = best_partial[1], scores[best_partial[0]][best_partial[1]]
+        fitness, _, best = best_partial
     else:
         best, fitness = snapped[0], math.inf
     return EvolutionResult(make_profile(best), fitness, len(history), evaluations, history)
 
 
-__all__ = ["EvolutionConfig", "EvolutionResult", "mutate", "run_evolution"]
+__all__ = ["EvolutionConfig", "EvolutionResult", "crossover", "mutate", "repair", "run_evolution", "weighted_mean"]
