@@ -29,7 +29,7 @@ from scoring.fisher import block_fisher_traces
 from scoring.perplexity import perplexity
 from scoring.sensitivity import shapley_sensitivity
 from search_spaces import families
-from search_spaces.profile import Profile
+from core.profile import Profile
 
 RESULTS = Path(__file__).parent / "results"
 

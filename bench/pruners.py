@@ -22,7 +22,7 @@ from pruning.pruners import get_pruner
 from pruning.sequential import prune_sequentially
 from scoring.perplexity import perplexity
 from scoring.sparsity import achieved_sparsity
-from search_spaces.profile import Profile
+from core.profile import Profile
 
 RESULTS = Path(__file__).parent / "results"
 

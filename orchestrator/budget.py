@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 
 
 @dataclass

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable
 
-from search_spaces.profile import NM, Profile
+from core.profile import NM, Profile
 
 
 @dataclass(frozen=True)

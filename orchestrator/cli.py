@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from orchestrator.drivers import DRIVERS, all_shares
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 from pruning.pruners import PRUNERS
 from search_spaces.families import FAMILIES
 
@@ -260,7 +260,7 @@ def _read_sensitivity(path: Path | None, family: str) -> list[float]:
 
 def _cmd_profile(args) -> None:
     from search_spaces.families import FAMILIES, FamilyInputs, nm_profile
-    from search_spaces.profile import write_profile
+    from core.profile import write_profile
 
     family = FAMILIES[args.family]
     values = None

@@ -57,9 +57,9 @@ import numpy as np
 
 from orchestrator.budget import Budget
 from orchestrator.candidates import Candidate, EvaluateBatch
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 from search_spaces.algebra import level_grid, nm_levels, round_to_levels
-from search_spaces.profile import Profile
+from core.profile import Profile
 
 DRIVER = "evolution"
 _MOVE_TRIES = 20  # redraws of one move whose weighted mean would leave the tolerance band

@@ -16,7 +16,7 @@ import torch
 
 from orchestrator.output import check_output, staged_output, write_json
 from pruning.data import DEFAULT_DATA, prepare_tokens
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 from pruning.load import (DEFAULT_MODEL, DTYPES, block_param_counts, find_blocks, find_linears, load_model,
                           pick_device, pick_dtype)
 from pruning.offload import move_non_blocks, tensor_bytes
@@ -24,7 +24,7 @@ from pruning.pruners import get_pruner
 from pruning.sequential import prune_sequentially
 from scoring.perplexity import perplexity
 from scoring.sparsity import achieved_sparsity
-from search_spaces.profile import MEAN_TOLERANCE, Profile, parse_nm, read_profile, write_profile
+from core.profile import MEAN_TOLERANCE, Profile, parse_nm, read_profile, write_profile
 
 log = logging.getLogger(__name__)
 

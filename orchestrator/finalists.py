@@ -33,8 +33,8 @@ from orchestrator.candidates import DriverResult
 from orchestrator.final_pass import (choose_offload, device_free_bytes, device_info, dtype_name, pass_reserve_bytes,
                                      place_model, save_pruned, versions)
 from orchestrator.output import staged_output, write_json
-from pruning.errors import SparseAllocError
-from search_spaces.profile import Profile
+from core.errors import SparseAllocError
+from core.profile import Profile
 
 if TYPE_CHECKING:
     from orchestrator.search import SearchConfig

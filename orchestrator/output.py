@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 
 
 def check_output(out: Path, overwrite: bool) -> None:

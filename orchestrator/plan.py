@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 from pruning.pruners import PRUNERS
 
 GIB = 2**30

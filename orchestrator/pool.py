@@ -42,7 +42,7 @@ import torch
 
 from orchestrator.candidates import Candidate
 from orchestrator.results import ResultsTable
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 
 log = logging.getLogger(__name__)
 

@@ -37,11 +37,11 @@ from orchestrator.output import check_output, write_json
 from orchestrator.pool import EvaluatorPool, EvaluatorSpec
 from orchestrator.results import ResultsTable
 from pruning.data import DEFAULT_DATA, consecutive_windows, prepare_tokens
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 from pruning.load import DEFAULT_MODEL, load_tokenizer, pick_device, pick_dtype
 from pruning.pruners import get_pruner
 from search_spaces import families
-from search_spaces.profile import write_profile
+from core.profile import write_profile
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import torch
 
 from orchestrator.output import check_output, staged_output, write_json
 from pruning.data import DEFAULT_DATA, consecutive_windows, prepare_tokens
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 from pruning.load import DEFAULT_MODEL, load_model, pick_device, pick_dtype
 from scoring.evaluator import CandidateEvaluator
 from scoring.sensitivity import (METHODS, Sensitivity, fisher_sensitivity, owl_sensitivity, plot_sensitivity,

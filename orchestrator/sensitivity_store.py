@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 
 log = logging.getLogger(__name__)
 

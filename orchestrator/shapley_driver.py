@@ -18,7 +18,7 @@ import numpy as np
 from orchestrator.budget import Budget
 from orchestrator.candidates import Candidate, DriverResult
 from orchestrator.progress import DriverProgress
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 from scoring import shapley
 from scoring.shapley import Coalition
 from search_spaces import families

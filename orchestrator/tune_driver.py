@@ -31,9 +31,9 @@ from orchestrator.budget import Budget
 from orchestrator.candidates import Candidate, DriverResult
 from orchestrator.pool import EvaluatorPool
 from orchestrator.progress import DriverProgress
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 from search_spaces.families import Space
-from search_spaces.profile import Profile
+from core.profile import Profile
 
 log = logging.getLogger(__name__)
 DEFAULT_TRIALS = 20  # with neither an evaluation nor a time budget

@@ -17,7 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import re
 import shutil
 from pathlib import Path
 
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 
 log = logging.getLogger(__name__)
 

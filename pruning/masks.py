@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 
 
 def prune_count(size: int, sparsity: float) -> int:

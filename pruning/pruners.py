@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 from pruning.masks import layer_mask, nm_mask, prune_count, row_mask
 
 NM = tuple[int, int] | None

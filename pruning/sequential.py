@@ -19,7 +19,7 @@ from pruning.capture import capture_block_inputs, run_block, run_block_observing
 from pruning.load import find_blocks, find_linears
 from pruning.offload import move_non_blocks, onloaded
 from pruning.pruners import Pruner
-from search_spaces.profile import Profile
+from core.profile import Profile
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from pruning.capture import capture_block_inputs, head_logits
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 from pruning.load import block_param_counts, find_blocks, find_linears
 from pruning.offload import move_non_blocks, non_block_bytes, onloaded, pin_blocks, split_blocks, tensor_bytes, to_device
 from scoring.levels import Level, RankTables, build_rank_tables
-from search_spaces.profile import Profile
+from core.profile import Profile
 
 METRICS = ("kl", "ppl")
 MODES = ("resident", "streamed")

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pruning.capture import capture_block_inputs, run_block_observing
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 from pruning.load import find_blocks, find_linears
 from pruning.masks import prune_count
 from pruning.offload import onloaded, to_device

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 from scoring import shapley
 from scoring.evaluator import CandidateEvaluator
 from scoring.levels import build_rank_tables

@@ -16,7 +16,7 @@ from itertools import combinations
 
 import numpy as np
 
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 
 Coalition = frozenset[int]
 Values = Mapping[Coalition, float]

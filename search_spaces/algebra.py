@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 
 MAX_SPARSITY = 0.99
 

@@ -12,9 +12,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 from search_spaces.algebra import MAX_SPARSITY, nm_levels, project, round_to_levels
-from search_spaces.profile import Profile
+from core.profile import Profile
 
 Space = dict[str, tuple[str, float, float]]
 

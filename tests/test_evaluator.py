@@ -8,8 +8,8 @@ from pruning.pruners import get_pruner
 from pruning.sequential import prune_sequentially
 from scoring.evaluator import CandidateEvaluator
 from scoring.perplexity import perplexity
-from pruning.errors import SparseAllocError
-from search_spaces.profile import Profile
+from core.errors import SparseAllocError
+from core.profile import Profile
 
 CPU = torch.device("cpu")
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import build_model, tiny_llama_config, tiny_opt_config
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 from pruning.load import block_param_counts
 from scoring.evaluator import CandidateEvaluator
 from search_spaces import families
-from search_spaces.profile import Profile
+from core.profile import Profile
 from test_capture import _gemma3_config
 
 CPU = torch.device("cpu")

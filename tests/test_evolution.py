@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import orchestrator.evolution as evolution
 from orchestrator.budget import Budget
 from orchestrator.evolution import EvolutionConfig, crossover, mutate, repair, run_evolution, weighted_mean
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 from search_spaces.families import sensitivity_map, uniform
 
 EXAMPLES = settings(max_examples=200, deadline=None)

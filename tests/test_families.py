@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 from search_spaces.families import (
     atp,
     atp_beta_max,
@@ -21,7 +21,7 @@ from search_spaces.families import (
     sensitivity_space,
     uniform,
 )
-from search_spaces.profile import Profile
+from core.profile import Profile
 
 EXAMPLES = settings(max_examples=100, deadline=None)
 

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from orchestrator.final_pass import PruneConfig, run_prune
 from pruning.load import find_blocks, find_linears
-from search_spaces.profile import Profile, write_profile
+from core.profile import Profile, write_profile
 
 
 def _config(model_dir, data, out, **kwargs) -> PruneConfig:

@@ -18,7 +18,7 @@ from huggingface_hub import errors as hub_errors  # noqa: E402
 from conftest import build_model, save_model_dir, tiny_llama_config  # noqa: E402
 from orchestrator.cli import main  # noqa: E402
 from pruning import hub  # noqa: E402
-from pruning.errors import SparseAllocError  # noqa: E402
+from core.errors import SparseAllocError  # noqa: E402
 from pruning.load import find_blocks, load_model, load_tokenizer, num_blocks_of  # noqa: E402
 
 # Files the hub lists besides the tiny model's own: other weight formats and sub-folders that a

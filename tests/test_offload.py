@@ -18,7 +18,7 @@ from pruning.load import find_blocks, find_linears
 from pruning.pruners import get_pruner
 from pruning.sequential import prune_sequentially
 from scoring.perplexity import mean_nll, perplexity
-from search_spaces.profile import Profile
+from core.profile import Profile
 
 CPU = torch.device("cpu")
 PROFILE = Profile((0.5, 0.3, 0.6, 0.0))

@@ -8,7 +8,7 @@ import pytest
 
 from orchestrator.cli import main
 from orchestrator.plan import GIB, ModelShape, check_plan, load_config, make_plan, render_plan, shape_of
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 
 LLAMA7_BLOCK_LINEARS = 4 * 4096**2 + 3 * 4096 * 11008  # 202,375,168
 LLAMA70_BLOCK_LINEARS = 2 * 8192**2 + 2 * 1024 * 8192 + 3 * 8192 * 28672  # 855,638,016

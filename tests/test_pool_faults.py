@@ -15,7 +15,7 @@ from orchestrator import pool as pool_module
 from orchestrator.candidates import Candidate
 from orchestrator.pool import EvaluatorPool, EvaluatorSpec
 from orchestrator.results import ResultsTable
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 from search_spaces import families
 
 

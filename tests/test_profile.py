@@ -2,8 +2,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pruning.errors import SparseAllocError
-from search_spaces.profile import Profile, read_profile, weighted_mean, write_profile
+from core.errors import SparseAllocError
+from core.profile import Profile, read_profile, weighted_mean, write_profile
 
 
 @given(blocks=st.integers(1, 80), sparsity=st.floats(0, 0.999))

@@ -53,7 +53,7 @@ def test_pruners_rank_sparsegpt_wanda_magnitude_at_60(real_cache):
     from pruning.pruners import get_pruner
     from pruning.sequential import prune_sequentially
     from scoring.perplexity import perplexity
-    from search_spaces.profile import Profile
+    from core.profile import Profile
 
     dense, tokenizer = load_model("default")
     data = prepare_tokens(tokenizer, "default", seqlen=128, calib_samples=16, eval_windows=8)  # SparseGPT needs the tokens

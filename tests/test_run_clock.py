@@ -7,7 +7,7 @@ import pytest
 
 from orchestrator.clock import RunClock
 from orchestrator.search import SearchConfig, _budget, _search_seconds
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 
 
 def test_phases_accumulate_across_sessions(tmp_path):

@@ -13,10 +13,10 @@ from orchestrator.results import ResultsTable
 from orchestrator import finalists as finalists_module
 from orchestrator.finalists import finalists, run_final_passes, selection_windows
 from orchestrator.search import SearchConfig, _prepare_run_dir
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 from pruning.data import TokenData
 from pruning.load import find_blocks, find_linears, load_tokenizer
-from search_spaces.profile import Profile
+from core.profile import Profile
 
 
 def _args(model_dir, data, out, *extra, method="evolution", budget_evals=24):

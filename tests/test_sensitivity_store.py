@@ -5,7 +5,7 @@ import pytest
 
 from orchestrator import sensitivity_store
 from orchestrator.sensitivity_store import load_or_compute, sensitivity_path
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 
 IDENTITY = {"model": "tiny-llama", "data": "corpus.txt", "dtype": "fp32", "device_type": "cpu", "windows": 8,
             "seqlen": (16,)}

@@ -5,7 +5,7 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 from scoring.shapley import (
     estimate,
     exact_plan,

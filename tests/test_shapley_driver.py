@@ -13,7 +13,7 @@ import pytest
 import orchestrator.budget
 from orchestrator.budget import Budget
 from orchestrator.shapley_driver import run_shapley
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 from scoring.shapley import exact_plan, exact_shapley, permutation_plan, permutation_shapley
 
 N = 8

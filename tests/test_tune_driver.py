@@ -12,7 +12,7 @@ import pytest
 from orchestrator import tune_driver
 from orchestrator.budget import Budget
 from orchestrator.tune_driver import make_sampler, run_tune
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 from search_spaces import families
 
 TARGET = 0.6

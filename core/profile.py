@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from pruning.errors import SparseAllocError
+from core.errors import SparseAllocError
 
 MEAN_TOLERANCE = 1e-6
 NM = tuple[int, int]
