@@ -57,3 +57,42 @@ def test_sigkilled_search_resumes_to_the_same_end(corpus_file, tmp_path):
     a, b = (json.loads((run / "summary.json").read_text()) for run in (whole, killed))
     assert a["winner"] == b["winner"] and a["drivers"]["evolution"]["profile"] == b["drivers"]["evolution"]["profile"]
     assert a["final_passes"][a["winner"]]["test_perplexity"] == b["final_passes"][b["winner"]]["test_perplexity"]
+
+
+def test_search_with_a_killed_actor_ends_like_an_uninterrupted_one(corpus_file, tmp_path):
+    """An evaluator actor's process SIGKILLed mid-search: its candidates are re-submitted, every
+    evaluation lands once, and the search ends with the same best profile and winner."""
+    import threading
+
+    import psutil
+
+    model = build_model(tiny_llama_config())
+    for layer in find_linears(find_blocks(model)[0]).values():
+        layer.weight.data *= 6.0
+    model_dir = save_model_dir(model, tmp_path / "model")
+    whole, hit = tmp_path / "whole", tmp_path / "hit"
+    assert main(_args(model_dir, corpus_file, whole)) == 0
+    killed = []
+
+    def kill_an_actor() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            results = hit / "results"
+            if results.exists() and len(list(results.glob("part-*.parquet"))) >= 20:
+                for child in psutil.Process().children(recursive=True):
+                    if "EvaluatorActor" in " ".join(child.cmdline()):
+                        child.kill()
+                        killed.append(child.pid)
+                        return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_an_actor, daemon=True)
+    killer.start()
+    assert main(_args(model_dir, corpus_file, hit)) == 0
+    killer.join()
+    assert killed, "an actor was killed mid-search"
+    table, reference = ResultsTable(hit, "check"), ResultsTable(whole, "check")
+    assert table.duplicate_keys() == []
+    assert {r["key"] for r in table.read()} == {r["key"] for r in reference.read()}
+    a, b = (json.loads((run / "summary.json").read_text()) for run in (whole, hit))
+    assert a["winner"] == b["winner"] and a["drivers"]["evolution"]["profile"] == b["drivers"]["evolution"]["profile"]
