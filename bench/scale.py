@@ -321,16 +321,11 @@ def measure(args) -> dict:
 # ---- the report ----------------------------------------------------------------------------------
 
 def _device_words() -> str:
+    from orchestrator.final_pass import device_info
+
     if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
-    name = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+        return f"{device_info(torch.device('cuda'))['device_name']} (CUDA {torch.version.cuda})"
+    name = device_info(torch.device("cpu"))["device_name"]
     return f"CPU {name}, {os.cpu_count()} logical cores (shared with other work)"
 
 

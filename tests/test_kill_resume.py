@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import build_model, save_model_dir, tiny_llama_config
 from orchestrator.cli import main
 from orchestrator.results import ResultsTable
@@ -24,13 +26,21 @@ def _args(model_dir, data, out, *extra):
             "--population", "1", "--out", str(out), "--no-progress", *extra]
 
 
-def test_sigkilled_search_resumes_to_the_same_end(corpus_file, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(corpus_file, tmp_path_factory):
+    """A tiny LLaMA with a fragile block 0, and the run directory of its uninterrupted search."""
     model = build_model(tiny_llama_config())
     for layer in find_linears(find_blocks(model)[0]).values():
         layer.weight.data *= 6.0
-    model_dir = save_model_dir(model, tmp_path / "model")
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    model_dir = save_model_dir(model, tmp_path_factory.mktemp("model"))
+    whole = tmp_path_factory.mktemp("whole") / "run"
     assert main(_args(model_dir, corpus_file, whole)) == 0
+    return model_dir, whole
+
+
+def test_sigkilled_search_resumes_to_the_same_end(uninterrupted, corpus_file, tmp_path):
+    model_dir, whole = uninterrupted
+    killed = tmp_path / "killed"
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
     process = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *_args(model_dir, corpus_file, killed)],
@@ -59,19 +69,15 @@ def test_sigkilled_search_resumes_to_the_same_end(corpus_file, tmp_path):
     assert a["final_passes"][a["winner"]]["test_perplexity"] == b["final_passes"][b["winner"]]["test_perplexity"]
 
 
-def test_search_with_a_killed_actor_ends_like_an_uninterrupted_one(corpus_file, tmp_path):
+def test_search_with_a_killed_actor_ends_like_an_uninterrupted_one(uninterrupted, corpus_file, tmp_path):
     """An evaluator actor's process SIGKILLed mid-search: its candidates are re-submitted, every
     evaluation lands once, and the search ends with the same best profile and winner."""
     import threading
 
     import psutil
 
-    model = build_model(tiny_llama_config())
-    for layer in find_linears(find_blocks(model)[0]).values():
-        layer.weight.data *= 6.0
-    model_dir = save_model_dir(model, tmp_path / "model")
-    whole, hit = tmp_path / "whole", tmp_path / "hit"
-    assert main(_args(model_dir, corpus_file, whole)) == 0
+    model_dir, whole = uninterrupted
+    hit = tmp_path / "hit"
     killed = []
 
     def kill_an_actor() -> None:

@@ -14,6 +14,7 @@ import torch
 
 from conftest import build_model, tiny_gemma3_config, tiny_llama_config, tiny_opt_config
 from orchestrator.final_pass import choose_offload
+from pruning.offload import _slots  # the tensors onloaded moves, so the stand-in moves the same ones
 from pruning.load import find_blocks, find_linears
 from pruning.pruners import get_pruner
 from pruning.sequential import prune_sequentially
@@ -31,16 +32,6 @@ def _gemma3_softcapped():
 
 
 MODELS = {"llama": tiny_llama_config, "opt": lambda: tiny_opt_config(layers=4), "gemma3": _gemma3_softcapped}
-
-
-def _slots(block):
-    for owner in block.modules():
-        for name, param in owner._parameters.items():
-            if param is not None:
-                yield owner, name, True
-        for name, buffer in owner._buffers.items():
-            if buffer is not None:
-                yield owner, name, False
 
 
 class SimulatedDevice:
