@@ -49,7 +49,8 @@ class BlockCalls:
     calls: list[list[tuple[tuple, dict]]]  # [block][batch] -> (extra positional args, kwargs)
 
 
-def _block_output(output) -> torch.Tensor:
+def block_output(output) -> torch.Tensor:
+    """A block's hidden-state output (blocks return a tensor, or a tuple on older transformers)."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
@@ -76,7 +77,7 @@ def capture_block_inputs(model, blocks: nn.ModuleList, token_windows: torch.Tens
 @torch.no_grad()
 def run_block(block: nn.Module, hidden: list[torch.Tensor], calls: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
     """The block's outputs for every mini-batch (the next block's hidden states)."""
-    return [_block_output(block(h, *args, **kwargs)) for h, (args, kwargs) in zip(hidden, calls)]
+    return [block_output(block(h, *args, **kwargs)) for h, (args, kwargs) in zip(hidden, calls)]
 
 
 def run_block_observing(block: nn.Module, layers: dict[str, nn.Module], new_stats: Callable[[nn.Module], Any],
@@ -96,32 +97,28 @@ def run_block_observing(block: nn.Module, layers: dict[str, nn.Module], new_stat
     return stats, outputs
 
 
-class _Passthrough(nn.Module):
-    """Stands in for a block: returns its hidden states unchanged."""
+class _StandIn(nn.Module):
+    """Stands in for a block while only the head runs: returns ``value`` when given, else its own input,
+    in the form the real blocks return (a tensor, or a 1-tuple)."""
 
-    def forward(self, hidden_states, *_args, **_kwargs):
-        return hidden_states
-
-
-class _Emit(nn.Module):
-    """Stands in for block 0 when only the head is wanted: ignores its input, returns ``hidden``."""
-
-    def __init__(self, hidden: torch.Tensor) -> None:
+    def __init__(self, value: torch.Tensor | None, as_tuple: bool) -> None:
         super().__init__()
-        self.hidden = hidden
+        self.value, self.as_tuple = value, as_tuple
 
-    def forward(self, *_args, **_kwargs):
-        return self.hidden
+    def forward(self, *args, **kwargs):
+        hidden = self.value if self.value is not None else (args[0] if args else kwargs["hidden_states"])
+        return (hidden,) if self.as_tuple else hidden
 
 
-def head_logits(model, blocks: nn.ModuleList, final_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+def head_logits(model, blocks: nn.ModuleList, final_hidden: torch.Tensor, input_ids: torch.Tensor,
+                as_tuple: bool = False) -> torch.Tensor:
     """Logits of the model's head (final norm, LM head, any soft-capping) applied to ``final_hidden``,
-    the last block's output for ``input_ids``: the model's own forward runs with every block replaced
-    by a pass-through, so each architecture's head is applied as the model itself applies it."""
+    the last block's output for ``input_ids``: the model's own forward runs with block 0 replaced by a
+    stand-in returning ``final_hidden`` and every other block by a pass-through (``as_tuple``: blocks
+    return 1-tuples), so each architecture's head is applied as the model itself applies it."""
     originals = list(blocks)
-    blocks[0] = _Emit(final_hidden)
-    for index in range(1, len(blocks)):
-        blocks[index] = _Passthrough()
+    for index in range(len(blocks)):
+        blocks[index] = _StandIn(final_hidden if index == 0 else None, as_tuple)
     try:
         return model(input_ids=input_ids, use_cache=False).logits
     finally:

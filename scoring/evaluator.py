@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from pruning.capture import capture_block_inputs, head_logits
+from pruning.capture import block_output, capture_block_inputs, head_logits
 from core.errors import SparseAllocError
 from pruning.load import block_param_counts, find_blocks, find_linears
 from pruning.offload import move_non_blocks, non_block_bytes, onloaded, pin_blocks, split_blocks, tensor_bytes, to_device
@@ -45,10 +45,6 @@ GiB = 1 << 30
 
 def _size(count: int) -> str:
     return f"{count / GiB:.3f} GiB ({count:,} bytes)"
-
-
-def _block_output(output) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 class CandidateEvaluator:
@@ -256,7 +252,7 @@ class CandidateEvaluator:
             outputs = []
             for part in batches:
                 args, kwargs = self._calls_for(block, part.stop - part.start)
-                outputs.append(_block_output(self.blocks[block](hidden[part], *args, **kwargs)))
+                outputs.append(block_output(self.blocks[block](hidden[part], *args, **kwargs)))
             return torch.cat(outputs)
         finally:
             for name, layer in linears.items():

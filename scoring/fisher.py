@@ -31,41 +31,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from pruning.capture import capture_block_inputs
+from pruning.capture import block_output, capture_block_inputs, head_logits
 from pruning.load import find_blocks, find_linears
 from pruning.offload import onloaded, to_device
 
 HOST = torch.device("cpu")
 
 
-class _StandIn(nn.Module):
-    """Replaces a block while the head runs: returns ``value`` when given, else its own input, in the
-    same form (tensor or 1-tuple) as the real blocks return their output."""
-
-    def __init__(self, value: torch.Tensor | None, as_tuple: bool) -> None:
-        super().__init__()
-        self.value, self.as_tuple = value, as_tuple
-
-    def forward(self, *args, **kwargs):
-        hidden = self.value if self.value is not None else (args[0] if args else kwargs["hidden_states"])
-        return (hidden,) if self.as_tuple else hidden
-
-
-def _output_hidden(output) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 def _head_loss(model, blocks: nn.ModuleList, ids: torch.Tensor, final_hidden: torch.Tensor,
                as_tuple: bool) -> torch.Tensor:
     """Mean token NLL of ``ids`` when the last block's output is ``final_hidden`` (the model's own head)."""
-    originals = list(blocks)
-    for index in range(len(blocks)):
-        blocks[index] = _StandIn(final_hidden if index == 0 else None, as_tuple)
-    try:
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-    finally:
-        for index, block in enumerate(originals):
-            blocks[index] = block
+    logits = head_logits(model, blocks, final_hidden, ids, as_tuple)[:, :-1].float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
@@ -89,7 +65,7 @@ def _window_squared_gradients(model, blocks: nn.ModuleList, weights: list[list[n
             with placed(block):
                 output = block(hidden, *args, **kwargs)
             as_tuple = isinstance(output, (tuple, list))
-            hidden = _output_hidden(output)
+            hidden = block_output(output)
             del output
 
     # 2. the head: gradient of the loss w.r.t. the last block's output
@@ -111,7 +87,7 @@ def _window_squared_gradients(model, blocks: nn.ModuleList, weights: list[list[n
                 p.requires_grad_(True)
             try:
                 with torch.enable_grad():
-                    output = _output_hidden(block(x, *args, **kwargs))
+                    output = block_output(block(x, *args, **kwargs))
                     grads = torch.autograd.grad(output, ([x] if need_input else []) + params, grad_outputs=grad,
                                                 allow_unused=True)
             finally:
