@@ -71,6 +71,8 @@ class CandidateEvaluator:
         self.windows = fitness_windows
         self._ids = fitness_windows.to(self.device)
         self._linears = [find_linears(block) for block in self.blocks]
+        self._non_block_bytes = non_block_bytes(model)
+        self._device_ranks: dict[int, dict[str, torch.Tensor]] = {}  # streamed: ranks of the blocks on the device
         self._place()
         self.ranks: RankTables = build_rank_tables(
             model, calibration, lambda l: self._block_device[l], lambda l: self._home[l], score_kind, batch_size,
@@ -121,7 +123,7 @@ class CandidateEvaluator:
         index = {id(d): i for i, d in enumerate(self.devices)}
         for l, device in enumerate(self._block_device):
             need[index[id(device)]] += tensor_bytes(self.blocks[l]) + 2 * self.block_weights[l]
-        need[0] += non_block_bytes(self.model)
+        need[0] += self._non_block_bytes
         scratch = max(self._linear_bytes(l) for l in range(self.num_blocks))
         worst = max(need) + scratch
         if worst > self.memory_budget:
@@ -141,13 +143,13 @@ class CandidateEvaluator:
         """Streamed mode: how many blocks may be on the device at once (2 when they fit, else 1)."""
         if self.mode == "resident" or self.memory_budget is None:
             return 2
-        left = self.memory_budget - non_block_bytes(self.model)
+        left = self.memory_budget - self._non_block_bytes
         biggest = max(self._block_cost)
         if biggest > left:
             raise SparseAllocError(
                 f"--device-memory-gb {self.memory_budget / GiB:.3f} is too small for the streamed evaluator: the "
-                f"non-block weights take {_size(non_block_bytes(self.model))} and one block needs {_size(biggest)} "
-                f"(weights, ranks, masked scratch); give at least {_size(biggest + non_block_bytes(self.model))}")
+                f"non-block weights take {_size(self._non_block_bytes)} and one block needs {_size(biggest)} "
+                f"(weights, ranks, masked scratch); give at least {_size(biggest + self._non_block_bytes)}")
         return 2 if 2 * biggest <= left else 1
 
     @property
@@ -202,10 +204,9 @@ class CandidateEvaluator:
         self.block_bytes_on_device += delta
         self.peak_block_bytes = max(self.peak_block_bytes, self.block_bytes_on_device)
         if self.memory_budget is not None and self.mode == "streamed":
-            assert self.block_bytes_on_device + non_block_bytes(self.model) <= self.memory_budget
+            assert self.block_bytes_on_device + self._non_block_bytes <= self.memory_budget
 
     def _onload_ranks(self, block: int) -> None:
-        self._device_ranks = getattr(self, "_device_ranks", {})
         self._device_ranks[block] = {name: t.stored.to(self.device, non_blocking=True)
                                      for name, t in self.ranks.tables[block].items()}
 
@@ -338,30 +339,30 @@ class CandidateEvaluator:
                     advanced.append((sub, self._run_block(l, start, batches, weights)))
             groups = advanced
         scores = [0.0] * len(profiles)
-        for members, hidden in groups:
-            value = self._score(ids, hidden, metric)
+        for (members, _), value in zip(groups, self._score(ids, [hidden for _, hidden in groups], metric)):
             for member in members:
                 scores[member] = value
         self.evaluations += len(profiles)
         return scores
 
-    def _score(self, ids: torch.Tensor, final: torch.Tensor | None, metric: str) -> float:
-        """Mean KL or perplexity of final hidden states ``final`` (None: the dense model) on windows ``ids``."""
-        final = self._dense_final[ids] if final is None else final
-        total, count = 0.0, 0
-        for position in range(len(ids)):  # the head one window at a time: logits are T x V
+    def _score(self, ids: torch.Tensor, finals: list[torch.Tensor | None], metric: str) -> list[float]:
+        """Mean KL or perplexity for each of ``finals`` (final hidden states; None: the dense model) on
+        windows ``ids``. The head runs one window at a time (logits are T x V); a recomputed dense
+        reference is computed once per window for all of them."""
+        finals = [self._dense_final[ids] if final is None else final for final in finals]
+        totals, count = [0.0] * len(finals), 0
+        for position in range(len(ids)):
             part = slice(position, position + 1)
             window_ids = ids[part]
             batch = self._ids[window_ids]
-            logits = self._logits(final[part], batch)
-            if metric == "kl":
-                reference = None if self._dense_logprobs is not None else \
-                    self._logits(self._dense_final[window_ids], batch)
-                total += self._kl_sum(window_ids, logits, reference)
-            else:
-                total += self._nll_sum(batch, logits)
+            reference = self._logits(self._dense_final[window_ids], batch) \
+                if metric == "kl" and self._dense_logprobs is None else None
+            for index, final in enumerate(finals):
+                logits = self._logits(final[part], batch)
+                totals[index] += self._kl_sum(window_ids, logits, reference) if metric == "kl" \
+                    else self._nll_sum(batch, logits)
             count += batch[:, 1:].numel()
-        return total / count if metric == "kl" else math.exp(total / count)
+        return [total / count if metric == "kl" else math.exp(total / count) for total in totals]
 
     def _token_chunks(self, logits: torch.Tensor) -> Iterator[tuple[int, slice, torch.Tensor]]:
         """(sample, token slice, fp32 log-probs) over the predicted positions, in cache-sized chunks."""
