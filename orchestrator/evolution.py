@@ -32,7 +32,7 @@ again at the last stage on the same minibatch as the children, so selection comp
 long search cannot fit one fixed set of tokens. ``history`` then holds minibatch scores (not monotone). At
 the end the final parents are scored once on draw 0 with ``final_tokens`` tokens (None: all fitness
 windows) and the best of them is the answer — elitist in that unbiased score; evaluations for this are
-reserved in an evaluation budget (and spent even when the clock has run out: one batch of at most
+reserved in an evaluation or token budget (and spent even when the clock has run out: one batch of at most
 ``survivors[-1]`` profiles). With ``fresh_tokens=False`` every stage uses the same first tokens (draw 0)
 and parents keep their cached top-fidelity score: the best top-fidelity fitness never gets worse, and
 no final rescoring is done (the ablation baseline).
@@ -41,6 +41,10 @@ Generation 0 is the initial population: the seed profiles snapped onto the grid 
 mean kept as close to the target as the grid allows) plus children of them (crossover between seeds when
 there are several), up to ``offspring`` in all; it goes through the same stages. ``max_generations``
 counts generation 0.
+
+Budgets count evaluations and tokens: a stage's evaluation costs its fidelity in tokens (the final
+choice ``final_tokens``, or ``all_tokens`` for all fitness windows), and a stage is trimmed before it is
+sent so that it fits in both, after the final choice's reserve: a token budget is never overshot.
 
 Children are distinct from each other, from the parents and (after generation 0) from every profile
 already scored, so no evaluation is spent twice on one profile at one fidelity and draw; a non-finite
@@ -55,7 +59,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from orchestrator.budget import Budget
+from orchestrator.budget import Budget, eval_tokens, tokens_of
 from orchestrator.candidates import Candidate, EvaluateBatch
 from core.errors import SparseAllocError
 from search_spaces.algebra import level_grid, nm_levels, round_to_levels
@@ -76,7 +80,8 @@ class EvolutionConfig:
     child comes from crossover of two parents (then mutation) rather than mutation alone; it only applies
     with at least two parents. ``crossover_points``: at most this many cut points per crossover.
     ``final_tokens``: the fidelity of the final choice among the parents under ``fresh_tokens`` (None =
-    all fitness windows)."""
+    all fitness windows). ``all_tokens``: how many tokens all fitness windows hold (what an evaluation on
+    all of them is charged to a token budget; needed with one when ``final_tokens`` is None)."""
 
     target: float
     levels: list[float] | None = None
@@ -92,6 +97,7 @@ class EvolutionConfig:
     crossover_rate: float = 0.5
     crossover_points: int = 2
     final_tokens: int | None = None
+    all_tokens: int | None = None
 
     def grid(self) -> np.ndarray:
         """The sorted level grid, after validating the config."""
@@ -140,6 +146,8 @@ class EvolutionConfig:
             raise SparseAllocError(f"crossover_points={self.crossover_points} must be at least 1")
         if self.final_tokens is not None and self.final_tokens < 1:
             raise SparseAllocError(f"final_tokens={self.final_tokens} must be a positive token count or None")
+        if self.all_tokens is not None and self.all_tokens < 1:
+            raise SparseAllocError(f"all_tokens={self.all_tokens} must be a positive token count or None")
         return grid
 
 
@@ -150,9 +158,9 @@ class EvolutionResult:
     With ``fresh_tokens`` the fitness is the final parents' best score on draw 0 at ``final_tokens`` and
     ``history`` holds each generation's minibatch scores; without, both are top-fidelity scores.
     ``generations`` counts completed generations (generation 0, the initial population, included);
-    ``evaluations`` the evaluations this run charged. If the budget ran out before any profile reached
-    the top fidelity, ``best`` is the best at the highest stage reached (``fitness`` that stage's score),
-    or the first seed with fitness +inf when nothing was scored.
+    ``evaluations`` the evaluations this run charged, ``tokens`` their fitness tokens. If the budget ran
+    out before any profile reached the top fidelity, ``best`` is the best at the highest stage reached
+    (``fitness`` that stage's score), or the first seed with fitness +inf when nothing was scored.
     """
 
     best: Profile
@@ -160,6 +168,7 @@ class EvolutionResult:
     generations: int
     evaluations: int
     history: list[float] = field(default_factory=list)
+    tokens: int = 0
 
 
 def weighted_mean(levels_idx: np.ndarray, grid: np.ndarray, weights: np.ndarray | None = None) -> float:
@@ -295,8 +304,9 @@ def run_evolution(
     """Evolve per-block sparsity profiles at mean ``config.target``; lower fitness is better.
 
     Stops after ``config.max_generations`` generations, when the budget is exhausted (checked before every
-    stage; a stage larger than the remaining evaluations is trimmed to fit, keeping back with
-    ``fresh_tokens`` the evaluations the final choice needs), or when no new child can be produced.
+    stage; a stage larger than the remaining evaluations or tokens is trimmed to fit, keeping back with
+    ``fresh_tokens`` the evaluations and tokens the final choice needs), or when no new child can be
+    produced.
     ``on_generation(generation, best_fitness, evaluations)`` is called after every completed generation,
     ``evaluations`` being those charged by this run so far.
     """
@@ -348,6 +358,8 @@ def run_evolution(
     top = stages - 1
     fresh_mode = config.fresh_tokens
     reserve = config.survivors[-1] if fresh_mode else 0  # evaluations kept back for the final choice
+    # Tokens of one final-choice evaluation (only fresh mode asks for None tokens, i.e. all windows).
+    final_cost = eval_tokens(config.final_tokens, config.all_tokens, budget) if fresh_mode else 0
     draw_base = 1 + int(np.random.default_rng([config.seed, 0x5EED]).integers(0, 2**31)) * 2**20
 
     def draw_of(generation: int, stage: int) -> int:
@@ -355,18 +367,20 @@ def run_evolution(
         return draw_base + generation * stages + stage if fresh_mode else 0
 
     scores: dict[tuple[int, int], dict[tuple[int, ...], float]] = {}  # (stage, draw) -> profile -> fitness
-    evaluations = 0
+    evaluations = tokens_used = 0
 
     def score(pool: list[tuple[int, ...]], tokens: int | None, draw: int, params: dict) -> dict:
         """Score the profiles of ``pool`` not yet known at (``params['stage']``, ``draw``) in one batch."""
-        nonlocal evaluations
+        nonlocal evaluations, tokens_used
         cache = scores.setdefault((params["stage"], draw), {})
         fresh = [idx for idx in pool if idx not in cache]
         if fresh:
             batch = [Candidate.of(make_profile(idx), tokens=tokens, driver=DRIVER, draw=draw, **params)
                      for idx in fresh]
-            budget.charge(len(batch))
+            cost = tokens_of(batch, config.all_tokens)
+            budget.charge(len(batch), cost)
             evaluations += len(batch)
+            tokens_used += cost
             fitness = list(evaluate(batch))
             if len(fitness) != len(batch):
                 raise SparseAllocError(
@@ -389,10 +403,10 @@ def run_evolution(
         cache = scores.get((stage, draw), {})
         if fresh_mode and stage == top:
             pool = list(parents) + [idx for idx in pool if idx not in parents]
-        remaining = budget.remaining_evals()
+        keep = fresh_mode and bool(parents or stage == top)  # the final choice's reserve
+        remaining = budget.room(int(config.fidelities[stage]), reserve if keep else 0,
+                                reserve * final_cost if keep else 0)
         if remaining is not None:
-            if fresh_mode and (parents or stage == top):
-                remaining -= reserve
             fresh = [idx for idx in pool if idx not in cache]
             if fresh_mode and stage == top and remaining < sum(p not in cache for p in parents) + 1:
                 return None
@@ -469,19 +483,20 @@ def run_evolution(
 
     if parents and fresh_mode:
         # The answer: the best final parent on draw 0 (unbiased, ``final_tokens``), evaluations permitting.
-        remaining = budget.remaining_evals()
+        remaining = budget.room(final_cost)
         final = parents if remaining is None else parents[:remaining]
         if final:
             cache = score(final, config.final_tokens, 0, {"generation": generation, "stage": "final"})
             best = ranked(cache, final)[0]
-            return EvolutionResult(make_profile(best), cache[best], len(history), evaluations, history)
+            return EvolutionResult(make_profile(best), cache[best], len(history), evaluations, history,
+                                   tokens_used)
     if parents:
         best, fitness = parents[0], history[-1]
     elif best_partial is not None:
         fitness, _, best = best_partial
     else:
         best, fitness = snapped[0], math.inf
-    return EvolutionResult(make_profile(best), fitness, len(history), evaluations, history)
+    return EvolutionResult(make_profile(best), fitness, len(history), evaluations, history, tokens_used)
 
 
 __all__ = ["EvolutionConfig", "EvolutionResult", "crossover", "mutate", "repair", "run_evolution", "weighted_mean"]

@@ -71,6 +71,7 @@ class SearchConfig:
     selection_windows: int = 8
     budget_evals: int | None = None
     budget_minutes: float | None = None
+    budget_tokens: int | None = None
     deadline_minutes: float | None = None
     actors: int | None = None
     threads: int = 1
@@ -134,7 +135,7 @@ def _prepare_run_dir(config: SearchConfig) -> str:
     return run_id
 
 
-def _resolve_device(config: SearchConfig) -> SearchConfig:
+def resolve_device(config: SearchConfig) -> SearchConfig:
     """``--device``/``--dtype`` as the actors and final passes will use them: ``auto`` is CUDA with bf16
     when the actors get GPUs (``--gpu-actors`` or a cluster with GPUs), else CPU with fp32."""
     if config.device == "auto":
@@ -146,7 +147,7 @@ def _resolve_device(config: SearchConfig) -> SearchConfig:
     return replace(config, device=device, dtype={"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype])
 
 
-def _check_memory(config: SearchConfig) -> str:
+def check_memory(config: SearchConfig) -> str:
     """The memory plan for this search (``sparsealloc plan``), checked before any work; returns the
     evaluator mode. Without ``--device-memory-gb`` the budget is the device this process sees, or,
     for GPU actors seen from a GPU-less driver, unknown: each actor then plans with its own device."""
@@ -172,7 +173,7 @@ def _check_memory(config: SearchConfig) -> str:
     return plan.evaluator
 
 
-def _token_sets(config: SearchConfig, tokenizer) -> tuple:
+def token_sets(config: SearchConfig, tokenizer) -> tuple:
     """Calibration, test, fitness and selection tokens, each from its own flags: fitness is the first
     ``--fitness-windows`` x ``--fitness-seqlen`` validation tokens, selection the ``--selection-windows``
     windows of ``--seqlen`` after them, test ``--eval-windows`` windows of the test split."""
@@ -195,7 +196,7 @@ def _token_sets(config: SearchConfig, tokenizer) -> tuple:
     return data, fitness, selection_windows(data.validation, fitness_tokens, config.selection_windows)
 
 
-def _actor_count(config: SearchConfig) -> int | None:
+def actor_count(config: SearchConfig) -> int | None:
     """``--actors``, else one CPU actor per ``--threads`` cores on a local machine without CUDA;
     None lets the pool put one actor on each GPU."""
     if config.actors or config.address or torch.cuda.is_available():
@@ -203,7 +204,7 @@ def _actor_count(config: SearchConfig) -> int | None:
     return max(1, (os.cpu_count() or 1) // config.threads)
 
 
-def _init_ray(config: SearchConfig, actors: int | None) -> bool:
+def init_ray(config: SearchConfig, actors: int | None) -> bool:
     """Join ``--address`` or start a local Ray; returns whether we started it."""
     if ray.is_initialized():
         return False
@@ -218,14 +219,18 @@ def _init_ray(config: SearchConfig, actors: int | None) -> bool:
     return True
 
 
-def _budget(config: SearchConfig, search_seconds: float | None, share: float, shares_left: float, spent_evals: int,
-            spent_seconds: float, already: float) -> Budget:
-    """The next driver's budget: its share of the search's, plus its part of what earlier drivers left;
-    its clock starts at the ``already`` seconds it used before a resume."""
+def _budget(config: SearchConfig, search_seconds: float | None, share: float, shares_left: float,
+            spent: tuple[int, int, float], top_tokens: int, already: float) -> Budget:
+    """The next driver's budget: its share of the search's evaluations, fitness tokens and seconds, plus
+    its part of what earlier drivers left (``spent``: evaluations, tokens, seconds); at least one
+    evaluation on all ``top_tokens``; its clock starts at the ``already`` seconds it used before a resume."""
+    spent_evals, spent_tokens, spent_seconds = spent
     evals = driver_allowance(config.budget_evals, spent_evals, share, shares_left)
+    tokens = driver_allowance(config.budget_tokens, spent_tokens, share, shares_left)
     seconds = driver_allowance(search_seconds, spent_seconds, share, shares_left)
     return Budget(max_evals=None if evals is None else max(1, int(evals)),
                   max_seconds=None if seconds is None else max(seconds, 1e-3),
+                  max_tokens=None if tokens is None else max(top_tokens, int(tokens)),
                   started=time.monotonic() - already)
 
 
@@ -259,6 +264,47 @@ def _search_seconds(config: SearchConfig, clock: RunClock, estimate_final_s: flo
     return min(limits) if limits else None
 
 
+def make_pool(config: SearchConfig, mode: str, calibration: torch.Tensor, fitness: torch.Tensor,
+              results: ResultsTable, actors: int | None, owl_m: tuple[float, ...] = ()) -> EvaluatorPool:
+    """The evaluator pool for ``config`` (device and dtype resolved), writing its rows to ``results``;
+    its actors count OWL ratios for the drivers' M choices and ``owl_m``."""
+    spec = EvaluatorSpec(config.model, dtype=config.dtype, device="auto" if config.device == "cuda" else "cpu",
+                         batch_size=config.batch_size, threads=config.threads, mode=mode,
+                         memory_budget=None if config.device_memory_gb is None else int(config.device_memory_gb * 2**30),
+                         gpus_per_actor=config.gpus_per_actor, population=config.population,
+                         owl_multipliers=tuple(sorted({float(m) for m in (*OWL_M_CHOICES, *owl_m)})))
+    return EvaluatorPool(spec, calibration, fitness, results, actors, gpu=config.device == "cuda")
+
+
+def run_drivers(pool: EvaluatorPool, config: SearchConfig, shares: dict[str, float], calibration: torch.Tensor,
+                top_tokens: int, clock: RunClock, search_seconds: float | None,
+                sensitivity_dir: Path | None = None) -> dict[str, DriverResult]:
+    """Run the drivers in turn on ``pool``, each with its share of the search's budget (plus what the
+    earlier ones left), its clock phase kept in ``clock``; every best profile is rescored on all
+    ``top_tokens`` fitness tokens and written to ``config.out/best-<driver>.json``. Fisher traces and
+    OWL ratios are kept in ``sensitivity_dir`` (default ``config.out``)."""
+    results: dict[str, DriverResult] = {}
+    spent_evals, spent_tokens, spent_seconds = 0, 0, 0.0
+    for index, (name, share) in enumerate(shares.items()):
+        with clock.phase(f"driver:{name}") as already:
+            budget = _budget(config, search_seconds, share, sum(list(shares.values())[index:]),
+                             (spent_evals, spent_tokens, spent_seconds), top_tokens, already)
+            result = DRIVERS[name].run(DriverContext(pool, config, calibration, top_tokens, sensitivity_dir), budget)
+            # Compare drivers on one footing: every best profile scored on all fitness tokens.
+            result.fitness = pool.evaluate([Candidate.of(result.best, top_tokens, name)])[0]
+        result.details["seconds"] = clock.spent(f"driver:{name}")
+        result.details["tokens"] = budget.used_tokens
+        spent_evals += budget.used_evals
+        spent_tokens += budget.used_tokens
+        spent_seconds += result.details["seconds"]
+        results[name] = result
+        write_profile(Path(config.out) / f"best-{name}.json", result.best, result.best.mean(pool.block_weights),
+                      driver=name, fitness=result.fitness)
+        log.info("%s: best validation KL %.4f after %d evaluations, %.0f s", name, result.fitness,
+                 result.evaluations, result.details["seconds"])
+    return results
+
+
 def run_search(config: SearchConfig) -> dict:
     """Run the configured drivers, then the final pass of the winner; returns the summary."""
     if not 0.0 < config.sparsity < 1.0:
@@ -269,32 +315,27 @@ def run_search(config: SearchConfig) -> dict:
                                f"and {config.selection_windows}")
     if config.evaluator not in ("auto", "resident", "streamed"):
         raise SparseAllocError(f"unknown --evaluator {config.evaluator!r}; choose auto, resident or streamed")
-    if config.budget_evals is None and config.budget_minutes is None and config.deadline_minutes is None:
-        raise SparseAllocError("give a budget: --budget-evals N, --budget-minutes M and/or --deadline-minutes D")
+    if (config.budget_evals is None and config.budget_tokens is None and config.budget_minutes is None
+            and config.deadline_minutes is None):
+        raise SparseAllocError("give a budget: --budget-evals N, --budget-tokens T, --budget-minutes M and/or "
+                               "--deadline-minutes D")
     shares = config.drivers()
     torch.manual_seed(config.seed)
-    actors = _actor_count(config)
+    actors = actor_count(config)
     wall_start = time.monotonic()
-    started_ray = _init_ray(config, actors)
+    started_ray = init_ray(config, actors)
     pool: EvaluatorPool | None = None
     clock: RunClock | None = None
     try:
-        config = _resolve_device(config)
-        mode = _check_memory(config)
+        config = resolve_device(config)
+        mode = check_memory(config)
         tokenizer = load_tokenizer(config.model)
-        data, fitness, selection = _token_sets(config, tokenizer)
+        data, fitness, selection = token_sets(config, tokenizer)
         top_tokens = int(fitness.numel())
         run_id = _prepare_run_dir(config)  # only once every input has passed its checks
         clock = RunClock(Path(config.out))
         with clock.phase("setup", extra=time.monotonic() - wall_start):
-            spec = EvaluatorSpec(config.model, dtype=config.dtype, device="auto" if config.device == "cuda" else "cpu",
-                                 batch_size=config.batch_size, threads=config.threads, mode=mode,
-                                 memory_budget=None if config.device_memory_gb is None else
-                                 int(config.device_memory_gb * 2**30),
-                                 gpus_per_actor=config.gpus_per_actor, population=config.population,
-                                 owl_multipliers=tuple(float(m) for m in OWL_M_CHOICES))
-            pool = EvaluatorPool(spec, data.calibration, fitness, ResultsTable(Path(config.out), run_id), actors,
-                                 gpu=config.device == "cuda")
+            pool = make_pool(config, mode, data.calibration, fitness, ResultsTable(Path(config.out), run_id), actors)
             probe = Candidate.of(families.uniform(pool.num_blocks, config.sparsity), top_tokens, "setup")
             pool.evaluate([probe])
             per_token = pool.results.get(probe.key)["seconds"] / top_tokens  # an actor's compute time
@@ -302,23 +343,7 @@ def run_search(config: SearchConfig) -> dict:
         search_seconds = _search_seconds(config, clock, estimate_final_s)
         log.info("setup %.0f s; search %s; final passes estimated at %.0f s", clock.spent("setup"),
                  "unbounded in time" if search_seconds is None else f"{search_seconds:.0f} s", estimate_final_s)
-        results: dict[str, DriverResult] = {}
-        spent_evals, spent_seconds = 0, 0.0
-        for index, (name, share) in enumerate(shares.items()):
-            with clock.phase(f"driver:{name}") as already:
-                budget = _budget(config, search_seconds, share, sum(list(shares.values())[index:]), spent_evals,
-                                 spent_seconds, already)
-                result = DRIVERS[name].run(DriverContext(pool, config, data.calibration, top_tokens), budget)
-                # Compare drivers on one footing: every best profile scored on all fitness tokens.
-                result.fitness = pool.evaluate([Candidate.of(result.best, top_tokens, name)])[0]
-            result.details["seconds"] = clock.spent(f"driver:{name}")
-            spent_evals += budget.used_evals
-            spent_seconds += result.details["seconds"]
-            results[name] = result
-            write_profile(Path(config.out) / f"best-{name}.json", result.best, result.best.mean(pool.block_weights),
-                          driver=name, fitness=result.fitness)
-            log.info("%s: best validation KL %.4f after %d evaluations, %.0f s", name, result.fitness,
-                     result.evaluations, result.details["seconds"])
+        results = run_drivers(pool, config, shares, data.calibration, top_tokens, clock, search_seconds)
         pool.close()  # frees the actors' GPUs for the final-pass tasks
         pool = None
         with clock.phase("final passes"):

@@ -2,7 +2,8 @@
 
 Anytime: the coalitions are evaluated in *units* that each complete a piece of the estimate (an
 antithetic pair of block orders, or one window of the sliding-window plan), a few units per
-``pool.evaluate`` call, for as long as the budget lasts. After every batch an estimate exists; when
+``pool.evaluate`` call, for as long as the budget lasts (evaluations, tokens — every coalition costs
+``tokens`` fitness tokens, all of them for None — and time). After every batch an estimate exists; when
 the budget ends the completed units make the estimate (flagged ``partial``). Sampling stops early
 enough to leave room for the few evaluations that pick the strength of the value → sparsity map.
 """
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from orchestrator.budget import Budget
+from orchestrator.budget import Budget, eval_tokens
 from orchestrator.candidates import Candidate, DriverResult
 from orchestrator.progress import DriverProgress
 from core.errors import SparseAllocError
@@ -48,12 +49,12 @@ def _floats(array: np.ndarray | None) -> list[float | None] | None:
 
 class _Sampler:
     """Evaluates units (lists of coalitions) in batches, each coalition once, while the budget leaves
-    room for them plus ``reserve`` evaluations."""
+    room for them plus ``reserve`` evaluations; each evaluation scores ``cost`` tokens."""
 
     def __init__(self, pool: "EvaluatorPool", budget: Budget, target: float, tokens: int | None, reserve: int,
-                 bar: DriverProgress) -> None:
-        self.pool, self.budget, self.target, self.tokens, self.reserve, self.bar = (
-            pool, budget, target, tokens, reserve, bar)
+                 bar: DriverProgress, cost: int = 0) -> None:
+        self.pool, self.budget, self.target, self.tokens, self.reserve, self.bar, self.cost = (
+            pool, budget, target, tokens, reserve, bar, cost)
         self.n = pool.num_blocks
         self.values: dict[Coalition, float] = {}  # every coalition requested, in request order
         self.seconds = 0.0  # wall clock of the batches, and the evaluations they requested (for the time check)
@@ -64,13 +65,12 @@ class _Sampler:
         return [c for c in dict.fromkeys(c for unit in units for c in unit) if c not in self.values]
 
     def fits(self, count: int) -> bool:
-        """Whether ``count`` more evaluations, then the reserve, fit in what is left of the budget
-        (seconds projected from the batches so far)."""
+        """Whether ``count`` more evaluations, then the reserve, fit in what is left of the budget:
+        evaluations, tokens (``cost`` each) and seconds (projected from the batches so far)."""
         budget = self.budget
         if budget.exhausted():
             return False
-        left = budget.remaining_evals()
-        if left is not None and count + self.reserve > left:
+        if not budget.fits(count + self.reserve, (count + self.reserve) * self.cost):
             return False
         if budget.max_seconds is not None and self.timed:
             projected = (count + self.reserve) * self.seconds / self.timed
@@ -84,7 +84,7 @@ class _Sampler:
         start = self.budget.elapsed
         fitness = self.pool.evaluate([_coalition_candidate(c, self.n, self.target, self.tokens)
                                       for c in coalitions])
-        self.budget.charge(len(coalitions))  # answers from the results table (resume) count too
+        self.budget.charge(len(coalitions), len(coalitions) * self.cost)  # table answers (resume) count too
         self.values.update(zip(coalitions, fitness))
         self.seconds += self.budget.elapsed - start
         self.timed += len(coalitions)
@@ -121,7 +121,9 @@ def run_shapley(pool: "EvaluatorPool", target: float, budget: Budget, estimator:
     marginal damages over the completed pairs, with standard errors. ``"sliding"``: the paper's
     windows of ``window`` adjacent blocks, one after another; with the plan cut short, blocks in no
     completed window get the mean of the others and are listed in ``details["incomplete"]``. About
-    ``chunk`` coalitions go to the pool per call. A resumed run (same seed, same results table)
+    ``chunk`` coalitions go to the pool per call. Every evaluation is charged ``tokens`` tokens (None:
+    the pool's ``max_tokens``, all fitness tokens) to the budget, and a batch is only sent when it and
+    the reserve fit, so a token budget is never overshot. A resumed run (same seed, same results table)
     requests the same coalitions and the pool answers them from the table. Uniform only when not one
     unit could be completed (``details["note"]`` says so).
     """
@@ -130,8 +132,9 @@ def run_shapley(pool: "EvaluatorPool", target: float, budget: Budget, estimator:
     if max_pairs < 1:
         raise SparseAllocError(f"max_pairs={max_pairs} must be at least 1")
     n = pool.num_blocks
+    cost = eval_tokens(tokens, getattr(pool, "max_tokens", None), budget)  # tokens per evaluation
     bar = DriverProgress("shapley", budget, progress)
-    sampler = _Sampler(pool, budget, target, tokens, len(strengths), bar)
+    sampler = _Sampler(pool, budget, target, tokens, len(strengths), bar, cost)
     history: list[dict] = []
 
     def record(phi: np.ndarray, stderr: np.ndarray | None, done: int) -> None:
@@ -166,7 +169,7 @@ def run_shapley(pool: "EvaluatorPool", target: float, budget: Budget, estimator:
     done = sampler.run(units, per_batch, lambda d: record(*estimate(d)[:2], d))
     if done == 0:
         what = "one permutation pair" if estimator == "permutation" else "one window"
-        return _uniform(pool, target, budget, tokens, bar, sampler, estimator,
+        return _uniform(pool, target, budget, tokens, cost, bar, sampler, estimator,
                         f"the budget ran out before {what} was complete: uniform profile, no Shapley estimate")
     phi, stderr, counts = estimate(done)
     partial = done < len(units)
@@ -177,7 +180,7 @@ def run_shapley(pool: "EvaluatorPool", target: float, budget: Budget, estimator:
     profiles = {s: families.sensitivity_map(list(phi), target, s, pool.block_weights) for s in strengths}
     scores = dict(zip(strengths, pool.evaluate([Candidate.of(p, tokens, "shapley", strength=s)
                                                 for s, p in profiles.items()])))
-    budget.charge(len(scores))
+    budget.charge(len(scores), len(scores) * cost)
     best = min(scores, key=scores.get)
     bar.update(scores[best])
     bar.close()
@@ -187,15 +190,15 @@ def run_shapley(pool: "EvaluatorPool", target: float, budget: Budget, estimator:
         "history": history})
 
 
-def _uniform(pool: "EvaluatorPool", target: float, budget: Budget, tokens: int | None, bar: DriverProgress,
-             sampler: _Sampler, estimator: str, note: str) -> DriverResult:
+def _uniform(pool: "EvaluatorPool", target: float, budget: Budget, tokens: int | None, cost: int,
+             bar: DriverProgress, sampler: _Sampler, estimator: str, note: str) -> DriverResult:
     """Best so far when no unit was completed: the uniform profile (scored only if the budget still allows)."""
     log.warning("shapley: %s", note)
     uniform = families.uniform(pool.num_blocks, target)
     fitness, scored = float("inf"), 0
-    if not budget.exhausted():
+    if not budget.exhausted() and budget.fits(1, cost):
         fitness, scored = pool.evaluate([Candidate.of(uniform, tokens, "shapley")])[0], 1
-        budget.charge()
+        budget.charge(1, cost)
     bar.close()
     return DriverResult("shapley", uniform, fitness, len(sampler.values) + scored, {
         "note": note, "estimator": estimator, "values": None, "stderr": None, "evaluations": len(sampler.values),

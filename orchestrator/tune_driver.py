@@ -27,7 +27,7 @@ from typing import Callable
 import optuna
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 
-from orchestrator.budget import Budget
+from orchestrator.budget import Budget, eval_tokens
 from orchestrator.candidates import Candidate, DriverResult
 from orchestrator.pool import EvaluatorPool
 from orchestrator.progress import DriverProgress
@@ -36,7 +36,7 @@ from search_spaces.families import Space
 from core.profile import Profile
 
 log = logging.getLogger(__name__)
-DEFAULT_TRIALS = 20  # with neither an evaluation nor a time budget
+DEFAULT_TRIALS = 20  # with no evaluation, token or time budget
 SAMPLERS = ("tpe", "cmaes")
 TRIALS_PER_ACTOR = 2  # trials in flight per actor in one round (the pool keeps two calls per actor)
 
@@ -75,17 +75,21 @@ def run_tune(pool: EvaluatorPool, driver: str, space: Space, build: Callable[[di
     """Optuna search (``sampler``: TPE or CMA-ES) over ``space``, ``max_concurrent`` trials per round
     (default: two per actor), each round one ``pool.evaluate`` batch; stops when ``budget`` is
     exhausted (every trial is charged, also those the results table answers) and returns the best.
+    Every trial scores ``tokens`` fitness tokens (None: the pool's ``max_tokens``, all of them); a round
+    is cut to the trials that fit in the evaluation and token budgets, so neither is ever overshot.
 
     ``run_dir`` and ``resume`` are accepted for the callers' sake and not needed: the driver keeps no
     state of its own, and rerunning with the same seed against the same results table resumes.
     """
     del run_dir, resume  # resume is the results table's job (see the module docstring)
-    if budget.exhausted():
+    cost = eval_tokens(tokens, getattr(pool, "max_tokens", None), budget)  # tokens per trial
+    if budget.exhausted() or budget.room(cost) == 0:
         raise SparseAllocError(f"no budget left for the {driver} search")
     concurrency = max_concurrent if max_concurrent is not None else TRIALS_PER_ACTOR * len(pool.actors)
     if concurrency < 1:
         raise SparseAllocError(f"the {driver} search needs at least one trial per round, got {concurrency}")
-    limit = DEFAULT_TRIALS if budget.max_evals is None and budget.max_seconds is None else None
+    unlimited = budget.max_evals is None and budget.max_tokens is None and budget.max_seconds is None
+    limit = DEFAULT_TRIALS if unlimited else None
     distributions = to_distributions(space)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line reports the trials
     study = optuna.create_study(direction="minimize", sampler=make_sampler(sampler, seed, concurrency))
@@ -94,9 +98,11 @@ def run_tune(pool: EvaluatorPool, driver: str, space: Space, build: Callable[[di
     try:
         while not budget.exhausted() and (limit is None or trials < limit):
             size = concurrency
-            for left in (budget.remaining_evals(), None if limit is None else limit - trials):
+            for left in (budget.room(cost), None if limit is None else limit - trials):
                 if left is not None:
                     size = min(size, left)
+            if size < 1:
+                break  # tokens are left, but fewer than one trial scores
             asked = [study.ask(distributions) for _ in range(size)]
             configs = [dict(trial.params) for trial in asked]
             batch = []
@@ -106,7 +112,7 @@ def run_tune(pool: EvaluatorPool, driver: str, space: Space, build: Callable[[di
             fitness = pool.evaluate(batch)
             if len(fitness) != len(batch):
                 raise SparseAllocError(f"the pool returned {len(fitness)} fitnesses for {len(batch)} candidates")
-            budget.charge(len(batch))
+            budget.charge(len(batch), len(batch) * cost)
             trials += len(batch)
             rounds += 1
             for trial, config, value in zip(asked, configs, fitness):  # in ask order: same seed, same asks

@@ -53,3 +53,87 @@ def test_budget_counts_evaluations():
     assert budget.remaining_evals() == 1 and not budget.exhausted()
     budget.charge()
     assert budget.exhausted() and budget.fraction_used() == 1.0
+
+
+# --- forward tokens ---------------------------------------------------------------------------------
+
+charges = st.lists(st.tuples(st.integers(0, 5), st.integers(0, 5000)), max_size=12)
+
+
+@given(st.integers(1, 20_000), charges)
+def test_token_budget_counts_the_tokens_charged(max_tokens, charged):
+    budget = Budget(max_tokens=max_tokens)
+    for evaluations, tokens in charged:
+        budget.charge(evaluations, tokens)
+    used = sum(t for _, t in charged)
+    assert budget.used_tokens == used and budget.used_evals == sum(e for e, _ in charged)
+    assert budget.remaining_tokens() == max(0, max_tokens - used)
+    assert budget.exhausted() == (used >= max_tokens)
+    assert budget.fraction_used() == pytest.approx(min(1.0, used / max_tokens))
+    assert budget.remaining_evals() is None  # the evaluation count is not limited by a token budget
+
+
+@given(st.integers(1, 200), st.integers(1, 20_000), st.integers(0, 100), st.integers(0, 20_000),
+       st.integers(0, 4096), st.integers(0, 5), st.integers(0, 5000))
+def test_room_is_the_most_evaluations_that_fit(max_evals, max_tokens, used_evals, used_tokens, each, keep_evals,
+                                               keep_tokens):
+    budget = Budget(max_evals=max_evals, max_tokens=max_tokens, used_evals=used_evals, used_tokens=used_tokens)
+    k = budget.room(each, keep_evals, keep_tokens)
+    assert k is not None and k >= 0
+    if k > 0:  # k evaluations, then what is kept back, fit; one more does not
+        assert budget.fits(k + keep_evals, k * each + keep_tokens)
+    assert not budget.fits(k + 1 + keep_evals, (k + 1) * each + keep_tokens)
+
+
+@given(st.integers(1, 64), st.sampled_from([256, 512, 1024, 2048]))
+def test_a_1024_token_evaluation_costs_four_256_token_ones(count, tokens):
+    budget = Budget(max_tokens=count * 1024)
+    assert budget.room(1024) == count and budget.room(256) == 4 * count
+    budget.charge(1, 1024)
+    assert budget.room(256) == 4 * (count - 1)
+    both = Budget(max_evals=3, max_tokens=10 * tokens)
+    assert both.room(tokens) == 3 and both.room(4 * tokens) == 2  # whichever limit binds first
+
+
+def test_tokens_of_a_batch_and_of_one_evaluation():
+    from types import SimpleNamespace
+
+    from orchestrator.budget import eval_tokens, tokens_of
+
+    batch = [SimpleNamespace(tokens=256), SimpleNamespace(tokens=None), SimpleNamespace(tokens=1024)]
+    assert tokens_of(batch, 4096) == 256 + 4096 + 1024
+    assert tokens_of(batch, None) == 256 + 1024  # all tokens, size unknown: not counted
+    assert eval_tokens(256, 4096, Budget()) == 256 and eval_tokens(None, 4096, Budget()) == 4096
+    assert eval_tokens(None, None, Budget(max_evals=3)) == 0
+    with pytest.raises(SparseAllocError, match="token budget"):
+        eval_tokens(None, None, Budget(max_tokens=1000))
+
+
+def test_unlimited_budget_has_unlimited_room_and_token_budgets_are_validated():
+    assert Budget().room(1024) is None and Budget().remaining_tokens() is None and Budget().fits(10**9, 10**12)
+    assert Budget(max_tokens=100, used_tokens=90).room(0, keep_tokens=20) == 0  # the reserve does not fit
+    with pytest.raises(SparseAllocError, match="token budget must be at least 1"):
+        Budget(max_tokens=0)
+
+
+def test_token_allowances_hand_on_what_earlier_drivers_left():
+    first = driver_allowance(100_000, 0, 0.3, 1.0)
+    assert first == pytest.approx(30_000)
+    assert driver_allowance(100_000, 20_000, 0.4, 0.7) == pytest.approx(80_000 * 0.4 / 0.7)
+
+
+def test_progress_line_shows_tokens():
+    from orchestrator.progress import DriverProgress
+
+    budget = Budget(max_tokens=40_000)
+    bar = DriverProgress("t", budget, enabled=False)
+    budget.charge(4, 10_000)
+    bar.update(1.5)
+    assert bar.by_tokens and bar.bar.n == 10_000 and bar.bar.total == 40_000
+    assert "4 evals" in bar.postfix()
+    both = Budget(max_evals=10, max_tokens=40_000)
+    line = DriverProgress("t", both, enabled=False)
+    both.charge(1, 20_000)  # tokens are furthest spent: the ETA follows them
+    line.update(2.0)
+    assert not line.by_tokens and line.bar.n == 1 and "20k/40k tokens" in line.postfix()
+    assert both.fraction_used() == 0.5

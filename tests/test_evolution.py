@@ -573,3 +573,65 @@ def test_ablation_full_search_beats_mutation_only_on_fixed_tokens():
     fresh_only = ablation(8000, range(3), survivors=(4, 2), crossover_rate=0.0, fresh_tokens=True)
     crossover_only = ablation(8000, range(3), survivors=(4, 2), crossover_rate=0.5, fresh_tokens=False)
     assert np.mean(fresh_only) < 0.5 * np.mean(base) and np.mean(crossover_only) > 0.5 * np.mean(base)
+
+
+# --- token budgets ------------------------------------------------------------------------------------
+
+ALL_TOKENS = 4096  # what a None-token (all fitness windows) evaluation scores in these tests
+
+
+def tokens_received(evaluate: Planted, full: int = ALL_TOKENS) -> int:
+    return sum(c.tokens if c.tokens is not None else full for batch in evaluate.calls for c in batch)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 60_000), st.booleans(), st.sampled_from([None, 2048]), st.integers(0, 3))
+def test_token_budget_is_honoured_with_two_fidelities(max_tokens, fresh, final_tokens, seed):
+    evaluate = Planted()
+    config = EvolutionConfig(target=0.5, seed=seed, fidelities=(256, 1024), survivors=(4, 2), offspring=8,
+                             fresh_tokens=fresh, final_tokens=final_tokens, all_tokens=ALL_TOKENS)
+    budget = Budget(max_tokens=max_tokens)
+    result = run_evolution(evaluate, [uniform(BLOCKS, 0.5)], config, budget)
+    received = tokens_received(evaluate)
+    assert received == budget.used_tokens == result.tokens and evaluate.scored == result.evaluations
+    assert received <= max_tokens  # a stage is trimmed before it is sent: never over
+    # Close to it: what is left is less than one batch (the largest stage: 4 children and 2 parents at 1024
+    # tokens, or the final choice).
+    largest = max(8 * 256, (4 + 2) * 1024, 2 * (final_tokens or ALL_TOKENS) if fresh else 0)
+    assert received >= max_tokens - largest
+    for batch in evaluate.calls:
+        stage = batch[0].params["stage"]
+        assert {c.tokens for c in batch} == {final_tokens if stage == "final" else (256, 1024)[stage]}
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_token_budget_matches_the_evaluation_budget_at_one_fidelity(fresh):
+    """At one fidelity a budget of K x f tokens is a budget of K evaluations: same requests, same answer;
+    at 4x the fidelity the same tokens buy a quarter of the evaluations."""
+    def run(budget, fidelity):
+        evaluate = Planted()
+        config = EvolutionConfig(target=0.5, fidelities=(fidelity,), survivors=(2,), offspring=8, fresh_tokens=fresh,
+                                 final_tokens=fidelity)
+        return run_evolution(evaluate, [uniform(BLOCKS, 0.5)], config, budget), evaluate
+
+    by_evals, evals_calls = run(Budget(max_evals=80), 256)
+    by_tokens, tokens_calls = run(Budget(max_tokens=80 * 256), 256)
+    assert [[c.key for c in b] for b in evals_calls.calls] == [[c.key for c in b] for b in tokens_calls.calls]
+    assert (by_tokens.best, by_tokens.fitness) == (by_evals.best, by_evals.fitness)
+    assert by_tokens.evaluations == by_evals.evaluations and by_tokens.tokens == 256 * by_tokens.evaluations
+    quarter, calls = run(Budget(max_tokens=80 * 256), 1024)
+    twenty, twenty_calls = run(Budget(max_evals=20), 1024)
+    assert [[c.key for c in b] for b in calls.calls] == [[c.key for c in b] for b in twenty_calls.calls]
+    assert quarter.evaluations == twenty.evaluations and quarter.tokens == 1024 * quarter.evaluations
+    assert 4 * quarter.evaluations <= by_tokens.evaluations and quarter.tokens <= 80 * 256
+
+
+def test_token_budget_with_all_tokens_unknown_is_refused():
+    with pytest.raises(SparseAllocError, match="token budget"):
+        run_evolution(Planted(), [uniform(4, 0.5)], EvolutionConfig(target=0.5), Budget(max_tokens=10_000))
+    with pytest.raises(SparseAllocError, match="all_tokens"):
+        run_evolution(Planted(), [uniform(4, 0.5)], EvolutionConfig(target=0.5, all_tokens=0), Budget())
+    # Fixed tokens never ask for all of them: no need to know how many that is.
+    result = run_evolution(Planted(), [uniform(BLOCKS, 0.5)], EvolutionConfig(target=0.5, fresh_tokens=False),
+                           Budget(max_tokens=100_000))
+    assert 100_000 - 4 * 16384 <= result.tokens <= 100_000

@@ -56,6 +56,24 @@ def test_search_saves_winner_and_resume_reuses_results(corpus_file, tmp_path, ca
         summary["drivers"]["evolution"]["profile"]
 
 
+def test_token_budget_bounds_the_tokens_each_driver_scores(corpus_file, tmp_path):
+    model_dir = _fragile_model_dir(tmp_path)
+    out = tmp_path / "run"
+    args = _args(model_dir, corpus_file, out, "--budget-tokens", "2048", method="all")
+    args[args.index("--budget-evals"):args.index("--budget-evals") + 2] = []
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = ResultsTable(out, "check").read()
+    spent = 0
+    for name, driver in summary["drivers"].items():
+        scored = sum(row["tokens"] or 128 for row in rows if row["driver"] == name)
+        # Charged: also what the table answered (shapley's uniform fallback is the setup probe); not
+        # charged: every driver's best rescored on all 128 fitness tokens.
+        assert 0 < driver["details"]["tokens"] and scored <= driver["details"]["tokens"] + 128, name
+        spent += driver["details"]["tokens"]
+    assert 2048 - 4 * 128 < spent <= 2048
+
+
 def test_resume_needs_the_same_settings(tmp_path):
     config = SearchConfig(out=tmp_path / "run", budget_evals=10)
     _prepare_run_dir(config)

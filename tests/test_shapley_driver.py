@@ -266,3 +266,88 @@ def test_search_estimator_flag_reaches_the_shapley_driver(argv, monkeypatch, tmp
     damage, _ = planted_game()
     result = DRIVERS["shapley"].run(DriverContext(FakePool(damage), config, None, None), Budget(max_evals=50))
     assert result.details["estimator"] == expected
+
+
+# (f) token budgets
+
+
+def _tokens_received(pool: "FakePool", full: int) -> int:
+    return sum(tokens if tokens is not None else full for tokens in pool.tokens)
+
+
+class TokenPool(FakePool):
+    """The fake pool, also recording every candidate's fidelity; ``max_tokens`` as the real pool has."""
+
+    def __init__(self, damage, max_tokens: int = 1024, **kwargs) -> None:
+        super().__init__(damage, **kwargs)
+        self.max_tokens = max_tokens
+        self.tokens: list[int | None] = []
+
+    def evaluate(self, candidates):
+        self.tokens += [c.tokens for c in candidates]
+        return super().evaluate(candidates)
+
+
+@pytest.mark.parametrize("estimator, largest_unit", [("permutation", 2 * N), ("sliding", 2**3)])
+@pytest.mark.parametrize("tokens", [256, None])
+@pytest.mark.parametrize("max_tokens", [5_000, 19_000, 30_000, 47_000, 80_000])
+def test_token_budget_is_honoured(estimator, largest_unit, tokens, max_tokens):
+    damage, _ = planted_game()
+    pool = TokenPool(damage, max_tokens=1024)
+    budget = Budget(max_tokens=max_tokens)
+    result = run_shapley(pool, TARGET, budget, estimator=estimator, tokens=tokens, seed=3, progress=False)
+    cost = tokens or 1024  # None: all the pool's fitness tokens
+    received = _tokens_received(pool, 1024)
+    assert received == budget.used_tokens == cost * result.evaluations == cost * budget.used_evals
+    assert received <= max_tokens  # a batch goes out only when it and the strengths' reserve fit
+    if result.details["partial"] and "note" not in result.details:
+        assert received > max_tokens - largest_unit * cost  # less than one unit was left unspent
+
+
+@pytest.mark.parametrize("estimator", ["permutation", "sliding"])
+def test_tokens_buy_the_same_coalitions_as_evaluations(estimator):
+    """K evaluations' worth of tokens is K evaluations; at four times the fidelity, K / 4."""
+    damage, _ = planted_game()
+
+    def requested(budget, tokens):
+        pool = TokenPool(damage, max_tokens=4096)
+        run_shapley(pool, TARGET, budget, estimator=estimator, tokens=tokens, seed=5, progress=False)
+        return pool.requested, budget
+
+    by_evals, _ = requested(Budget(max_evals=45), 256)
+    by_tokens, budget = requested(Budget(max_tokens=45 * 256), 256)
+    assert by_tokens == by_evals and budget.used_tokens == 256 * budget.used_evals
+    quarter, quarter_budget = requested(Budget(max_tokens=44 * 256), 1024)
+    assert quarter == requested(Budget(max_evals=11), 1024)[0]
+    assert quarter_budget.used_evals <= 11 < budget.used_evals
+
+
+def test_no_unit_fits_the_tokens_and_uniform_is_scored_only_if_it_fits():
+    damage, _ = planted_game()
+    pool = TokenPool(damage)
+    budget = Budget(max_tokens=2 * 1024)  # one pair needs 16 coalitions, 3 strengths: 19 x 1024
+    result = run_shapley(pool, TARGET, budget, progress=False)  # tokens None: the pool's 1024
+    assert "budget" in result.details["note"] and pool.tokens == [None] and budget.used_tokens == 1024
+    broke = TokenPool(damage)
+    result = run_shapley(broke, TARGET, Budget(max_tokens=1000), tokens=None, progress=False)
+    assert broke.tokens == [] and result.fitness == float("inf")  # not even the uniform profile fits
+
+
+def test_token_budget_needs_to_know_all_tokens():
+    damage, _ = planted_game()
+    with pytest.raises(SparseAllocError, match="token budget"):
+        run_shapley(FakePool(damage), TARGET, Budget(max_tokens=10_000), tokens=None, progress=False)
+
+
+def test_resumed_run_charges_the_tokens_answered_from_the_table():
+    damage, _ = planted_game()
+    table: dict = {}
+    with pytest.raises(KeyboardInterrupt):
+        run_shapley(TokenPool(damage, table=table, interrupt_after=23), TARGET, Budget(max_tokens=70 * 256),
+                    tokens=256, seed=9, progress=False)
+    resumed_budget, fresh_budget = Budget(max_tokens=70 * 256), Budget(max_tokens=70 * 256)
+    resumed_pool, fresh_pool = TokenPool(damage, table=table), TokenPool(damage)
+    run_shapley(resumed_pool, TARGET, resumed_budget, tokens=256, seed=9, progress=False)
+    run_shapley(fresh_pool, TARGET, fresh_budget, tokens=256, seed=9, progress=False)
+    assert resumed_pool.requested == fresh_pool.requested
+    assert resumed_budget.used_tokens == fresh_budget.used_tokens <= 70 * 256

@@ -8,6 +8,8 @@ import math
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from orchestrator import tune_driver
 from orchestrator.budget import Budget
@@ -150,3 +152,57 @@ def test_int_and_log_spaces(tmp_path):
     assert all(0.01 <= c["lam"] <= 0.2 for c in values)
     with pytest.raises(SparseAllocError, match="unknown search-space kind"):
         run_tune(pool, "t", {"x": ("choice", 0, 1)}, BUILD, Budget(max_evals=1), tmp_path, progress=False)
+
+
+# --- token budgets ------------------------------------------------------------------------------------
+
+
+def tokens_received(pool: FakePool, full: int) -> int:
+    return sum(c.tokens if c.tokens is not None else full for b in pool.batches for c in b)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 40_000), st.sampled_from([256, 1024, None]), st.integers(1, 3))
+def test_token_budget_is_honoured(tmp_path_factory, max_tokens, tokens, actors):
+    pool = FakePool(actors=actors)
+    pool.max_tokens = 2048  # what a None-token trial scores: all the pool's fitness tokens
+    cost = tokens or 2048
+    budget = Budget(max_tokens=max_tokens)
+    if max_tokens < cost:  # not one trial fits
+        with pytest.raises(SparseAllocError, match="no budget left"):
+            run_tune(pool, "tune-atp", SPACE, BUILD, budget, tmp_path_factory.getbasetemp(), tokens, progress=False)
+        assert pool.batches == []
+        return
+    result = run_tune(pool, "tune-atp", SPACE, BUILD, budget, tmp_path_factory.getbasetemp(), tokens,
+                      progress=False)
+    received = tokens_received(pool, 2048)
+    assert received == budget.used_tokens == cost * result.evaluations
+    assert max_tokens - cost < received <= max_tokens  # every trial that fits, never one more
+    assert result.evaluations == max_tokens // cost
+    assert all(len(b) <= 2 * actors for b in pool.batches)
+
+
+def test_a_1024_token_trial_costs_four_256_token_ones(tmp_path):
+    small, large = FakePool(actors=2), FakePool(actors=2)
+    run_tune(small, "tune-atp", SPACE, BUILD, Budget(max_tokens=16 * 256), tmp_path, 256, progress=False)
+    run_tune(large, "tune-atp", SPACE, BUILD, Budget(max_tokens=16 * 256), tmp_path, 1024, progress=False)
+    assert [len(b) for b in small.batches] == [4, 4, 4, 4] and [len(b) for b in large.batches] == [4]
+    both = FakePool(actors=2)  # whichever of evaluations and tokens runs out first ends it
+    run_tune(both, "tune-atp", SPACE, BUILD, Budget(max_evals=10, max_tokens=6 * 1024), tmp_path, 1024,
+             progress=False)
+    assert [len(b) for b in both.batches] == [4, 2]
+
+
+def test_resumed_run_charges_the_tokens_the_table_answers(tmp_path):
+    table: dict = {}
+    with pytest.raises(KeyboardInterrupt):
+        run_tune(FakePool(actors=2, interrupt_after=6, table=table), "tune-atp", SPACE, BUILD,
+                 Budget(max_tokens=16 * 512), tmp_path, 512, seed=2, progress=False)
+    resumed, budget = FakePool(actors=2, table=table), Budget(max_tokens=16 * 512)
+    result = run_tune(resumed, "tune-atp", SPACE, BUILD, budget, tmp_path, 512, seed=2, progress=False)
+    assert len(resumed.evaluated) == 10 and result.evaluations == 16 and budget.used_tokens == 16 * 512
+
+
+def test_token_budget_needs_to_know_all_tokens(tmp_path):
+    with pytest.raises(SparseAllocError, match="token budget"):
+        run_tune(FakePool(), "tune-atp", SPACE, BUILD, Budget(max_tokens=10_000), tmp_path, None, progress=False)
