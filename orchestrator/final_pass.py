@@ -22,6 +22,7 @@ from pruning.load import (DEFAULT_MODEL, DTYPES, block_param_counts, find_blocks
 from pruning.offload import move_non_blocks, tensor_bytes
 from pruning.pruners import get_pruner
 from pruning.sequential import prune_sequentially
+from scoring.dense_cache import cached_dense_perplexity, resolve_model
 from scoring.perplexity import perplexity
 from scoring.sparsity import achieved_sparsity
 from core.profile import MEAN_TOLERANCE, Profile, parse_nm, read_profile, write_profile
@@ -51,6 +52,10 @@ class PruneConfig:
     seed: int = 0
     overwrite: bool = False
     progress: bool = True
+    dense_cache: bool = True  # reuse the dense test perplexity cached by an earlier run (scoring.dense_cache)
+    zero_shot_tasks: list[str] | None = None  # lm-eval task names (optional extra [eval]); local data only
+    zero_shot_include: Path | None = None  # directory of lm-eval task YAMLs
+    zero_shot_limit: int | None = None  # at most this many examples per zero-shot task
 
 
 def device_free_bytes(device: torch.device) -> int | None:
@@ -173,13 +178,23 @@ def run_prune(config: PruneConfig) -> dict:
     dtype = pick_dtype(config.dtype, device)
     timings: dict[str, float] = {}
 
+    if config.zero_shot_tasks:
+        from scoring.zero_shot import check_available
+
+        check_available(config.zero_shot_tasks, config.zero_shot_include, config.zero_shot_limit)
+
     start = time.perf_counter()
-    model, tokenizer = load_model(config.model, dtype)
+    model_spec = resolve_model(config.model)  # resolved once: ``default`` re-hashes its weights
+    model, tokenizer = load_model(model_spec, dtype)
     weights = block_param_counts(model)
     profile, target = resolve_profile(config, len(find_blocks(model)), weights)
     offload = choose_offload(config.offload, tensor_bytes(model),
                              pass_reserve_bytes(model, config.calib_samples, config.seqlen, config.batch_size),
                              device_free_bytes(device))
+    if offload and config.zero_shot_tasks:
+        raise SparseAllocError("zero-shot evaluation needs the whole model on the device, but block offloading is "
+                               "on (--offload on, or the model does not fit the device's free memory): use "
+                               "--offload off, or drop --zero-shot-tasks")
     place_model(model, device, offload)
     if offload:
         log.info("blocks stay on the host and visit %s one at a time (block offloading)", device)
@@ -191,7 +206,10 @@ def run_prune(config: PruneConfig) -> dict:
     timings["data_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    dense_ppl = perplexity(model, data.test, device, config.batch_size, config.progress, "dense perplexity", offload)
+    dense_ppl, dense_cached = cached_dense_perplexity(
+        model_spec, data.test, dtype, device, enabled=config.dense_cache,
+        compute=lambda: perplexity(model, data.test, device, config.batch_size, config.progress, "dense perplexity",
+                                   offload))
     timings["dense_eval_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -203,11 +221,21 @@ def run_prune(config: PruneConfig) -> dict:
                             offload)
     timings["pruned_eval_s"] = time.perf_counter() - start
 
+    zero_shot = None
+    if config.zero_shot_tasks:
+        from scoring.zero_shot import zero_shot_accuracy
+
+        start = time.perf_counter()
+        zero_shot = zero_shot_accuracy(model, tokenizer, config.zero_shot_tasks, config.zero_shot_include,
+                                       config.zero_shot_limit, device, config.batch_size)
+        timings["zero_shot_s"] = time.perf_counter() - start
+
     metrics = {
         "model": config.model,
         "pruner": pruner.name,
         "target_sparsity": target,
         "dense_perplexity": dense_ppl,
+        "dense_perplexity_cached": dense_cached,
         "pruned_perplexity": pruned_ppl,
         "achieved_sparsity": achieved_sparsity(model),
         "profile": profile.to_json(),
@@ -220,6 +248,11 @@ def run_prune(config: PruneConfig) -> dict:
         "versions": versions(),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
     }
+    if zero_shot is not None:
+        metrics["zero_shot"] = zero_shot
+        metrics["protocol"]["zero_shot"] = {"harness": "lm-evaluation-harness", "num_fewshot": 0,
+                                            "tasks": list(zero_shot), "include": metrics["config"]["zero_shot_include"],
+                                            "limit": config.zero_shot_limit}
     save_pruned(Path(config.out), config.overwrite, model, tokenizer, profile, target, metrics)
     log.info("dense perplexity %.3f, pruned perplexity %.3f", dense_ppl, pruned_ppl)
     return metrics

@@ -11,7 +11,8 @@ from core.profile import Profile, write_profile
 
 
 def _config(model_dir, data, out, **kwargs) -> PruneConfig:
-    defaults = dict(seqlen=32, calib_samples=8, eval_windows=6, batch_size=4, progress=False, device="cpu")
+    defaults = dict(seqlen=32, calib_samples=8, eval_windows=6, batch_size=4, progress=False, device="cpu",
+                    dense_cache=False)  # every test computes its own dense perplexity
     return PruneConfig(out=out, model=str(model_dir), data=str(data), **{**defaults, **kwargs})
 
 
