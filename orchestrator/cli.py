@@ -54,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--offload", default="auto", choices=["auto", "on", "off"],
                        help="keep the blocks on the host and move them to the device one at a time "
                             "(auto: when the model does not fit the device's free memory)")
+    prune.add_argument("--no-dense-cache", action="store_true",
+                       help="recompute the dense perplexity even when an earlier run cached it for the same model, "
+                            "test windows, dtype and device type (cache: $SPARSEALLOC_CACHE/dense)")
+    prune.add_argument("--zero-shot-tasks", default=None, metavar="A,B",
+                       help="also score the pruned model's zero-shot accuracy on these lm-eval tasks (local data "
+                            "only; needs pip install 'sparsealloc[eval]')")
+    prune.add_argument("--zero-shot-include", type=Path, default=None, metavar="DIR",
+                       help="directory of lm-eval task YAMLs (dataset_path: json, data_files on this machine)")
+    prune.add_argument("--zero-shot-limit", type=int, default=None, metavar="N",
+                       help="at most N examples per zero-shot task (default: all)")
     _add_model_data_args(prune, seqlen=2048, calib_samples=128)
 
     sens = sub.add_parser("sensitivity", help="per-block Shapley values, Fisher traces or OWL outlier ratios")
@@ -79,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--pruner", default="wanda", choices=list(PRUNERS),
                         help="final pass")
     search.add_argument("--budget-evals", type=int, default=None, help="fitness evaluations, shared by the drivers")
+    search.add_argument("--budget-tokens", type=int, default=None,
+                        help="fitness tokens scored (an evaluation on 1024 tokens costs 4 on 256), shared by the "
+                             "drivers: a budget that does not depend on the machine's speed")
     search.add_argument("--budget-minutes", type=float, default=None,
                         help="wall clock for the drivers (setup and final passes come on top)")
     search.add_argument("--deadline-minutes", type=float, default=None,
@@ -154,12 +167,29 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     plan.add_argument("--pruner", default="wanda", choices=list(PRUNERS), help="final pass")
 
+    sweep = sub.add_parser("sweep", help="models x sparsities x pruners x methods as one Ray workload: one table, "
+                                          "one report")
+    sweep.add_argument("spec", type=Path, metavar="SPEC.yaml",
+                       help="YAML: models, sparsities and/or nm, pruners, methods, budget (evals/minutes/tokens per "
+                            "search) and the protocol options in snake_case (see README)")
+    sweep.add_argument("--out", type=Path, required=True, help="sweep directory (table.parquet, report, cells/)")
+    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out (finished "
+                                                             "cells and passes are skipped)")
+    sweep.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    sweep.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
     results = sub.add_parser("results", help="the evaluations a search wrote to its run directory, by time")
     results.add_argument("run", type=Path, metavar="RUN", help="run directory of `sparsealloc search --out RUN`")
     results.add_argument("--csv", type=Path, default=None, metavar="FILE",
                          help="write every column of every (selected) row to FILE instead of printing the table")
     results.add_argument("--driver", default=None, metavar="NAME", help="only the rows of this driver")
     results.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N rows (by time)")
+
+    report = sub.add_parser("report", help="HTML page and markdown twin (plots, tables) of a sweep, search run "
+                                           "or prune output")
+    report.add_argument("path", type=Path, metavar="RUN_OR_SWEEP",
+                        help="a sweep directory (table.parquet), a search run directory (summary.json, results/) "
+                             "or a prune output (metrics.json, profile.json); the report is written into it")
     return parser
 
 
@@ -187,16 +217,29 @@ def _cmd_prune(args) -> None:
         calib_samples=args.calib_samples, eval_windows=args.eval_windows, batch_size=args.batch_size,
         device=args.device, dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
         progress=not args.no_progress, offload={"auto": None, "on": True, "off": False}[args.offload],
+        dense_cache=not args.no_dense_cache,
+        zero_shot_tasks=[t.strip() for t in args.zero_shot_tasks.split(",") if t.strip()]
+        if args.zero_shot_tasks else None,
+        zero_shot_include=args.zero_shot_include, zero_shot_limit=args.zero_shot_limit,
     )
+    if args.zero_shot_tasks is not None and not config.zero_shot_tasks:
+        raise SparseAllocError("--zero-shot-tasks needs at least one task name")
     metrics = run_prune(config)
     achieved = metrics["achieved_sparsity"]
     print(f"\n{'model':<22}{metrics['model']}")
     print(f"{'pruner':<22}{metrics['pruner']}")
     print(f"{'target sparsity':<22}{metrics['target_sparsity']:.4f}")
     print(f"{'achieved sparsity':<22}{achieved['overall']:.4f}")
-    print(f"{'dense perplexity':<22}{metrics['dense_perplexity']:.3f}")
+    cached = " (cached)" if metrics.get("dense_perplexity_cached") else ""
+    print(f"{'dense perplexity':<22}{metrics['dense_perplexity']:.3f}{cached}")
     print(f"{'pruned perplexity':<22}{metrics['pruned_perplexity']:.3f}")
     print(f"{'test windows':<22}{metrics['protocol']['test']['windows']} x {metrics['protocol']['seqlen']} tokens")
+    for task, scores in (metrics.get("zero_shot") or {}).items():
+        norm = f", acc_norm {scores['acc_norm']:.4f}" if scores.get("acc_norm") is not None else ""
+        print(f"{'zero-shot ' + task:<22}acc {scores['acc']:.4f}{norm} ({scores['samples']} examples)")
+    timings = metrics.get("timings", {})
+    if timings:
+        print(f"{'seconds':<22}" + ", ".join(f"{k.removesuffix('_s')} {v:.0f}" for k, v in timings.items()))
     print(f"{'saved to':<22}{args.out}")
 
 
@@ -226,7 +269,7 @@ def _cmd_search(args) -> None:
         fidelities=tuple(args.fidelities), nm_m=args.nm_m, free_sampler=args.free_sampler,
         estimator=args.estimator,
         finalists=args.finalists, selection_windows=args.selection_windows,
-        budget_evals=args.budget_evals, budget_minutes=args.budget_minutes, deadline_minutes=args.deadline_minutes,
+        budget_evals=args.budget_evals, budget_tokens=args.budget_tokens, budget_minutes=args.budget_minutes, deadline_minutes=args.deadline_minutes,
         actors=args.actors, threads=args.threads,
         actor_gpus=True if args.gpu_actors else None, address=args.address, batch_size=args.batch_size,
         device=args.device, dtype=args.dtype, evaluator=args.evaluator, device_memory_gb=args.device_memory_gb,
@@ -311,6 +354,27 @@ def _cmd_plan(args) -> None:
     check_plan(plan)
 
 
+def _cmd_sweep(args) -> None:
+    import pyarrow.parquet as pq
+
+    from orchestrator.sweep import run_sweep
+
+    summary = run_sweep(args.spec, args.out, resume=args.resume, overwrite=args.overwrite,
+                        progress=not args.no_progress)
+    rows = [r for r in pq.read_table(summary["table"]).to_pylist() if r["chosen"]]
+    print(f"\n{'model':<18}{'target':>7}  {'pruner':<10}{'method':<13}{'valid. ppl':>11}{'test ppl':>11}"
+          f"{'search tokens':>15}{'seconds':>9}")
+    for r in rows:
+        print(f"{r['model'][-18:]:<18}{r['target']:>7}  {r['pruner']:<10}{r['method']:<13}"
+              f"{r['validation_perplexity']:>11.3f}{r['test_perplexity']:>11.3f}{r['search_tokens']:>15}"
+              f"{r['search_seconds']:>9.0f}")
+    print(f"\n{summary['rows']} final passes ({summary['passes_run']} run, {summary['passes_reused']} reused), "
+          f"{summary['pools_built']} evaluator pool(s) built, {summary['seconds']:.0f} s")
+    print(f"table: {summary['table']}")
+    if summary.get("report"):
+        print("report: " + " and ".join(summary["report"]))
+
+
 def _cmd_results(args) -> None:
     from collections import Counter
 
@@ -338,8 +402,17 @@ def _cmd_results(args) -> None:
         print(f"warning: {len(duplicates)} keys were evaluated more than once", file=sys.stderr)
 
 
+def _cmd_report(args) -> None:
+    from orchestrator.report import write_report
+
+    html_path, md_path = write_report(args.path)
+    print(f"html: {html_path}")
+    print(f"markdown: {md_path}")
+
+
 COMMANDS = {"fetch": _cmd_fetch, "prune": _cmd_prune, "sensitivity": _cmd_sensitivity, "profile": _cmd_profile,
-            "search": _cmd_search, "plan": _cmd_plan, "results": _cmd_results}
+            "search": _cmd_search, "plan": _cmd_plan, "results": _cmd_results,
+            "sweep": _cmd_sweep, "report": _cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

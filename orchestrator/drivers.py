@@ -31,10 +31,15 @@ class DriverContext:
     config: "SearchConfig"
     calibration: "torch.Tensor"
     top_tokens: int
+    sensitivity_dir: Path | None = None  # where Fisher traces and OWL ratios are kept (default: the run dir)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.config.out)
+
+    @property
+    def store_dir(self) -> Path:
+        return self.sensitivity_dir or self.run_dir
 
 
 @dataclass(frozen=True)
@@ -60,13 +65,13 @@ def _inputs_identity(context: DriverContext, windows: "torch.Tensor") -> dict:
 def fisher_traces(context: DriverContext) -> list[float]:
     """Fisher traces on half the calibration windows, computed once per run dir (kept for resume)."""
     windows = context.calibration[: max(1, context.calibration.shape[0] // 2)]
-    return load_or_compute(context.run_dir, "fisher", _inputs_identity(context, windows),
+    return load_or_compute(context.store_dir, "fisher", _inputs_identity(context, windows),
                            lambda: context.pool.call("fisher_traces", windows))
 
 
 def outlier_ratios(context: DriverContext, multiplier: int) -> list[float]:
     """OWL ratios for one M, counted by the actors while building their rank tables; kept in the run dir."""
-    return load_or_compute(context.run_dir, f"owl-M{multiplier}", _inputs_identity(context, context.calibration),
+    return load_or_compute(context.store_dir, f"owl-M{multiplier}", _inputs_identity(context, context.calibration),
                            lambda: context.pool.call("outlier_ratios", float(multiplier)))
 
 

@@ -85,9 +85,11 @@ class PassJob:
     threads: int  # torch threads of a CPU task
     out: str  # absolute: RUN/finalists/<driver> (or RUN/finalists for the dense task)
     inputs: dict  # what the result depends on; a stored result with the same inputs is reused
+    save: bool = True  # save the pruned model beside its metrics (a sweep keeps only the metrics)
+    zero_shot: dict | None = None  # lm-eval tasks to score the pruned model on: {"tasks", "include", "limit"}
 
 
-def _digest(tensor: torch.Tensor) -> str:
+def digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
@@ -129,31 +131,53 @@ def final_pass_task(job: PassJob, name: str, profile: Profile, calibration: torc
     validation = perplexity(model, selection, device, job.batch_size, False, offload=offload)
     test_ppl = perplexity(model, test, device, job.batch_size, False, offload=offload)
     eval_s = time.perf_counter() - start
+    zero_shot = None
+    if job.zero_shot:
+        from scoring.zero_shot import zero_shot_accuracy
+
+        zero_shot = zero_shot_accuracy(model, tokenizer, job.zero_shot["tasks"], job.zero_shot.get("include"),
+                                       job.zero_shot.get("limit"), device, job.batch_size)
     metrics = {
         "driver": name, "model": job.model, "pruner": job.pruner,
         "validation_perplexity": validation, "test_perplexity": test_ppl, "pruned_perplexity": test_ppl,
         "prune_s": prune_s, "achieved_sparsity": achieved_sparsity(model), "profile": profile.to_json(),
         **device_info(device), "dtype": dtype_name(dtype), "offload": offload, "node": node,
         "inputs": job.inputs, "timings": {"load_s": load_s, "prune_s": prune_s, "eval_s": eval_s},
+        "zero_shot": zero_shot,
         "versions": versions(),
     }
-    target = profile.mean(block_param_counts(model))
-    save_pruned(Path(job.out), True, model, tokenizer, profile, target, metrics)
+    if job.save:
+        save_pruned(Path(job.out), True, model, tokenizer, profile, profile.mean(block_param_counts(model)), metrics)
+    else:
+        with staged_output(Path(job.out), True) as staging:
+            write_json(staging / "metrics.json", metrics)
     return metrics
 
 
 def dense_perplexity_task(job: PassJob, calibration_windows: int, test: torch.Tensor) -> dict:
-    """The dense model's test perplexity on this worker."""
+    """The dense model's test perplexity on this worker: from this node's dense perplexity cache
+    (``scoring.dense_cache``) when an earlier run computed it for the same model, test windows, dtype
+    and device type — the model is then not even loaded —, else computed (and cached)."""
+    from pruning.load import pick_device, pick_dtype
+    from scoring.dense_cache import cached_dense_perplexity
     from scoring.perplexity import perplexity
 
     node = ray.get_runtime_context().get_node_id()
-    model, _, device, dtype, offload = _load(job, calibration_windows, test.shape[1])
-    ppl = perplexity(model, test, device, job.batch_size, False, offload=offload)
-    return {"test_perplexity": ppl, **device_info(device), "dtype": dtype_name(dtype), "offload": offload,
-            "node": node, "inputs": job.inputs}
+    device = pick_device("cpu" if job.device == "cpu" else "auto")
+    dtype = pick_dtype(job.dtype, device)
+    loaded: dict = {"offload": None}
+
+    def compute() -> float:
+        model, _, place, _, offload = _load(job, calibration_windows, test.shape[1])
+        loaded["offload"] = offload
+        return perplexity(model, test, place, job.batch_size, False, offload=offload)
+
+    ppl, cached = cached_dense_perplexity(job.model, test, dtype, device, compute)
+    return {"test_perplexity": ppl, "cached": cached, **device_info(device), "dtype": dtype_name(dtype),
+            "offload": loaded["offload"], "node": node, "inputs": job.inputs}
 
 
-def _stored(path: Path, inputs: dict) -> dict | None:
+def stored_metrics(path: Path, inputs: dict) -> dict | None:
     """The metrics stored at ``path`` when they were computed from the same ``inputs``."""
     try:
         stored = json.loads(path.read_text())
@@ -215,13 +239,13 @@ def _copy_local(src: Path, dst: Path, skip: tuple = ()) -> None:
             shutil.copy2(path, target)
 
 
-def _model_spec(spec: str) -> str:
+def model_spec(spec: str) -> str:
     """``spec`` as a worker resolves it: local paths made absolute (workers may run elsewhere)."""
     local = Path(spec).expanduser()
     return str(local.resolve()) if local.exists() else spec
 
 
-def _task_resources(config: "SearchConfig", tasks: int) -> dict:
+def task_resources(config: "SearchConfig", tasks: int) -> dict:
     """``num_gpus`` 1 per task for ``--device cuda`` (``auto``: when the cluster has GPUs or GPU workers
     were asked for), else CPU tasks sharing the largest node's cores."""
     device = getattr(config, "device", "auto")
@@ -245,12 +269,12 @@ def run_final_passes(config: "SearchConfig", data, selection: torch.Tensor, resu
         raise RuntimeError("run_final_passes needs Ray; search initialises it")
     run = Path(config.out).resolve()
     names = finalists(results, config.finalists)
-    model = _model_spec(config.model)
+    model = model_spec(config.model)
     device = getattr(config, "device", "auto")
     dtype = getattr(config, "dtype", "auto")
     offload = getattr(config, "offload", None)
-    windows = {"calibration": _digest(data.calibration), "selection": _digest(selection),
-               "test": _digest(data.test)}
+    windows = {"calibration": digest(data.calibration), "selection": digest(selection),
+               "test": digest(data.test)}
     common = {"model": model, "device": device, "dtype": dtype, "pruner": config.pruner}
 
     jobs: dict[str, PassJob] = {}
@@ -259,16 +283,16 @@ def run_final_passes(config: "SearchConfig", data, selection: torch.Tensor, resu
         inputs = {**common, **windows, "profile": results[name].best.to_json()}
         job = PassJob(model, config.pruner, device, dtype, offload, config.batch_size, config.threads,
                       str(run / "finalists" / name), inputs)
-        stored = _stored(run / "finalists" / name / "metrics.json", inputs)
+        stored = stored_metrics(run / "finalists" / name / "metrics.json", inputs)
         if stored is None:
             jobs[name] = job
         else:
             log.info("%s: final pass found in %s, not redone", name, job.out)
             passes[name] = {**stored, "node": ray.get_runtime_context().get_node_id(), "reused": True}
     dense_inputs = {"model": model, "device": device, "dtype": dtype, "test": windows["test"]}
-    dense = _stored(run / "finalists" / DENSE_FILE, dense_inputs)
+    dense = stored_metrics(run / "finalists" / DENSE_FILE, dense_inputs)
 
-    resources = _task_resources(config, len(jobs) + (dense is None))
+    resources = task_resources(config, len(jobs) + (dense is None))
     threads = resources["num_cpus"]
     refs: dict = {}
     if jobs or dense is None:
@@ -302,6 +326,13 @@ def run_final_passes(config: "SearchConfig", data, selection: torch.Tensor, resu
     return _finish(config, run, data, selection, results, names, passes, best, dense)
 
 
+def driver_summary(results: dict[str, DriverResult]) -> dict:
+    """The summary's entry per driver: fitness, cost, best profile and the driver's details."""
+    return {name: {"validation_kl": r.fitness, "evaluations": r.evaluations, "seconds": r.details.get("seconds"),
+                   "profile": list(r.best.sparsities), "details": {k: v for k, v in r.details.items() if k != "seconds"}}
+            for name, r in results.items()}
+
+
 def _pass_row(metrics: dict) -> dict:
     """The summary's entry for one final pass."""
     keep = ("validation_perplexity", "test_perplexity", "prune_s", "node", "offload", "device", "device_name",
@@ -317,10 +348,7 @@ def _finish(config: "SearchConfig", run: Path, data, selection: torch.Tensor, re
         "dense_test_perplexity": dense["test_perplexity"],
         "selection": {"finalists": names, "criterion": f"validation perplexity after the {config.pruner} pass",
                       "tokens": int(selection.numel())},
-        "drivers": {name: {"validation_kl": r.fitness, "evaluations": r.evaluations,
-                           "seconds": r.details.get("seconds"), "profile": list(r.best.sparsities),
-                           "details": {k: v for k, v in r.details.items() if k != "seconds"}}
-                    for name, r in results.items()},
+        "drivers": driver_summary(results),
         "final_passes": {name: _pass_row(passes[name]) for name in names},
         "device": final.get("device"), "dtype": final.get("dtype"),
     }

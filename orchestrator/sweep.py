@@ -1,0 +1,384 @@
+"""``sparsealloc sweep SPEC.yaml --out DIR``: models × targets × pruners × methods as one Ray workload.
+
+For each model, one evaluator pool is built and serves every cell of that model (its rank tables do
+not depend on the target); each cell's method proposes candidate profiles through it (searches keep
+their evaluations in the cell's own results table). The pool is then closed and every candidate's
+real final pass is submitted as a Ray task at once (``num_gpus=1`` on GPU clusters); they finish
+before the next model's pool takes the devices. A cell's pick is its candidate with the lowest
+validation perplexity.
+
+Layout of ``DIR``: ``spec.yaml`` (as given), ``sweep.json`` (identity, cells, counts of the last
+invocation), ``models/<model>/`` (the model's Fisher traces and OWL ratios), ``cells/<cell>/`` (a
+search-like run dir: ``proposal.json``, ``results/``, ``best-<driver>.json``, ``summary.json``),
+``passes/<digest>/metrics.json`` (one final pass; the pruned model too with ``save_models: true``),
+``table.parquet`` (one row per final pass) and the report. Rerunning with ``--resume`` skips cells
+whose proposal is written and passes whose metrics are, and resumes interrupted searches from their
+results tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from core.errors import SparseAllocError
+from core.profile import Profile
+from orchestrator.allocations import ALLOCATIONS, CellContext
+from orchestrator.clock import RunClock
+from orchestrator.drivers import DRIVERS
+from orchestrator.finalists import (PassJob, dense_perplexity_task, digest, final_pass_task, model_spec,
+                                    stored_metrics, task_resources)
+from orchestrator.output import check_output, write_json
+from orchestrator.results import ResultsTable
+from orchestrator.search import (SearchConfig, actor_count, check_memory, init_ray, make_pool, resolve_device,
+                                 token_sets)
+from orchestrator.sweep_spec import Cell, SweepSpec, model_slug, read_spec
+from pruning.pruners import PRUNERS
+from search_spaces import families
+
+log = logging.getLogger(__name__)
+
+TABLE = "table.parquet"
+
+
+def model_problem(model: str) -> str | None:
+    """Why ``model`` cannot be loaded (its config read on the meta device), or None."""
+    from orchestrator.plan import shape_of
+
+    try:
+        shape_of(model)
+    except Exception as exc:  # any failure to read the model is a spec problem to list
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return None
+
+
+def load_sweep_spec(path: Path, check_models: bool = True) -> SweepSpec:
+    """The checked spec at ``path`` (every problem listed in one error)."""
+    methods = {name: allocation.searches for name, allocation in ALLOCATIONS.items()}
+    return read_spec(path, methods, list(PRUNERS), model_problem if check_models else None)
+
+
+def _model_config(spec: SweepSpec, model: str, out: Path, progress: bool) -> SearchConfig:
+    """The search settings every cell of ``model`` starts from (the spec's protocol)."""
+    return SearchConfig(
+        out=out, method="all", sparsity=0.5, pruner=spec.pruners[0], model=model, data=spec.data,
+        text_field=spec.text_field, seqlen=spec.seqlen, calib_samples=spec.calib_samples,
+        eval_windows=spec.eval_windows, fitness_windows=spec.fitness_windows, fitness_seqlen=spec.fitness_seqlen,
+        fidelities=tuple(spec.fidelities), free_sampler=spec.free_sampler, estimator=spec.estimator,
+        finalists=spec.finalists, selection_windows=spec.selection_windows,
+        budget_evals=spec.budget.get("evals"), budget_minutes=spec.budget.get("minutes"),
+        budget_tokens=None if spec.budget.get("tokens") is None else int(spec.budget["tokens"]), actors=spec.actors, threads=spec.threads, address=spec.address,
+        batch_size=spec.batch_size, device=spec.device, dtype=spec.dtype, evaluator=spec.evaluator,
+        device_memory_gb=spec.device_memory_gb, gpus_per_actor=spec.gpus_per_actor, population=spec.population,
+        seed=spec.seed, progress=progress)
+
+
+def _prepare(spec_path: Path, spec: SweepSpec, out: Path, resume: bool, overwrite: bool) -> str:
+    """Create (or, ``resume``, check) the sweep directory; returns the sweep's run id."""
+    stored = out / "sweep.json"
+    if resume:
+        if not stored.exists():
+            raise SparseAllocError(f"--resume: {out} holds no sweep (no sweep.json); run without --resume first")
+        previous = json.loads(stored.read_text())
+        if previous["identity"] != spec.identity():
+            changed = [k for k in spec.identity() if previous["identity"].get(k) != spec.identity()[k]]
+            raise SparseAllocError(f"--resume with a spec whose protocol differs ({', '.join(changed)}); only "
+                                   "models, targets, pruners and methods may change")
+        return previous["run_id"]
+    check_output(out, overwrite)
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(spec_path, out / "spec.yaml")
+    run_id = uuid.uuid4().hex[:12]
+    write_json(stored, {"run_id": run_id, "identity": spec.identity()})
+    return run_id
+
+
+@dataclass
+class _Pending:
+    """A final pass submitted (or found done) for one candidate of one cell."""
+
+    cell: Cell
+    candidate: str
+    profile: Profile
+    key: str
+    ref: object = None
+    metrics: dict | None = None
+    reused: bool = False
+
+
+def _nm_rounded(profile: Profile, cell: Cell, weights: list[int]) -> Profile:
+    """An N:M target's candidate on the mixed N:M menu of its M (plain N:M when uniform)."""
+    nm = cell.nm
+    if nm is None:
+        return profile
+    if len(set(profile.sparsities)) == 1:
+        return Profile.uniform_nm(len(profile.sparsities), nm)
+    return families.nm_profile(list(profile.sparsities), cell.sparsity, nm[1], weights)
+
+
+def _search_cost(cell_dir: Path, top_tokens: int) -> tuple[int, int]:
+    """(fitness tokens scored, evaluations) over the cell's results table."""
+    results = cell_dir / "results"
+    if not results.is_dir():
+        return 0, 0
+    rows = ResultsTable(cell_dir, "read").read_table().select(["tokens"]).to_pylist()
+    return sum(row["tokens"] or top_tokens for row in rows), len(rows)
+
+
+def _propose(cell: Cell, spec: SweepSpec, base: SearchConfig, pool, data, top_tokens: int, cell_dir: Path,
+             model_dir: Path, run_id: str) -> dict:
+    """Run the cell's method through ``pool``; writes and returns ``cell_dir/proposal.json``."""
+    resume = (cell_dir / "results").is_dir()
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    allocation = ALLOCATIONS[cell.method]
+    config = replace(base, out=cell_dir, method=cell.method if cell.method in DRIVERS else "all",
+                     sparsity=cell.sparsity, pruner=cell.pruner, nm_m=cell.nm[1] if cell.nm else None, resume=resume)
+    # A search keeps its rows in the cell's own table (resume answers from it); others evaluate nothing.
+    pool.results = ResultsTable(cell_dir if allocation.searches else model_dir, run_id)
+    clock = RunClock(cell_dir)
+    try:
+        with clock.phase("search"):
+            if cell.sparsity == 0.0:  # dense: every method gives the same profile
+                proposal = [("uniform", families.uniform(pool.num_blocks, 0.0))]
+            else:
+                context = CellContext(pool, config, data.calibration, top_tokens, clock, model_dir,
+                                      None if spec.budget.get("minutes") is None else spec.budget["minutes"] * 60,
+                                      spec.atp_grid, spec.owl_m, spec.owl_lambda, spec.finalists)
+                proposal = allocation.propose(context)
+        seconds = clock.spent("search")
+    finally:
+        clock.close()
+    tokens, evaluations = _search_cost(cell_dir, top_tokens)
+    record = {"cell": cell.__dict__, "candidates": [
+        {"name": name, "profile": _nm_rounded(profile, cell, pool.block_weights).to_json()}
+        for name, profile in proposal],
+        "search": {"tokens": tokens, "evaluations": evaluations, "seconds": seconds}}
+    write_json(cell_dir / "proposal.json", record)
+    log.info("%s: %d candidate(s) after %.0f s, %d evaluations", cell.id, len(proposal), seconds, evaluations)
+    return record
+
+
+def _sibling(cell: Cell, cells: list[Cell], proposals: dict) -> Cell | None:
+    """A cell with a proposal that differs from ``cell`` in the pruner only: the evaluator scores the
+    same (Wanda-ranked) masks whatever the final pass, so its candidates are ``cell``'s too."""
+    for other in cells:
+        if other.id in proposals and (other.model, other.target, other.method) == (cell.model, cell.target,
+                                                                                  cell.method):
+            return other
+    return None
+
+
+def _share(proposal: dict, cell: Cell, sibling: Cell, out: Path) -> dict:
+    """``sibling``'s proposal recorded as ``cell``'s (its search cost is that search's, not repeated)."""
+    record = {**proposal, "cell": cell.__dict__, "shared_with": sibling.id}
+    (out / "cells" / cell.id).mkdir(parents=True, exist_ok=True)
+    write_json(out / "cells" / cell.id / "proposal.json", record)
+    log.info("%s: candidates of %s (the search does not depend on the pruner)", cell.id, sibling.id)
+    return record
+
+
+def _search_dir(out: Path, cell: Cell, proposals: dict) -> str | None:
+    """The run dir (relative to ``out``) holding the search behind ``cell``'s candidates, if any."""
+    source = proposals[cell.id].get("shared_with") or cell.id
+    return f"cells/{source}" if (out / "cells" / source / "results").is_dir() else None
+
+
+def _pass_key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _submit_passes(spec: SweepSpec, config: SearchConfig, out: Path, cells: list[Cell], proposals: dict, data,
+                   selection, resources: dict) -> tuple[list[_Pending], object]:
+    """Final-pass tasks for every candidate of ``cells`` not already done, plus the model's dense
+    perplexity; returns the pending passes and the dense task (or stored dense metrics)."""
+    model = model_spec(config.model)
+    windows = {"calibration": digest(data.calibration), "selection": digest(selection), "test": digest(data.test)}
+    common = {"model": model, "device": config.device, "dtype": config.dtype, **windows}
+    refs = None
+    pending: list[_Pending] = []
+    task = ray.remote(final_pass_task).options(**resources)
+    zero_shot = None if not spec.zero_shot.tasks else {"tasks": list(spec.zero_shot.tasks),
+                                                       "include": spec.zero_shot.include,
+                                                       "limit": spec.zero_shot.limit}
+    for cell in cells:
+        for candidate in proposals[cell.id]["candidates"]:
+            profile = Profile.from_json(candidate["profile"])
+            inputs = {**common, "pruner": cell.pruner, "profile": profile.to_json(), "zero_shot": zero_shot,
+                      "saved": spec.save_models}
+            key = _pass_key(inputs)
+            item = _Pending(cell, candidate["name"], profile, key)
+            item.metrics = stored_metrics(out / "passes" / key / "metrics.json", inputs)
+            if item.metrics is not None:
+                item.reused = True
+            elif not any(p.key == key and p.ref is not None for p in pending):
+                if refs is None:
+                    refs = tuple(ray.put(t) for t in (data.calibration, selection, data.test))
+                job = PassJob(model, cell.pruner, config.device, config.dtype, None, config.batch_size,
+                              resources["num_cpus"], str((out / "passes" / key).resolve()), inputs,
+                              save=spec.save_models, zero_shot=zero_shot)
+                item.ref = task.remote(job, cell.method, profile, *refs)
+            pending.append(item)
+    dense_inputs = {"model": model, "device": config.device, "dtype": config.dtype, "test": windows["test"]}
+    dense_path = out / "models" / model_slug(config.model) / "dense.json"
+    dense = stored_metrics(dense_path, dense_inputs)
+    if dense is None:
+        job = PassJob(model, spec.pruners[0], config.device, config.dtype, None, config.batch_size,
+                      resources["num_cpus"], str(dense_path.parent.resolve()), dense_inputs)
+        test_ref = ray.put(data.test) if refs is None else refs[2]
+        dense = (ray.remote(dense_perplexity_task).options(**resources)
+                 .remote(job, data.calibration.shape[0], test_ref), dense_path)
+    return pending, dense
+
+
+def _collect(pending: list[_Pending]) -> int:
+    """Wait for the submitted passes (candidates with one key share one task, which writes its
+    ``passes/<key>/metrics.json``); returns how many ran."""
+    by_key = {p.key: p for p in pending if p.ref is not None}
+    ran = 0
+    for key, item in by_key.items():
+        metrics = item.metrics = ray.get(item.ref)
+        ran += 1
+        log.info("%s %s: validation %.3f, test %.3f", item.cell.id, item.candidate,
+                 metrics["validation_perplexity"], metrics["test_perplexity"])
+    for item in pending:
+        if item.metrics is None:
+            item.metrics = by_key[item.key].metrics
+    return ran
+
+
+def _rows(cells: list[Cell], pending: list[_Pending], proposals: dict, dense: dict, protocol: dict) -> list[dict]:
+    """One table row per final pass; ``chosen`` marks each cell's lowest validation perplexity."""
+    rows = []
+    for cell in cells:
+        items = [p for p in pending if p.cell == cell]
+        best = min(items, key=lambda p: p.metrics["validation_perplexity"])
+        search = proposals[cell.id]["search"]
+        for item in items:
+            m = item.metrics
+            rows.append({
+                "cell": cell.id, "model": cell.model, "target": cell.target, "sparsity": cell.sparsity,
+                "nm": cell.target if cell.nm else None, "pruner": cell.pruner, "method": cell.method,
+                "candidate": item.candidate, "chosen": item is best,
+                "profile": json.dumps(list(item.profile.sparsities)),
+                "profile_nm": None if item.profile.nm is None else json.dumps(item.profile.nm),
+                "achieved_sparsity": float(m["achieved_sparsity"]["overall"]),
+                "validation_perplexity": float(m["validation_perplexity"]),
+                "test_perplexity": float(m["test_perplexity"]),
+                "dense_test_perplexity": float(dense["test_perplexity"]),
+                "search_tokens": int(search["tokens"]), "search_seconds": float(search["seconds"]),
+                "search_evaluations": int(search["evaluations"]),
+                "search_shared_with": proposals[cell.id].get("shared_with"),
+                "pass_seconds": float(sum(m["timings"].values())),
+                "zero_shot": json.dumps(m["zero_shot"]) if m.get("zero_shot") else None,
+                "protocol": json.dumps(protocol), "device": m.get("device"), "dtype": m.get("dtype"),
+                "reused": item.reused,
+            })
+    return rows
+
+
+def write_table(rows: list[dict], path: Path) -> None:
+    """The sweep table as parquet, written to a temporary name and renamed."""
+    temp = path.with_name(f".{path.name}.partial")
+    pq.write_table(pa.Table.from_pylist(rows), temp)
+    temp.replace(path)
+
+
+def _sweep_model(model: str, spec: SweepSpec, out: Path, run_id: str, actors: int | None, counts: dict,
+                 progress: bool) -> tuple[list[dict], dict]:
+    """One model's cells: proposals through one pool (built only when a cell still needs it), then
+    every candidate's final pass; returns the model's table rows and its cells' proposals."""
+    from pruning.load import load_tokenizer
+
+    model_dir = out / "models" / model_slug(model)
+    config = resolve_device(_model_config(spec, model, model_dir, progress))
+    mode = check_memory(config)
+    data, fitness, selection = token_sets(config, load_tokenizer(model))
+    top_tokens = int(fitness.numel())
+    cells = [c for c in spec.cells() if c.model == model]
+    proposals: dict[str, dict] = {}
+    for cell in cells:
+        stored = out / "cells" / cell.id / "proposal.json"
+        if stored.exists():
+            proposals[cell.id] = json.loads(stored.read_text())
+            counts["cells_skipped"] += 1
+    todo = [c for c in cells if c.id not in proposals]
+    if todo:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        pool = make_pool(config, mode, data.calibration, fitness, ResultsTable(model_dir, run_id), actors,
+                         owl_m=(spec.owl_m,))
+        counts["pools_built"] += 1
+        try:
+            for cell in todo:
+                sibling = _sibling(cell, cells, proposals)
+                if sibling is not None:
+                    proposals[cell.id] = _share(proposals[sibling.id], cell, sibling, out)
+                    continue
+                proposals[cell.id] = _propose(cell, spec, config, pool, data, top_tokens, out / "cells" / cell.id,
+                                              model_dir, run_id)
+                counts["cells_proposed"] += 1
+        finally:
+            pool.close()  # frees the actors' devices for the final passes
+    protocol = {**data.protocol, "fitness_tokens": top_tokens, "fitness_split": "validation (prefix)",
+                "selection_tokens": int(selection.numel()), "dtype": config.dtype, "device": config.device}
+    passes = sum(len(proposals[c.id]["candidates"]) for c in cells)
+    pending, dense = _submit_passes(spec, config, out, cells, proposals, data, selection,
+                                    task_resources(config, passes + 1))
+    # The passes hold the devices the next model's actors would need: they finish first.
+    if isinstance(dense, tuple):
+        ref, path = dense
+        dense = ray.get(ref)
+        write_json(path, dense)
+    counts["passes_run"] += _collect(pending)
+    counts["passes_reused"] += sum(p.reused for p in pending)
+    return _rows(cells, pending, proposals, dense, protocol), proposals
+
+
+def run_sweep(spec_path: Path, out: Path, resume: bool = False, overwrite: bool = False,
+              progress: bool = True) -> dict:
+    """Run every cell of the spec at ``spec_path`` into ``out``; returns the summary (counts, table
+    path, report paths)."""
+    spec = load_sweep_spec(spec_path)
+    out = Path(out)
+    counts = {"pools_built": 0, "cells_proposed": 0, "cells_skipped": 0, "passes_run": 0, "passes_reused": 0}
+    first = _model_config(spec, spec.models[0], out, progress)
+    actors = actor_count(first)
+    started_ray = init_ray(first, actors)
+    rows: list[dict] = []
+    proposals: dict[str, dict] = {}
+    start = time.monotonic()
+    try:
+        run_id = _prepare(Path(spec_path), spec, out, resume, overwrite)
+        for model in spec.models:
+            model_rows, model_proposals = _sweep_model(model, spec, out, run_id, actors, counts, progress)
+            rows.extend(model_rows)
+            proposals.update(model_proposals)
+        table = out / TABLE
+        write_table(rows, table)
+        summary = {"table": str(table), "rows": len(rows), "seconds": time.monotonic() - start, **counts}
+        stored = json.loads((out / "sweep.json").read_text())
+        cells = [{"id": c.id, **c.__dict__, "dir": _search_dir(out, c, proposals)} for c in spec.cells()]
+        write_json(out / "sweep.json", {**stored, "spec": spec.to_json(), "cells": cells, "last_run": summary})
+        summary["report"] = _report(out)
+        return summary
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _report(out: Path) -> list[str]:
+    """The sweep's report: paths of its HTML page and markdown twin."""
+    from orchestrator.report import write_report
+
+    return [str(p) for p in write_report(out)]
