@@ -146,3 +146,18 @@ def test_spec_targets_and_cells():
     nm = [c for c in cells if c.target == "2:4"]
     assert all(c.nm == (2, 4) and c.sparsity == 0.5 for c in nm)
     assert len({c.id for c in cells}) == len(cells)
+
+
+def test_zero_shot_scores_reach_the_table_and_report(tmp_path, model_dir, corpus_file):
+    pytest.importorskip("lm_eval")
+    from test_zero_shot import QUESTIONS, write_task
+
+    tasks = write_task(tmp_path)
+    spec_path = _write(tmp_path, _spec(tmp_path, model_dir, corpus_file, sparsities=[0.5], methods=["uniform"],
+                                       zero_shot={"tasks": ["tiny_mc"], "include": str(tasks)}))
+    out = tmp_path / "sweep"
+    summary = run_sweep(spec_path, out, progress=False)
+    (row,) = pq.read_table(out / "table.parquet").to_pylist()
+    scores = json.loads(row["zero_shot"])["tiny_mc"]
+    assert 0.0 <= scores["acc"] <= 1.0 and scores["samples"] == QUESTIONS
+    assert "tiny_mc" in (out / "report.md").read_text() and summary["report"]
