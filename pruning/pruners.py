@@ -55,8 +55,13 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float, nm: NM = None) -> torc
     return nm_mask(scores, *nm) if nm else layer_mask(scores, sparsity)
 
 
+def wanda_scores(weight: torch.Tensor, norms: InputNorms) -> torch.Tensor:
+    """Wanda's importance |W_ij| · ‖X_j‖₂ (up to the per-layer constant √tokens), as float32."""
+    return weight.abs().float() * norms.sq_mean.sqrt().unsqueeze(0)
+
+
 def wanda_mask(weight: torch.Tensor, norms: InputNorms, sparsity: float, nm: NM = None) -> torch.Tensor:
-    scores = weight.abs().float() * norms.sq_mean.sqrt().unsqueeze(0)
+    scores = wanda_scores(weight, norms)
     return nm_mask(scores, *nm) if nm else row_mask(scores, sparsity)
 
 

@@ -7,22 +7,28 @@ offset of 2^15 (so rows up to 65,536 wide take 2 bytes per weight). Any unstruct
 then ``rank >= k`` and an N:M pattern keeps the M − N best-ranked weights of every group of M — no
 score copy is kept. OWL's outlier ratios need the scores, so they are counted while the tables are
 built, for every multiplier asked for.
+
+Wanda tables normally score with the dense model's activations; :func:`sequential_rank_tables`
+scores with the activations the sequential final pass sees for an incumbent profile instead, so
+that the tables' masks at the incumbent's levels are the masks the final pass writes.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from pruning.capture import capture_block_inputs, run_block_observing
+from pruning.capture import capture_block_inputs, run_block, run_block_observing
 from core.errors import SparseAllocError
 from pruning.load import find_blocks, find_linears
 from pruning.masks import prune_count
 from pruning.offload import onloaded, to_device
-from pruning.pruners import InputNorms
+from pruning.pruners import InputNorms, wanda_scores
+from core.profile import Profile
 
 NM = tuple[int, int]
 Level = tuple[float, NM | None]  # (sparsity, N:M pattern or None)
@@ -103,13 +109,20 @@ class RankTables:
 @torch.no_grad()
 def build_rank_tables(model, calibration: torch.Tensor, compute_device: Callable[[int], torch.device],
                       home_device: Callable[[int], torch.device], kind: str = "wanda", batch_size: int = 4,
-                      owl_multipliers: Sequence[float] = (), progress: bool = True) -> RankTables:
+                      owl_multipliers: Sequence[float] = (), progress: bool = True,
+                      incumbent: Profile | None = None) -> RankTables:
     """Rank tables for every block, built block by block: block l runs on ``compute_device(l)`` (moved
     there for the duration when it lives elsewhere) and its tables are kept on ``home_device(l)``.
-    Wanda scores use the dense calibration inputs of each block."""
+    Wanda scores use the dense calibration inputs of each block — or, with an ``incumbent`` profile,
+    the inputs the sequential final pass would give it for that profile (see
+    :func:`sequential_rank_tables`)."""
     if kind not in SCORE_KINDS:
         raise SparseAllocError(f"unknown score kind {kind!r}; choose one of {', '.join(SCORE_KINDS)}")
     blocks = find_blocks(model)
+    if incumbent is not None:
+        if kind != "wanda":
+            raise SparseAllocError(f"an incumbent only changes activation-based scores (wanda), not {kind!r}")
+        incumbent.check_fits(len(blocks))
     captured = capture_block_inputs(model, blocks, calibration, batch_size, compute_device(0)) \
         if kind == "wanda" else None
     hidden = captured.hidden if captured else None
@@ -119,14 +132,14 @@ def build_rank_tables(model, calibration: torch.Tensor, compute_device: Callable
         with onloaded(blocks[index], device) as block:
             linears = find_linears(block)
             if captured is not None:
-                hidden = [h.to(device) for h in hidden]
+                inputs = [h.to(device) for h in hidden]
                 calls = to_device(captured.calls[index], device)
                 norms, hidden = run_block_observing(block, linears, lambda l: InputNorms(l.in_features, device),
-                                                    hidden, calls)
+                                                    inputs, calls)
 
             def scores_of(name: str) -> torch.Tensor:
-                scores = linears[name].weight.detach().abs().float()
-                return scores * norms[name].sq_mean.sqrt().unsqueeze(0) if captured is not None else scores
+                weight = linears[name].weight.detach()
+                return wanda_scores(weight, norms[name]) if captured is not None else weight.abs().float()
 
             tables.append({name: RankTable(RankTable.from_scores(scores_of(name)).stored.to(home_device(index)))
                            for name in linears})
@@ -135,4 +148,42 @@ def build_rank_tables(model, calibration: torch.Tensor, compute_device: Callable
                 for m in ratios:
                     ratios[m].append(outlier_ratio(pooled, m))
                 del pooled
+            if incumbent is not None and incumbent.sparsities[index] > 0:
+                # As the final pass: the next block's inputs are this block's outputs with all its
+                # linears pruned at the incumbent's level (masks from the dense weights just ranked).
+                level = (incumbent.sparsities[index], incumbent.pattern(index))
+                here = {name: RankTable(t.stored.to(device)) for name, t in tables[-1].items()}
+                with _masked(linears, here, level):
+                    hidden = run_block(block, inputs, calls)
+                del here
     return RankTables(tables, ratios)
+
+
+@torch.no_grad()
+def sequential_rank_tables(model, calibration: torch.Tensor, incumbent: Profile, device: torch.device,
+                           batch_size: int = 4, home_device: torch.device | None = None,
+                           owl_multipliers: Sequence[float] = (), progress: bool = True) -> RankTables:
+    """Wanda rank tables from the activations the sequential final pass (``prune_sequentially`` with
+    the wanda pruner, same ``calibration`` and ``batch_size``) sees when it prunes to ``incumbent``:
+    block l's input norms come from the outputs of blocks 0..l-1 pruned at the incumbent's levels
+    (all linears of a block from one forward of the still-dense block, as the pass does), so the
+    tables' masks at the incumbent's levels are exactly the masks that pass writes. Blocks run on
+    ``device``, tables are kept on ``home_device`` (default ``device``); the model's weights are only
+    masked for the duration of a block's forward and are left exactly as they were."""
+    home = device if home_device is None else home_device
+    return build_rank_tables(model, calibration, lambda _l: device, lambda _l: home, "wanda", batch_size,
+                             owl_multipliers, progress, incumbent=incumbent)
+
+
+@contextmanager
+def _masked(linears: dict[str, torch.nn.Module], tables: dict[str, RankTable], level: Level) -> Iterator[None]:
+    """The linears' weights pointed at pruned copies (zeros where the tables remove at ``level``,
+    written as the pruners write them) for the duration; the dense tensors are put back untouched."""
+    dense = {name: layer.weight.data for name, layer in linears.items()}
+    try:
+        for name, layer in linears.items():
+            layer.weight.data = dense[name].masked_fill(tables[name].mask(*level), 0)
+        yield
+    finally:
+        for name, layer in linears.items():
+            layer.weight.data = dense[name]
