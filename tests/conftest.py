@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+from pruning.assets import cache_root
+
+# The user's cache, for the tests that ask for it (the real model's assets); every other test, and
+# every Ray worker a module fixture starts before the per-test isolation below, writes elsewhere.
+USER_CACHE = cache_root()
+os.environ["SPARSEALLOC_CACHE"] = tempfile.mkdtemp(prefix="sparsealloc-test-cache-")
 
 WORDS = [f"w{i}" for i in range(120)]
 

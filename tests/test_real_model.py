@@ -10,11 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from orchestrator.final_pass import PruneConfig, run_prune
-from pruning.assets import cache_root, default_model_dir
+from conftest import USER_CACHE
+from pruning.assets import default_model_dir
 from pruning.load import find_blocks, find_linears
 
 pytestmark = pytest.mark.real_model
-USER_CACHE = cache_root()  # read at import, before the autouse fixture isolates each test
 
 
 @pytest.fixture
