@@ -74,6 +74,7 @@ class CandidateEvaluator:
         self._non_block_bytes = non_block_bytes(model)
         self._device_ranks: dict[int, dict[str, torch.Tensor]] = {}  # streamed: ranks of the blocks on the device
         self._place()
+        self.score_kind = score_kind
         self.ranks: RankTables = build_rank_tables(
             model, calibration, lambda l: self._block_device[l], lambda l: self._home[l], score_kind, batch_size,
             owl_multipliers, progress)
@@ -92,6 +93,15 @@ class CandidateEvaluator:
         # KL is summed in token chunks small enough to stay in CPU cache (one pass per chunk on GPU).
         self._kl_chunk = fitness_windows.shape[1] if self.device.type == "cuda" else max(1, 2**19 // vocab)
         self.evaluations = 0
+
+    def refresh_ranks(self, calibration: torch.Tensor, incumbent: Profile) -> None:
+        """Rank tables rebuilt from the inputs the sequential final pass gives each block for
+        ``incumbent`` (same calibration windows, batch size and dtype: at the incumbent's levels the
+        masks are then the final pass's). OWL ratios stay those of the dense model."""
+        fresh = build_rank_tables(self.model, calibration, lambda l: self._block_device[l],
+                                  lambda l: self._home[l], self.score_kind, self.batch_size, progress=False,
+                                  incumbent=incumbent)
+        self.ranks = RankTables(fresh.tables, self.ranks.outlier_ratios)
 
     # ---- placement and memory -------------------------------------------------------------------
 

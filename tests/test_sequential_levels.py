@@ -73,3 +73,25 @@ def test_incumbent_needs_one_level_per_block():
     with pytest.raises(SparseAllocError):
         build_rank_tables(model, _calibration(), lambda _l: CPU, lambda _l: CPU, "magnitude", progress=False,
                           incumbent=UNSTRUCTURED)
+
+
+def test_refreshed_evaluator_scores_the_model_the_final_pass_ships():
+    """After ``refresh_ranks(incumbent)`` the evaluator's perplexity of the incumbent is the real
+    pruned model's on the same windows; with the dense-activation tables it is not."""
+    from scoring.evaluator import CandidateEvaluator
+    from scoring.perplexity import perplexity
+
+    model = build_model(tiny_llama_config())
+    calibration = _calibration()
+    fitness = torch.randint(3, VOCAB, (4, 32), generator=torch.Generator().manual_seed(2))
+    pruned = copy.deepcopy(model)
+    prune_sequentially(pruned, calibration, UNSTRUCTURED, get_pruner("wanda"), CPU, batch_size=BATCH,
+                       progress=False)
+    shipped = perplexity(pruned, fitness, CPU, BATCH, progress=False)
+
+    evaluator = CandidateEvaluator(model, calibration, fitness, CPU, batch_size=BATCH, progress=False)
+    dense_tables = evaluator.fitness(UNSTRUCTURED, metric="ppl")
+    evaluator.refresh_ranks(calibration, UNSTRUCTURED)
+    refreshed = evaluator.fitness(UNSTRUCTURED, metric="ppl")
+    assert refreshed == pytest.approx(shipped, rel=1e-5)
+    assert abs(dense_tables - shipped) > 1e-4 * shipped
