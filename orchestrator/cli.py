@@ -287,6 +287,7 @@ def _cmd_search(args) -> None:
         print(f"best ATP (Tune, chosen on validation): test perplexity {summary['atp_test_perplexity']:.3f}; "
               f"winner vs ATP {summary['winner_vs_atp']:+.1%}")
     print(f"pruned model saved to {args.out}/model")
+    print("report: " + " and ".join(summary["report"]))
 
 
 def _read_sensitivity(path: Path | None, family: str) -> list[float]:

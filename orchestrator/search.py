@@ -352,6 +352,9 @@ def run_search(config: SearchConfig) -> dict:
                               "final_passes_estimate": round(estimate_final_s, 3),
                               "search_seconds_allowed": search_seconds}
         write_json(Path(config.out) / "summary.json", summary)
+        from orchestrator.report import write_report
+
+        summary["report"] = [str(path) for path in write_report(Path(config.out))]
         return summary
     finally:
         if clock is not None:

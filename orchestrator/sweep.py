@@ -68,6 +68,20 @@ def load_sweep_spec(path: Path, check_models: bool = True) -> SweepSpec:
     return read_spec(path, methods, list(PRUNERS), model_problem if check_models else None)
 
 
+def search_allowance(budget: dict, spent: list[dict], searches_left: int) -> dict:
+    """One search's budget (evals / minutes / tokens). ``per: search`` (default): the spec's budget.
+    ``per: sweep``: an even share of what the searches so far (``spent``: their evaluations, seconds
+    and tokens) left of the whole sweep's budget, at least one evaluation, token and second."""
+    limits = {key: budget[key] for key in ("evals", "minutes", "tokens") if key in budget}
+    if budget.get("per", "search") == "search":
+        return limits
+    used = {"evals": sum(s["evaluations"] for s in spent), "minutes": sum(s["seconds"] for s in spent) / 60,
+            "tokens": sum(s["tokens"] for s in spent)}
+    share = {key: (total - used[key]) / max(1, searches_left) for key, total in limits.items()}
+    floor = {"evals": 1, "minutes": 1 / 60, "tokens": 1}
+    return {key: max(floor[key], int(value) if key != "minutes" else value) for key, value in share.items()}
+
+
 def _model_config(spec: SweepSpec, model: str, out: Path, progress: bool) -> SearchConfig:
     """The search settings every cell of ``model`` starts from (the spec's protocol)."""
     return SearchConfig(
@@ -76,8 +90,7 @@ def _model_config(spec: SweepSpec, model: str, out: Path, progress: bool) -> Sea
         eval_windows=spec.eval_windows, fitness_windows=spec.fitness_windows, fitness_seqlen=spec.fitness_seqlen,
         fidelities=tuple(spec.fidelities), free_sampler=spec.free_sampler, estimator=spec.estimator,
         finalists=spec.finalists, selection_windows=spec.selection_windows,
-        budget_evals=spec.budget.get("evals"), budget_minutes=spec.budget.get("minutes"),
-        budget_tokens=None if spec.budget.get("tokens") is None else int(spec.budget["tokens"]), actors=spec.actors, threads=spec.threads, address=spec.address,
+        actors=spec.actors, threads=spec.threads, address=spec.address,
         batch_size=spec.batch_size, device=spec.device, dtype=spec.dtype, evaluator=spec.evaluator,
         device_memory_gb=spec.device_memory_gb, gpus_per_actor=spec.gpus_per_actor, population=spec.population,
         seed=spec.seed, progress=progress)
@@ -138,13 +151,16 @@ def _search_cost(cell_dir: Path, top_tokens: int) -> tuple[int, int]:
 
 
 def _propose(cell: Cell, spec: SweepSpec, base: SearchConfig, pool, data, top_tokens: int, cell_dir: Path,
-             model_dir: Path, run_id: str) -> dict:
-    """Run the cell's method through ``pool``; writes and returns ``cell_dir/proposal.json``."""
+             model_dir: Path, run_id: str, budget: dict) -> dict:
+    """Run the cell's method through ``pool`` within ``budget`` (evals / minutes / tokens, for a
+    searching method); writes and returns ``cell_dir/proposal.json``."""
     resume = (cell_dir / "results").is_dir()
     cell_dir.mkdir(parents=True, exist_ok=True)
     allocation = ALLOCATIONS[cell.method]
     config = replace(base, out=cell_dir, method=cell.method if cell.method in DRIVERS else "all",
-                     sparsity=cell.sparsity, pruner=cell.pruner, nm_m=cell.nm[1] if cell.nm else None, resume=resume)
+                     sparsity=cell.sparsity, pruner=cell.pruner, nm_m=cell.nm[1] if cell.nm else None, resume=resume,
+                     budget_evals=budget.get("evals"), budget_minutes=budget.get("minutes"),
+                     budget_tokens=None if budget.get("tokens") is None else int(budget["tokens"]))
     # A search keeps its rows in the cell's own table (resume answers from it); others evaluate nothing.
     pool.results = ResultsTable(cell_dir if allocation.searches else model_dir, run_id)
     clock = RunClock(cell_dir)
@@ -154,14 +170,14 @@ def _propose(cell: Cell, spec: SweepSpec, base: SearchConfig, pool, data, top_to
                 proposal = [("uniform", families.uniform(pool.num_blocks, 0.0))]
             else:
                 context = CellContext(pool, config, data.calibration, top_tokens, clock, model_dir,
-                                      None if spec.budget.get("minutes") is None else spec.budget["minutes"] * 60,
+                                      None if config.budget_minutes is None else config.budget_minutes * 60,
                                       spec.atp_grid, spec.owl_m, spec.owl_lambda, spec.finalists)
                 proposal = allocation.propose(context)
         seconds = clock.spent("search")
     finally:
         clock.close()
     tokens, evaluations = _search_cost(cell_dir, top_tokens)
-    record = {"cell": cell.__dict__, "candidates": [
+    record = {"cell": cell.__dict__, "budget": budget, "candidates": [
         {"name": name, "profile": _nm_rounded(profile, cell, pool.block_weights).to_json()}
         for name, profile in proposal],
         "search": {"tokens": tokens, "evaluations": evaluations, "seconds": seconds}}
@@ -295,10 +311,28 @@ def write_table(rows: list[dict], path: Path) -> None:
     temp.replace(path)
 
 
+def _searches(spec: SweepSpec) -> set[tuple[str, str, str]]:
+    """The distinct searches of the sweep: (model, target, method) of each searching method."""
+    return {(c.model, c.target, c.method) for c in spec.cells() if ALLOCATIONS[c.method].searches}
+
+
+def _spent_searches(spec: SweepSpec, out: Path) -> list[dict]:
+    """Search costs of the searches already done in ``out`` (one per distinct search)."""
+    spent = []
+    for cell in spec.cells():
+        stored = out / "cells" / cell.id / "proposal.json"
+        if ALLOCATIONS[cell.method].searches and stored.exists():
+            record = json.loads(stored.read_text())
+            if not record.get("shared_with"):
+                spent.append(record["search"])
+    return spent
+
+
 def _sweep_model(model: str, spec: SweepSpec, out: Path, run_id: str, actors: int | None, counts: dict,
-                 progress: bool) -> tuple[list[dict], dict]:
+                 progress: bool, spent: list[dict]) -> tuple[list[dict], dict]:
     """One model's cells: proposals through one pool (built only when a cell still needs it), then
-    every candidate's final pass; returns the model's table rows and its cells' proposals."""
+    every candidate's final pass; returns the model's table rows and its cells' proposals. ``spent``:
+    the costs of the sweep's searches so far (a search done here is appended)."""
     from pruning.load import load_tokenizer
 
     model_dir = out / "models" / model_slug(model)
@@ -325,9 +359,13 @@ def _sweep_model(model: str, spec: SweepSpec, out: Path, run_id: str, actors: in
                 if sibling is not None:
                     proposals[cell.id] = _share(proposals[sibling.id], cell, sibling, out)
                     continue
+                searches = ALLOCATIONS[cell.method].searches
+                budget = search_allowance(spec.budget, spent, len(_searches(spec)) - len(spent)) if searches else {}
                 proposals[cell.id] = _propose(cell, spec, config, pool, data, top_tokens, out / "cells" / cell.id,
-                                              model_dir, run_id)
+                                              model_dir, run_id, budget)
                 counts["cells_proposed"] += 1
+                if searches:
+                    spent.append(proposals[cell.id]["search"])
         finally:
             pool.close()  # frees the actors' devices for the final passes
     protocol = {**data.protocol, "fitness_tokens": top_tokens, "fitness_split": "validation (prefix)",
@@ -360,8 +398,9 @@ def run_sweep(spec_path: Path, out: Path, resume: bool = False, overwrite: bool 
     start = time.monotonic()
     try:
         run_id = _prepare(Path(spec_path), spec, out, resume, overwrite)
+        spent = _spent_searches(spec, out)
         for model in spec.models:
-            model_rows, model_proposals = _sweep_model(model, spec, out, run_id, actors, counts, progress)
+            model_rows, model_proposals = _sweep_model(model, spec, out, run_id, actors, counts, progress, spent)
             rows.extend(model_rows)
             proposals.update(model_proposals)
         table = out / TABLE

@@ -1,7 +1,8 @@
 """The sweep specification (``sparsealloc sweep SPEC.yaml``): read, checked as a whole, expanded to cells.
 
 A spec lists ``models``, target ``sparsities`` and/or ``nm`` patterns, ``pruners``, allocation
-``methods`` and a ``budget`` per search (``evals`` / ``minutes`` / ``tokens``), plus the CLI's protocol
+``methods`` and a ``budget`` (``evals`` / ``minutes`` / ``tokens``; ``per: search``, the default, gives
+it to every search, ``per: sweep`` shares it among all of them), plus the CLI's protocol
 options in snake_case. Every problem is collected and reported at once, before any work starts.
 A cell is one (model, target, pruner, method); its id names its directory in the sweep.
 """
@@ -16,6 +17,7 @@ from core.errors import SparseAllocError
 from core.profile import parse_nm
 
 BUDGET_KEYS = ("evals", "minutes", "tokens")
+BUDGET_SCOPES = ("search", "sweep")  # budget.per: each search gets the budget, or all searches share it
 
 
 @dataclass(frozen=True)
@@ -236,12 +238,15 @@ def parse_spec(raw: dict, methods: dict[str, bool], pruner_names: list[str], can
         problems.append("budget: expected a mapping with evals, minutes and/or tokens")
         budget = {}
     for key, value in budget.items():
-        if key not in BUDGET_KEYS:
-            problems.append(f"budget: unknown key {key!r} (use {', '.join(BUDGET_KEYS)})")
+        if key == "per":
+            if value not in BUDGET_SCOPES:
+                problems.append(f"budget.per: {value!r} is not one of {', '.join(BUDGET_SCOPES)}")
+        elif key not in BUDGET_KEYS:
+            problems.append(f"budget: unknown key {key!r} (use {', '.join(BUDGET_KEYS)} and per)")
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             problems.append(f"budget.{key}: expected a positive number, got {value!r}")
     searching = [m for m in chosen if methods.get(m)]
-    if searching and not budget:
+    if searching and not set(budget) & set(BUDGET_KEYS):
         problems.append(f"budget: methods {', '.join(searching)} search; give budget: evals, minutes and/or tokens "
                         "(per search)")
     values: dict = {}

@@ -48,6 +48,7 @@ def test_search_saves_winner_and_resume_reuses_results(corpus_file, tmp_path, ca
     assert metrics["achieved_sparsity"]["overall"] == pytest.approx(0.6, abs=0.01)
     rows, duplicates = _rows(out)
     assert rows and duplicates == [] and "winner evolution" in capsys.readouterr().out
+    assert (out / "report.html").exists() and (out / "report.md").exists()  # written at the end
 
     assert main(_args(model_dir, corpus_file, out, "--resume")) == 0
     again, duplicates = _rows(out)

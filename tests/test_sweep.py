@@ -103,7 +103,8 @@ def test_sweep_rows_one_pool_per_model_and_resume(tmp_path, model_dir, corpus_fi
 
 
 def test_interrupted_search_cell_resumes_from_its_results(tmp_path, model_dir, corpus_file, monkeypatch):
-    spec_path = _write(tmp_path, _spec(tmp_path, model_dir, corpus_file, sparsities=[0.6], methods=["evolution"]))
+    spec_path = _write(tmp_path, _spec(tmp_path, model_dir, corpus_file, sparsities=[0.6], methods=["evolution"],
+                                       budget={"evals": 12, "per": "sweep"}))
     out = tmp_path / "sweep"
     real_propose = sweep_module._propose
 
@@ -121,6 +122,7 @@ def test_interrupted_search_cell_resumes_from_its_results(tmp_path, model_dir, c
     run_sweep(spec_path, out, resume=True, progress=False)
     table = ResultsTable(cell, "x")
     assert len(table.read()) == rows_before and table.duplicate_keys() == []  # answered from the table
+    assert json.loads((cell / "proposal.json").read_text())["budget"] == {"evals": 12}  # the one search: all of it
 
 
 def test_spec_errors_are_listed_together(tmp_path, model_dir, corpus_file):
@@ -161,3 +163,25 @@ def test_zero_shot_scores_reach_the_table_and_report(tmp_path, model_dir, corpus
     scores = json.loads(row["zero_shot"])["tiny_mc"]
     assert 0.0 <= scores["acc"] <= 1.0 and scores["samples"] == QUESTIONS
     assert "tiny_mc" in (out / "report.md").read_text() and summary["report"]
+
+
+def test_a_sweep_wide_budget_is_shared_by_the_searches_left():
+    from orchestrator.sweep import search_allowance
+
+    per_search = {"evals": 40, "minutes": 5}
+    assert search_allowance(per_search, [{"evaluations": 40, "seconds": 300, "tokens": 0}], 1) == per_search
+    sweep = {"evals": 100, "minutes": 10, "tokens": 4096, "per": "sweep"}
+    assert search_allowance(sweep, [], 4) == {"evals": 25, "minutes": 2.5, "tokens": 1024}
+    # A search that used less leaves more to the rest; one that overran leaves them less.
+    thrifty = {"evaluations": 10, "seconds": 60, "tokens": 1024}
+    assert search_allowance(sweep, [thrifty], 3) == {"evals": 30, "minutes": 3.0, "tokens": 1024}
+    greedy = {"evaluations": 100, "seconds": 600, "tokens": 4096}
+    assert search_allowance(sweep, [greedy], 3) == {"evals": 1, "minutes": 1 / 60, "tokens": 1}
+
+
+def test_budget_scope_is_checked(tmp_path, model_dir, corpus_file):
+    with pytest.raises(SparseAllocError, match="budget.per"):
+        parse_spec(_spec(tmp_path, model_dir, corpus_file, budget={"evals": 10, "per": "cell"}), METHODS,
+                   list(PRUNERS))
+    with pytest.raises(SparseAllocError, match="give budget"):
+        parse_spec(_spec(tmp_path, model_dir, corpus_file, budget={"per": "sweep"}), METHODS, list(PRUNERS))
