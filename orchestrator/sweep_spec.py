@@ -82,9 +82,11 @@ class SweepSpec:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
 
     def identity(self) -> dict:
-        """What a resumed sweep must share with the original: everything but the cell lists and the
-        run-time placement (a sweep may grow by models, targets, pruners or methods)."""
-        skip = {"models", "methods", "sparsities", "nm", "pruners", "actors", "threads", "address", "save_models"}
+        """What a resumed sweep must share with the original: everything but the cell lists, the
+        budget and the run-time placement (a sweep may grow by models, targets, pruners or methods,
+        and its budget may change for the searches still to run, as a search's may)."""
+        skip = {"models", "methods", "sparsities", "nm", "pruners", "budget", "actors", "threads", "address",
+                "save_models"}
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name not in skip}
 
 
