@@ -45,4 +45,8 @@ def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    """``data`` as JSON at ``path``, written to a temporary name and renamed (never half written)."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(temp, path)

@@ -294,6 +294,7 @@ def run_drivers(pool: EvaluatorPool, config: SearchConfig, shares: dict[str, flo
             result.fitness = pool.evaluate([Candidate.of(result.best, top_tokens, name)])[0]
         result.details["seconds"] = clock.spent(f"driver:{name}")
         result.details["tokens"] = budget.used_tokens
+        result.details["evaluations_charged"] = budget.used_evals
         spent_evals += budget.used_evals
         spent_tokens += budget.used_tokens
         spent_seconds += result.details["seconds"]
@@ -315,6 +316,10 @@ def run_search(config: SearchConfig) -> dict:
                                f"and {config.selection_windows}")
     if config.evaluator not in ("auto", "resident", "streamed"):
         raise SparseAllocError(f"unknown --evaluator {config.evaluator!r}; choose auto, resident or streamed")
+    for flag, value in (("--budget-evals", config.budget_evals), ("--budget-tokens", config.budget_tokens),
+                        ("--budget-minutes", config.budget_minutes), ("--deadline-minutes", config.deadline_minutes)):
+        if value is not None and value <= 0:
+            raise SparseAllocError(f"{flag} must be positive, got {value}")
     if (config.budget_evals is None and config.budget_tokens is None and config.budget_minutes is None
             and config.deadline_minutes is None):
         raise SparseAllocError("give a budget: --budget-evals N, --budget-tokens T, --budget-minutes M and/or "

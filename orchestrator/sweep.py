@@ -103,8 +103,10 @@ def _prepare(spec_path: Path, spec: SweepSpec, out: Path, resume: bool, overwrit
         if not stored.exists():
             raise SparseAllocError(f"--resume: {out} holds no sweep (no sweep.json); run without --resume first")
         previous = json.loads(stored.read_text())
-        if previous["identity"] != spec.identity():
-            changed = [k for k in spec.identity() if previous["identity"].get(k) != spec.identity()[k]]
+        stored_identity = {k: v for k, v in previous["identity"].items() if k != "budget"}  # older sweeps had it
+        if stored_identity != spec.identity():
+            changed = sorted(k for k in set(stored_identity) | set(spec.identity())
+                             if stored_identity.get(k) != spec.identity().get(k))
             raise SparseAllocError(f"--resume with a spec whose protocol differs ({', '.join(changed)}); only "
                                    "models, targets, pruners and methods may change")
         return previous["run_id"]
@@ -141,13 +143,14 @@ def _nm_rounded(profile: Profile, cell: Cell, weights: list[int]) -> Profile:
     return families.nm_profile(list(profile.sparsities), cell.sparsity, nm[1], weights)
 
 
-def _search_cost(cell_dir: Path, top_tokens: int) -> tuple[int, int]:
-    """(fitness tokens scored, evaluations) over the cell's results table."""
-    results = cell_dir / "results"
-    if not results.is_dir():
+def _search_cost(cell_dir: Path) -> tuple[int, int]:
+    """(fitness tokens, evaluations) the cell's drivers were charged, as their budgets counted them
+    (requests the results table answered included), from the cell's ``summary.json``."""
+    summary = cell_dir / "summary.json"
+    if not summary.exists():
         return 0, 0
-    rows = ResultsTable(cell_dir, "read").read_table().select(["tokens"]).to_pylist()
-    return sum(row["tokens"] or top_tokens for row in rows), len(rows)
+    details = [d["details"] for d in json.loads(summary.read_text())["drivers"].values()]
+    return sum(d.get("tokens", 0) for d in details), sum(d.get("evaluations_charged", 0) for d in details)
 
 
 def _propose(cell: Cell, spec: SweepSpec, base: SearchConfig, pool, data, top_tokens: int, cell_dir: Path,
@@ -176,7 +179,7 @@ def _propose(cell: Cell, spec: SweepSpec, base: SearchConfig, pool, data, top_to
         seconds = clock.spent("search")
     finally:
         clock.close()
-    tokens, evaluations = _search_cost(cell_dir, top_tokens)
+    tokens, evaluations = _search_cost(cell_dir)
     record = {"cell": cell.__dict__, "budget": budget, "candidates": [
         {"name": name, "profile": _nm_rounded(profile, cell, pool.block_weights).to_json()}
         for name, profile in proposal],
@@ -198,7 +201,7 @@ def _sibling(cell: Cell, cells: list[Cell], proposals: dict) -> Cell | None:
 
 def _share(proposal: dict, cell: Cell, sibling: Cell, out: Path) -> dict:
     """``sibling``'s proposal recorded as ``cell``'s (its search cost is that search's, not repeated)."""
-    record = {**proposal, "cell": cell.__dict__, "shared_with": sibling.id}
+    record = {**proposal, "cell": cell.__dict__, "shared_with": proposal.get("shared_with") or sibling.id}
     (out / "cells" / cell.id).mkdir(parents=True, exist_ok=True)
     write_json(out / "cells" / cell.id / "proposal.json", record)
     log.info("%s: candidates of %s (the search does not depend on the pruner)", cell.id, sibling.id)
@@ -258,13 +261,17 @@ def _submit_passes(spec: SweepSpec, config: SearchConfig, out: Path, cells: list
     return pending, dense
 
 
-def _collect(pending: list[_Pending]) -> int:
+def _collect(pending: list[_Pending], out: Path) -> int:
     """Wait for the submitted passes (candidates with one key share one task, which writes its
     ``passes/<key>/metrics.json``); returns how many ran."""
     by_key = {p.key: p for p in pending if p.ref is not None}
     ran = 0
     for key, item in by_key.items():
         metrics = item.metrics = ray.get(item.ref)
+        local = out / "passes" / key / "metrics.json"
+        if not local.exists():  # the task ran on another node: keep its metrics here for --resume
+            local.parent.mkdir(parents=True, exist_ok=True)
+            write_json(local, metrics)
         ran += 1
         log.info("%s %s: validation %.3f, test %.3f", item.cell.id, item.candidate,
                  metrics["validation_perplexity"], metrics["test_perplexity"])
@@ -317,15 +324,13 @@ def _searches(spec: SweepSpec) -> set[tuple[str, str, str]]:
 
 
 def _spent_searches(spec: SweepSpec, out: Path) -> list[dict]:
-    """Search costs of the searches already done in ``out`` (one per distinct search)."""
-    spent = []
+    """Search costs of the searches already done in ``out``, one per distinct search."""
+    spent: dict[tuple[str, str, str], dict] = {}
     for cell in spec.cells():
         stored = out / "cells" / cell.id / "proposal.json"
         if ALLOCATIONS[cell.method].searches and stored.exists():
-            record = json.loads(stored.read_text())
-            if not record.get("shared_with"):
-                spent.append(record["search"])
-    return spent
+            spent[(cell.model, cell.target, cell.method)] = json.loads(stored.read_text())["search"]
+    return list(spent.values())
 
 
 def _sweep_model(model: str, spec: SweepSpec, out: Path, run_id: str, actors: int | None, counts: dict,
@@ -378,7 +383,7 @@ def _sweep_model(model: str, spec: SweepSpec, out: Path, run_id: str, actors: in
         ref, path = dense
         dense = ray.get(ref)
         write_json(path, dense)
-    counts["passes_run"] += _collect(pending)
+    counts["passes_run"] += _collect(pending, out)
     counts["passes_reused"] += sum(p.reused for p in pending)
     return _rows(cells, pending, proposals, dense, protocol), proposals
 

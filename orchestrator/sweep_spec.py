@@ -124,7 +124,7 @@ def model_slug(model: str) -> str:
 
 def _slug(text: str) -> str:
     tail = str(text).rstrip("/").split("/")[-2:] if "/" in str(text) else [str(text)]
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(tail)).replace(":", "of") or "x"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(tail)) or "x"
 
 
 def _plain(value):
@@ -212,12 +212,15 @@ def parse_spec(raw: dict, methods: dict[str, bool], pruner_names: list[str], can
             sparsities.append(float(value))
     nm: list[str] = []
     for value in _as_list(raw, "nm", problems):
+        if isinstance(value, int):  # YAML reads an unquoted 2:4 as the base-60 number 124
+            problems.append(f"nm: {value} is a number; quote N:M patterns in YAML, e.g. \"2:4\"")
+            continue
         try:
             n, m = parse_nm(str(value))
             nm.append(f"{n}:{m}")
         except SparseAllocError as exc:
             problems.append(f"nm: {exc}")
-    if not sparsities and not nm and "sparsities" not in raw and "nm" not in raw:
+    if not sparsities and not nm and not any(p.startswith(("sparsities", "nm")) for p in problems):
         problems.append("sparsities: give at least one target sparsity (or nm: patterns)")
     pruners = [str(p) for p in _as_list(raw, "pruners", problems)] or ["wanda"]
     for pruner in pruners:
@@ -230,6 +233,11 @@ def parse_spec(raw: dict, methods: dict[str, bool], pruner_names: list[str], can
     for method in chosen:
         if method not in methods:
             problems.append(f"methods: unknown method {method!r} (choose from {', '.join(method_names)})")
+    slugs = [model_slug(m) for m in models]
+    clashing = sorted({m for m, slug in zip(models, slugs) if slugs.count(slug) > 1 and models.count(m) == 1})
+    if clashing:
+        problems.append(f"models: {', '.join(clashing)} would share one directory name; give them distinct last "
+                        "path components")
     for name, values in (("models", models), ("sparsities", sparsities), ("nm", nm), ("pruners", pruners),
                          ("methods", chosen)):
         repeated = sorted({str(v) for v in values if values.count(v) > 1})
@@ -249,8 +257,7 @@ def parse_spec(raw: dict, methods: dict[str, bool], pruner_names: list[str], can
             problems.append(f"budget.{key}: expected a positive number, got {value!r}")
     searching = [m for m in chosen if methods.get(m)]
     if searching and not set(budget) & set(BUDGET_KEYS):
-        problems.append(f"budget: methods {', '.join(searching)} search; give budget: evals, minutes and/or tokens "
-                        "(per search)")
+        problems.append(f"budget: methods {', '.join(searching)} search; give budget: evals, minutes and/or tokens")
     values: dict = {}
     for key, value in raw.items():
         if key in _INTS | _FLOATS | _STRINGS | {"save_models"}:

@@ -185,3 +185,14 @@ def test_budget_scope_is_checked(tmp_path, model_dir, corpus_file):
                    list(PRUNERS))
     with pytest.raises(SparseAllocError, match="give budget"):
         parse_spec(_spec(tmp_path, model_dir, corpus_file, budget={"per": "sweep"}), METHODS, list(PRUNERS))
+
+
+def test_spec_traps_are_explained():
+    with pytest.raises(SparseAllocError) as info:
+        parse_spec(yaml.safe_load("models: [/a/run1/final, /b/run1/final]\nnm: [2:4]\nsparsities: []\n"
+                                  "methods: [uniform]"), METHODS, list(PRUNERS))
+    message = str(info.value)
+    assert "quote N:M patterns" in message  # YAML read 2:4 as 124
+    assert "share one directory name" in message
+    with pytest.raises(SparseAllocError, match="give at least one target sparsity"):
+        parse_spec({"models": ["a"], "sparsities": [], "methods": ["uniform"]}, METHODS, list(PRUNERS))
