@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from core.profile import Profile
-from orchestrator.drivers import DRIVERS, all_shares
+from orchestrator.drivers import DRIVERS
 from search_spaces import families
 
 if TYPE_CHECKING:
@@ -117,9 +117,7 @@ def _one_driver(name: str) -> Callable[[CellContext], Proposal]:
 def _all(context: CellContext) -> Proposal:
     from orchestrator.finalists import finalists
 
-    shares = all_shares()
-    total = sum(shares.values())
-    results = _drivers(context, {name: share / total for name, share in shares.items()})
+    results = _drivers(context, context.config.drivers())  # the cell's config has method "all"
     return [(name, results[name].best) for name in finalists(results, context.finalists)]
 
 

@@ -358,6 +358,7 @@ def _sweep_model(model: str, spec: SweepSpec, out: Path, run_id: str, actors: in
         pool = make_pool(config, mode, data.calibration, fitness, ResultsTable(model_dir, run_id), actors,
                          owl_m=(spec.owl_m,))
         counts["pools_built"] += 1
+        searches_total = len(_searches(spec))
         try:
             for cell in todo:
                 sibling = _sibling(cell, cells, proposals)
@@ -365,7 +366,7 @@ def _sweep_model(model: str, spec: SweepSpec, out: Path, run_id: str, actors: in
                     proposals[cell.id] = _share(proposals[sibling.id], cell, sibling, out)
                     continue
                 searches = ALLOCATIONS[cell.method].searches
-                budget = search_allowance(spec.budget, spent, len(_searches(spec)) - len(spent)) if searches else {}
+                budget = search_allowance(spec.budget, spent, searches_total - len(spent)) if searches else {}
                 proposals[cell.id] = _propose(cell, spec, config, pool, data, top_tokens, out / "cells" / cell.id,
                                               model_dir, run_id, budget)
                 counts["cells_proposed"] += 1
