@@ -103,19 +103,27 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--threads", type=int, default=1, help="torch threads (and CPUs) per CPU actor")
     search.add_argument("--gpu-actors", action="store_true",
                         help="GPU actors even if the cluster has no GPU yet (autoscaling clusters)")
-    search.add_argument("--fitness-windows", type=int, default=8, help="validation windows for the KL fitness")
+    search.add_argument("--fitness-windows", type=int, default=32,
+                        help="validation windows for the KL fitness (the pool evolution draws minibatches from)")
     search.add_argument("--fitness-seqlen", type=int, default=128, help="tokens per fitness window")
     search.add_argument("--fidelities", type=int, nargs="+", default=[256, 1024],
                         help="evolution's multi-fidelity token counts")
+    search.add_argument("--top-fitness", default="kl-seq", choices=["kl-seq", "kl"],
+                        help="evolution's last stage, on all fitness tokens: kl-seq scores each survivor with the "
+                             "masks of a low-fidelity sequential Wanda pass for it (--sequential-windows calibration "
+                             "windows), kl with the rank tables of the dense activations (no extra stage)")
+    search.add_argument("--sequential-windows", type=int, default=4,
+                        help="calibration windows of kl-seq's low-fidelity sequential pass")
     search.add_argument("--nm-m", type=int, default=None, help="evolution over the mixed N:M menu 1:M … (M-1):M")
     search.add_argument("--free-sampler", default="tpe", choices=["tpe", "cmaes"],
                         help="Optuna sampler of the tune-free search over per-block vectors")
     search.add_argument("--estimator", default="permutation", choices=["permutation", "sliding"],
                         help="Shapley driver's estimator: antithetic permutation pairs while the budget lasts, "
                              "or the sliding window of SV-NUP (both anytime)")
-    search.add_argument("--finalists", type=int, default=2,
-                        help="how many drivers' best profiles (by validation KL) get the real final pass; the "
-                             "lowest held-out validation perplexity after it wins (the Tune ATP best always runs)")
+    search.add_argument("--finalists", type=int, default=None,
+                        help="how many drivers' best profiles (by validation KL) get the real final pass (default: "
+                             "every driver's); the lowest held-out validation perplexity after it wins (the Tune ATP "
+                             "best always runs)")
     search.add_argument("--selection-windows", type=int, default=8,
                         help="validation windows, after the fitness tokens, that pick the winner among finalists")
     search.add_argument("--eval-windows", type=int, default=32,
@@ -266,7 +274,8 @@ def _cmd_search(args) -> None:
         out=args.out, method=args.method, sparsity=args.sparsity, pruner=args.pruner, model=args.model,
         data=args.data, text_field=args.text_field, seqlen=args.seqlen, calib_samples=args.calib_samples,
         eval_windows=args.eval_windows, fitness_windows=args.fitness_windows, fitness_seqlen=args.fitness_seqlen,
-        fidelities=tuple(args.fidelities), nm_m=args.nm_m, free_sampler=args.free_sampler,
+        fidelities=tuple(args.fidelities), top_fitness=args.top_fitness, sequential_windows=args.sequential_windows,
+        nm_m=args.nm_m, free_sampler=args.free_sampler,
         estimator=args.estimator,
         finalists=args.finalists, selection_windows=args.selection_windows,
         budget_evals=args.budget_evals, budget_tokens=args.budget_tokens, budget_minutes=args.budget_minutes, deadline_minutes=args.deadline_minutes,
@@ -280,7 +289,10 @@ def _cmd_search(args) -> None:
     for name, row in summary["drivers"].items():
         final = [f"{passes[name][k]:>12.3f}" for k in ("validation_perplexity", "test_perplexity")] \
             if name in passes else [f"{'-':>12}"] * 2
-        print(f"{name:<14}{row['validation_kl']:>14.4f}{row['evaluations']:>13}{row['seconds']:>10.0f}{''.join(final)}")
+        twin = f"  (same profile as {passes[name]['same_profile_as']})" if "same_profile_as" in passes.get(name, {}) \
+            else ""
+        print(f"{name:<14}{row['validation_kl']:>14.4f}{row['evaluations']:>13}{row['seconds']:>10.0f}{''.join(final)}"
+              f"{twin}")
     print(f"\nwinner {summary['winner']} (lowest validation perplexity after the final pass): test perplexity "
           f"{summary['winner_test_perplexity']:.3f} (dense {summary['dense_test_perplexity']:.3f})")
     if "atp_test_perplexity" in summary:

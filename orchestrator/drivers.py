@@ -79,7 +79,10 @@ def _shapley(context: DriverContext, budget: "Budget") -> "DriverResult":
     from orchestrator.shapley_driver import run_shapley
 
     config = context.config
-    return run_shapley(context.pool, config.sparsity, budget, estimator=config.estimator, tokens=context.top_tokens,
+    # Coalitions on the top fidelity of the stages (not the whole fitness pool): more permutations, not
+    # more tokens per coalition, is what narrows the values' errors.
+    tokens = min(context.top_tokens, max(config.fidelities))
+    return run_shapley(context.pool, config.sparsity, budget, estimator=config.estimator, tokens=tokens,
                        seed=config.seed, progress=config.progress)
 
 
@@ -94,14 +97,22 @@ def _evolution(context: DriverContext, budget: "Budget") -> "DriverResult":
     seeds = [families.sensitivity_map(fisher, target, 1.0, weights), families.uniform(n, target),
              families.atp(n, target, families.atp_beta_max(n, target) / 2)]
     bar = DriverProgress("evolution", budget, config.progress)
-    # One parent (crossover needs two; on the planted ablation a second parent did not pay for its
-    # rescoring). The final choice is scored on all fitness tokens with the key the search rescores the
-    # driver's best with, so that rescoring is answered from the results table.
-    survivors = tuple([4] * (len(config.fidelities) - 1) + [1])
+    # Two parents, so that crossover takes part (MSP's EA); both are rescored on every top-stage minibatch.
+    # With --top-fitness kl-seq a last stage on all fitness tokens scores the survivors with the masks of a
+    # low-fidelity sequential pass (it ranked closest to the real pass in bench/results/fidelity-cpu-4k.md),
+    # and the final choice among the parents is made on those scores.
+    fidelities = tuple(config.fidelities)
+    sequential = config.top_fitness == "kl-seq"
+    survivors = tuple([4] * (len(fidelities) - 1) + [2])
+    if sequential and fidelities[-1] < context.top_tokens:  # two children join the two parents there
+        fidelities += (context.top_tokens,)
+        survivors = survivors[:-1] + (2, 2)
     result = run_evolution(
         pool.evaluate, seeds,
-        EvolutionConfig(target=target, nm_m=config.nm_m, fidelities=tuple(config.fidelities), survivors=survivors,
-                        seed=config.seed, weights=weights, final_tokens=context.top_tokens),
+        EvolutionConfig(target=target, nm_m=config.nm_m, fidelities=fidelities, survivors=survivors,
+                        seed=config.seed, weights=weights, final_tokens=context.top_tokens,
+                        all_tokens=context.top_tokens, top_metric=config.top_fitness,
+                        sequential_tokens=2 * config.sequential_windows * config.seqlen if sequential else 0),
         budget, on_generation=lambda _g, best, _e: bar.update(best))
     bar.close()
     return DriverResult("evolution", result.best, result.fitness, result.evaluations,

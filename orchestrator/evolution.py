@@ -81,7 +81,12 @@ class EvolutionConfig:
     with at least two parents. ``crossover_points``: at most this many cut points per crossover.
     ``final_tokens``: the fidelity of the final choice among the parents under ``fresh_tokens`` (None =
     all fitness windows). ``all_tokens``: how many tokens all fitness windows hold (what an evaluation on
-    all of them is charged to a token budget; needed with one when ``final_tokens`` is None)."""
+    all of them is charged to a token budget; needed with one when ``final_tokens`` is None).
+    ``top_metric``: the fitness of the last stage and of the final choice (``kl-seq``: masks of a
+    low-fidelity sequential pass per profile), each such evaluation charged ``sequential_tokens`` more
+    tokens (its calibration forwards). A stage whose fidelity covers all ``all_tokens`` uses draw 0 even
+    with ``fresh_tokens`` (every draw would hold the same windows), so parents keep its scores; when it is
+    also the final choice's fidelity, the final choice is the best parent by those scores (no rescoring)."""
 
     target: float
     levels: list[float] | None = None
@@ -98,6 +103,8 @@ class EvolutionConfig:
     crossover_points: int = 2
     final_tokens: int | None = None
     all_tokens: int | None = None
+    top_metric: str = "kl"
+    sequential_tokens: int = 0
 
     def grid(self) -> np.ndarray:
         """The sorted level grid, after validating the config."""
@@ -357,14 +364,31 @@ def run_evolution(
     stages = len(config.fidelities)
     top = stages - 1
     fresh_mode = config.fresh_tokens
-    reserve = config.survivors[-1] if fresh_mode else 0  # evaluations kept back for the final choice
+    # A last stage on all fitness windows at the final choice's fidelity already ranks the parents on the
+    # final choice's tokens: no final rescoring then.
+    final_from_top = (fresh_mode and config.all_tokens is not None and config.final_tokens is not None
+                      and int(config.fidelities[top]) == config.final_tokens >= config.all_tokens)
+    final_choice = fresh_mode and not final_from_top
+    reserve = config.survivors[-1] if final_choice else 0  # evaluations kept back for the final choice
     # Tokens of one final-choice evaluation (only fresh mode asks for None tokens, i.e. all windows).
-    final_cost = eval_tokens(config.final_tokens, config.all_tokens, budget) if fresh_mode else 0
+    final_cost = eval_tokens(config.final_tokens, config.all_tokens, budget) + config.sequential_tokens * (
+        config.top_metric != "kl") if final_choice else 0
     draw_base = 1 + int(np.random.default_rng([config.seed, 0x5EED]).integers(0, 2**31)) * 2**20
 
+    def covers_all(stage: int) -> bool:
+        return config.all_tokens is not None and int(config.fidelities[stage]) >= config.all_tokens
+
     def draw_of(generation: int, stage: int) -> int:
-        """A positive minibatch number per (generation, stage), never the same twice in one run."""
-        return draw_base + generation * stages + stage if fresh_mode else 0
+        """A positive minibatch number per (generation, stage), never the same twice in one run (0 for a
+        stage on all fitness windows, where every draw is the same)."""
+        return draw_base + generation * stages + stage if fresh_mode and not covers_all(stage) else 0
+
+    def metric_of(stage) -> str:
+        return config.top_metric if stage in (top, "final") else "kl"
+
+    def surcharge(stage) -> int:
+        """Tokens charged per evaluation beyond those scored (the sequential pass of ``kl-seq``)."""
+        return config.sequential_tokens if metric_of(stage) != "kl" else 0
 
     scores: dict[tuple[int, int], dict[tuple[int, ...], float]] = {}  # (stage, draw) -> profile -> fitness
     evaluations = tokens_used = 0
@@ -375,9 +399,9 @@ def run_evolution(
         cache = scores.setdefault((params["stage"], draw), {})
         fresh = [idx for idx in pool if idx not in cache]
         if fresh:
-            batch = [Candidate.of(make_profile(idx), tokens=tokens, driver=DRIVER, draw=draw, **params)
-                     for idx in fresh]
-            cost = tokens_of(batch, config.all_tokens)
+            batch = [Candidate.of(make_profile(idx), tokens=tokens, driver=DRIVER, draw=draw,
+                                  metric=metric_of(params["stage"]), **params) for idx in fresh]
+            cost = tokens_of(batch, config.all_tokens) + len(batch) * surcharge(params["stage"])
             budget.charge(len(batch), cost)
             evaluations += len(batch)
             tokens_used += cost
@@ -404,7 +428,7 @@ def run_evolution(
         if fresh_mode and stage == top:
             pool = list(parents) + [idx for idx in pool if idx not in parents]
         keep = fresh_mode and bool(parents or stage == top)  # the final choice's reserve
-        remaining = budget.room(int(config.fidelities[stage]), reserve if keep else 0,
+        remaining = budget.room(int(config.fidelities[stage]) + surcharge(stage), reserve if keep else 0,
                                 reserve * final_cost if keep else 0)
         if remaining is not None:
             fresh = [idx for idx in pool if idx not in cache]
@@ -481,7 +505,7 @@ def run_evolution(
         if budget.exhausted():
             break
 
-    if parents and fresh_mode:
+    if parents and final_choice:
         # The answer: the best final parent on draw 0 (unbiased, ``final_tokens``), evaluations permitting.
         remaining = budget.room(final_cost)
         final = parents if remaining is None else parents[:remaining]

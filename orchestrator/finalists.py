@@ -45,15 +45,16 @@ CHUNK_BYTES = 64 << 20  # bytes per read when a winner's files come from another
 DENSE_FILE = "dense.json"
 
 
-def finalists(results: dict[str, DriverResult], count: int) -> list[str]:
+def finalists(results: dict[str, DriverResult], count: int | None = None) -> list[str]:
     """Drivers whose best profiles get the real final pass: the ``count`` best by search fitness
-    (distinct profiles only), then tune-atp when it ran (the baseline every search is compared with)."""
-    if count < 1:
+    (None: every driver; distinct profiles only), then tune-atp when it ran (the baseline every search
+    is compared with)."""
+    if count is not None and count < 1:
         raise SparseAllocError(f"--finalists must be at least 1, got {count}")
     chosen, seen = [], set()
     for name in sorted(results, key=lambda n: results[n].fitness):
         profile = (results[name].best.sparsities, results[name].best.nm)
-        if len(chosen) < count and profile not in seen:
+        if (count is None or len(chosen) < count) and profile not in seen:
             chosen.append(name)
             seen.add(profile)
     if "tune-atp" in results and "tune-atp" not in chosen:
@@ -340,6 +341,21 @@ def _pass_row(metrics: dict) -> dict:
     return {**{k: metrics[k] for k in keep if k in metrics}, "achieved": metrics.get("achieved_sparsity")}
 
 
+def same_profile_passes(results: dict[str, DriverResult], passes: dict[str, dict]) -> dict[str, dict]:
+    """The final-pass rows of every driver: a driver left out of the finalists because another's best
+    profile is the same gets that finalist's row, marked ``same_profile_as``."""
+    rows = {}
+    for name, result in results.items():
+        if name in passes:
+            rows[name] = passes[name]
+            continue
+        twin = next((other for other in passes if results[other].best.sparsities == result.best.sparsities
+                     and results[other].best.nm == result.best.nm), None)
+        if twin is not None:
+            rows[name] = {**passes[twin], "same_profile_as": twin}
+    return rows
+
+
 def _finish(config: "SearchConfig", run: Path, data, selection: torch.Tensor, results: dict[str, DriverResult],
             names: list[str], passes: dict[str, dict], best: str, dense: dict) -> dict:
     winner, final = results[best], passes[best]
@@ -349,7 +365,9 @@ def _finish(config: "SearchConfig", run: Path, data, selection: torch.Tensor, re
         "selection": {"finalists": names, "criterion": f"validation perplexity after the {config.pruner} pass",
                       "tokens": int(selection.numel())},
         "drivers": driver_summary(results),
-        "final_passes": {name: _pass_row(passes[name]) for name in names},
+        "final_passes": {name: {**_pass_row(row), **({"same_profile_as": row["same_profile_as"]}
+                                                          if "same_profile_as" in row else {})}
+                         for name, row in same_profile_passes(results, passes).items()},
         "device": final.get("device"), "dtype": final.get("dtype"),
     }
     if "tune-atp" in passes:

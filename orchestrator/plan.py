@@ -202,11 +202,13 @@ def _logits(batch: int, seqlen: int, shape: ModelShape) -> int:
     return batch * seqlen * shape.vocab_size * 4 * 3
 
 
-def _resident_evaluator(shape: ModelShape, d: int, k: int, tokens: int, seqlen: int, batch: int) -> tuple[int, int]:
+def _resident_evaluator(shape: ModelShape, d: int, k: int, tokens: int, seqlen: int, batch: int,
+                        rank_sets: int = 1) -> tuple[int, int]:
     """(device bytes per device, split part): B + N + 2·W + one block's linears in dtype (masked scratch)
     + L·T·H·d (dense block inputs) + T·H·d (dense final hidden) + activations + logits chunk; with k devices
-    the weights and ranks (B + 2·W) split k ways and the rest sits on device 0."""
-    split = sum(shape.block_elements) * d + RANK_BYTES * shape.linear_weights
+    the weights and ranks (B + 2·W) split k ways and the rest sits on device 0. ``rank_sets`` 2: a second
+    set of rank tables (kl-seq fitness builds one per profile while the dense one is kept)."""
+    split = sum(shape.block_elements) * d + rank_sets * RANK_BYTES * shape.linear_weights
     weights_part = -(-split // k) + shape.non_block_elements * d + max(shape.block_linear_weights) * d
     caches = (shape.num_blocks + 1) * tokens * shape.hidden_size * d
     return weights_part + caches + _activations(batch, seqlen, shape, d) + _logits(1, seqlen, shape), weights_part
@@ -224,9 +226,10 @@ def _gib(n: float) -> str:
 def make_plan(shape: ModelShape, *, dtype: str, device_memory_bytes: int, gpus_per_actor: int = 1,
               evaluator: str = "auto", fitness_tokens: int = 1024, fitness_seqlen: int = 128, batch_size: int = 4,
               calib_samples: int = 32, seqlen: int = 512, population: int = 8, pruner: str = "wanda",
-              host_memory_bytes: int | None = None) -> Plan:
+              host_memory_bytes: int | None = None, sequential_fitness: bool = False) -> Plan:
     """Device and host bytes of every stage, and the evaluator mode (``auto``: resident when it fits the
-    per-device budget, else streamed). Host bytes are checked only when ``host_memory_bytes`` is given."""
+    per-device budget, else streamed). Host bytes are checked only when ``host_memory_bytes`` is given.
+    ``sequential_fitness``: the kl-seq fitness holds a second set of rank tables where the first lives."""
     if dtype not in DTYPE_BYTES:
         raise SparseAllocError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
     if evaluator not in EVALUATOR_MODES:
@@ -261,16 +264,18 @@ def make_plan(shape: ModelShape, *, dtype: str, device_memory_bytes: int, gpus_p
     def host_ok(n: int) -> bool:
         return host_memory_bytes is None or n <= host_memory_bytes
 
-    resident, resident_weights = _resident_evaluator(shape, d, k, T, fitness_seqlen, batch_size)
+    rank_sets = 2 if sequential_fitness else 1
+    resident, resident_weights = _resident_evaluator(shape, d, k, T, fitness_seqlen, batch_size, rank_sets)
     streamed_weights = N + 2 * _streamed_block(shape, d)
     streamed = streamed_weights + population * T * H * d + T * H * d + work
-    streamed_host = B + RANK_BYTES * W + L * T * H * d
+    streamed_host = B + rank_sets * RANK_BYTES * W + L * T * H * d
     if evaluator == "auto":
         mode = "resident" if device_ok(resident) else "streamed"
     else:
         mode = evaluator
     resident_gpus_needed = next((g for g in range(1, MAX_GPUS_PER_ACTOR + 1)
-                                 if device_ok(_resident_evaluator(shape, d, g, T, fitness_seqlen, batch_size)[0])),
+                                 if device_ok(_resident_evaluator(shape, d, g, T, fitness_seqlen, batch_size,
+                                                                  rank_sets)[0])),
                                 None)
 
     stages: list[StagePlan] = []

@@ -63,6 +63,7 @@ class EvaluatorSpec:
     gpus_per_actor: int = 1
     population: int = 8
     owl_multipliers: tuple[float, ...] = ()
+    sequential_windows: int = 4  # calibration windows of the kl-seq metric's low-fidelity pass
 
 
 def actor_devices(spec: EvaluatorSpec) -> list[torch.device]:
@@ -102,7 +103,8 @@ class EvaluatorActor:
         mode = spec.mode if spec.mode != "auto" else _auto_mode(model, spec, devices, fitness_windows)
         self.evaluator = CandidateEvaluator(model, calibration, fitness_windows, devices, spec.score_kind,
                                             spec.batch_size, progress=False, mode=mode,
-                                            memory_budget=spec.memory_budget, owl_multipliers=spec.owl_multipliers)
+                                            memory_budget=spec.memory_budget, owl_multipliers=spec.owl_multipliers,
+                                            sequential_windows=spec.sequential_windows)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def info(self) -> dict:

@@ -61,13 +61,15 @@ class SearchConfig:
     seqlen: int = 512
     calib_samples: int = 32
     eval_windows: int | None = 32
-    fitness_windows: int = 8
+    fitness_windows: int = 32
     fitness_seqlen: int = 128
     fidelities: tuple[int, ...] = (256, 1024)
     nm_m: int | None = None
     free_sampler: str = "tpe"
     estimator: str = "permutation"
-    finalists: int = 2
+    top_fitness: str = "kl-seq"
+    sequential_windows: int = 4
+    finalists: int | None = None  # None: every driver's best profile
     selection_windows: int = 8
     budget_evals: int | None = None
     budget_minutes: float | None = None
@@ -106,7 +108,7 @@ class SearchConfig:
     def identity(self) -> dict:
         """The fields a resumed run must share with the original."""
         keep = ("method", "sparsity", "model", "data", "text_field", "seqlen", "calib_samples", "fitness_windows",
-                "fitness_seqlen", "fidelities", "nm_m", "free_sampler", "estimator", "seed", "shares", "device",
+                "fitness_seqlen", "fidelities", "top_fitness", "sequential_windows", "nm_m", "free_sampler", "estimator", "seed", "shares", "device",
                 "dtype", "batch_size", "selection_windows", "eval_windows")
         identity = {k: getattr(self, k) for k in keep}
         identity["evaluator"] = {"levels": "wanda rank tables", "fitness": "KL(dense || pruned)"}
@@ -167,7 +169,7 @@ def check_memory(config: SearchConfig) -> str:
                      fitness_tokens=config.fitness_windows * config.fitness_seqlen,
                      fitness_seqlen=config.fitness_seqlen, batch_size=config.batch_size,
                      calib_samples=config.calib_samples, seqlen=config.seqlen, population=config.population,
-                     pruner=config.pruner)
+                     pruner=config.pruner, sequential_fitness=config.top_fitness == "kl-seq")
     check_plan(plan)
     log.info("memory plan: %s evaluator, %.2f bytes per weight on the device", plan.evaluator, plan.bytes_per_weight)
     return plan.evaluator
@@ -243,7 +245,8 @@ def _estimate_final_s(config: SearchConfig, data, selection: torch.Tensor, secon
     """Wall-clock estimate of the final stage from the measured cost of one fitness token: each
     finalist prunes on the calibration tokens and scores selection and test tokens, plus the dense
     test perplexity; the passes share the cores the actors used."""
-    passes = config.finalists + (1 if config.method == "all" else 0)
+    drivers = len(config.drivers())
+    passes = drivers if config.finalists is None else min(drivers, config.finalists + (config.method == "all"))
     tokens = passes * (data.calibration.numel() * PASS_COST[config.pruner] + selection.numel() + data.test.numel())
     tokens += data.test.numel()
     return 1.25 * (seconds_per_token * tokens / max(1, actors) + 10.0 * passes)
@@ -272,7 +275,8 @@ def make_pool(config: SearchConfig, mode: str, calibration: torch.Tensor, fitnes
                          batch_size=config.batch_size, threads=config.threads, mode=mode,
                          memory_budget=None if config.device_memory_gb is None else int(config.device_memory_gb * 2**30),
                          gpus_per_actor=config.gpus_per_actor, population=config.population,
-                         owl_multipliers=tuple(sorted({float(m) for m in (*OWL_M_CHOICES, *owl_m)})))
+                         owl_multipliers=tuple(sorted({float(m) for m in (*OWL_M_CHOICES, *owl_m)})),
+                         sequential_windows=config.sequential_windows)
     return EvaluatorPool(spec, calibration, fitness, results, actors, gpu=config.device == "cuda")
 
 
@@ -311,9 +315,14 @@ def run_search(config: SearchConfig) -> dict:
     if not 0.0 < config.sparsity < 1.0:
         raise SparseAllocError(f"--sparsity must lie in (0, 1), got {config.sparsity}")
     get_pruner(config.pruner)
-    if config.finalists < 1 or config.selection_windows < 1:
+    if (config.finalists is not None and config.finalists < 1) or config.selection_windows < 1:
         raise SparseAllocError(f"--finalists and --selection-windows must be at least 1, got {config.finalists} "
                                f"and {config.selection_windows}")
+    if config.top_fitness not in ("kl", "kl-seq"):
+        raise SparseAllocError(f"unknown --top-fitness {config.top_fitness!r}; choose kl-seq or kl")
+    if not 1 <= config.sequential_windows <= config.calib_samples:
+        raise SparseAllocError(f"--sequential-windows must lie in [1, --calib-samples {config.calib_samples}], "
+                               f"got {config.sequential_windows}")
     if config.evaluator not in ("auto", "resident", "streamed"):
         raise SparseAllocError(f"unknown --evaluator {config.evaluator!r}; choose auto, resident or streamed")
     for flag, value in (("--budget-evals", config.budget_evals), ("--budget-tokens", config.budget_tokens),

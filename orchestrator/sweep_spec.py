@@ -48,6 +48,8 @@ class SweepSpec:
     fitness_seqlen: int = 128
     selection_windows: int = 8
     fidelities: tuple[int, ...] = (256, 1024)
+    top_fitness: str = "kl-seq"
+    sequential_windows: int = 4
     finalists: int = 2
     estimator: str = "permutation"
     free_sampler: str = "tpe"
@@ -135,10 +137,10 @@ def _plain(value):
 
 _FIELDS = {f.name: f for f in fields(SweepSpec)}
 _INTS = {"seqlen", "calib_samples", "eval_windows", "fitness_windows", "fitness_seqlen", "selection_windows",
-         "finalists", "atp_grid", "batch_size", "population", "actors", "threads", "gpus_per_actor", "seed"}
+         "finalists", "sequential_windows", "atp_grid", "batch_size", "population", "actors", "threads", "gpus_per_actor", "seed"}
 _FLOATS = {"owl_m", "owl_lambda", "device_memory_gb"}
-_STRINGS = {"data", "text_field", "estimator", "free_sampler", "address", "device", "dtype", "evaluator"}
-_CHOICES = {"estimator": ("permutation", "sliding"), "free_sampler": ("tpe", "cmaes"),
+_STRINGS = {"data", "text_field", "estimator", "top_fitness", "free_sampler", "address", "device", "dtype", "evaluator"}
+_CHOICES = {"estimator": ("permutation", "sliding"), "top_fitness": ("kl-seq", "kl"), "free_sampler": ("tpe", "cmaes"),
             "dtype": ("auto", "fp32", "bf16", "fp16"), "evaluator": ("auto", "resident", "streamed")}
 _NULLABLE = {"eval_windows", "actors", "device_memory_gb", "text_field", "address"}
 

@@ -35,7 +35,8 @@ from pruning.offload import move_non_blocks, non_block_bytes, onloaded, pin_bloc
 from scoring.levels import Level, RankTables, build_rank_tables
 from core.profile import Profile
 
-METRICS = ("kl", "ppl")
+# kl-seq: KL with the masks of a low-fidelity sequential Wanda pass for that profile (see fitness_many).
+METRICS = ("kl", "ppl", "kl-seq")
 MODES = ("resident", "streamed")
 REFERENCES = ("auto", "logprobs", "hidden")
 # The dense log-prob cache is used under "auto" while it stays below this size.
@@ -53,9 +54,10 @@ class CandidateEvaluator:
     def __init__(self, model, calibration: torch.Tensor, fitness_windows: torch.Tensor,
                  device: torch.device | Sequence[torch.device], score_kind: str = "wanda", batch_size: int = 4,
                  progress: bool = True, mode: str = "resident", memory_budget: int | None = None,
-                 reference: str = "auto", owl_multipliers: Sequence[float] = ()) -> None:
+                 reference: str = "auto", owl_multipliers: Sequence[float] = (), sequential_windows: int = 4) -> None:
         """``device``: one device, or the actor's devices (resident blocks are split over them).
-        ``memory_budget``: bytes this evaluator may hold on each device (None: no limit)."""
+        ``memory_budget``: bytes this evaluator may hold on each device (None: no limit).
+        ``sequential_windows``: calibration windows of the low-fidelity sequential pass behind ``kl-seq``."""
         if mode not in MODES:
             raise SparseAllocError(f"unknown evaluator mode {mode!r}; choose one of {', '.join(MODES)}")
         if reference not in REFERENCES:
@@ -75,6 +77,7 @@ class CandidateEvaluator:
         self._device_ranks: dict[int, dict[str, torch.Tensor]] = {}  # streamed: ranks of the blocks on the device
         self._place()
         self.score_kind = score_kind
+        self.sequential_calibration = calibration[: max(1, sequential_windows)].cpu()
         self.ranks: RankTables = build_rank_tables(
             model, calibration, lambda l: self._block_device[l], lambda l: self._home[l], score_kind, batch_size,
             owl_multipliers, progress)
@@ -320,11 +323,28 @@ class CandidateEvaluator:
     @torch.no_grad()
     def fitness_many(self, profiles: Sequence[Profile], tokens: int | None = None, metric: str = "kl",
                      draw: int = 0) -> list[float]:
-        """:meth:`fitness` of each profile, the population advancing block by block together."""
+        """:meth:`fitness` of each profile, the population advancing block by block together.
+
+        ``kl-seq`` scores each profile alone, with rank tables rebuilt from the inputs the sequential
+        Wanda pass gives each block for that very profile on the first ``sequential_windows``
+        calibration windows: the masks of a low-fidelity real pass (exactly the real pass's with all
+        calibration windows), at the cost of one calibration forward per profile and a second set of
+        rank tables while it is scored."""
         if metric not in METRICS:
             raise SparseAllocError(f"unknown fitness metric {metric!r}; choose one of {', '.join(METRICS)}")
         for profile in profiles:
             profile.check_fits(self.num_blocks)
+        if metric == "kl-seq":
+            if self.score_kind != "wanda":
+                raise SparseAllocError("kl-seq needs Wanda rank tables (activation-based masks)")
+            dense_ranks, values = self.ranks, []
+            try:
+                for profile in profiles:
+                    self.refresh_ranks(self.sequential_calibration, profile)
+                    values += self.fitness_many([profile], tokens, "kl", draw)
+            finally:
+                self.ranks = dense_ranks
+            return values
         ids = torch.tensor(self.window_ids(tokens, draw), device=self.device)
         levels = [[(s, p.pattern(l)) if s > 0 else None for l, s in enumerate(p.sparsities)] for p in profiles]
         batches = self._batches(len(ids))

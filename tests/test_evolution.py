@@ -635,3 +635,25 @@ def test_token_budget_with_all_tokens_unknown_is_refused():
     result = run_evolution(Planted(), [uniform(BLOCKS, 0.5)], EvolutionConfig(target=0.5, fresh_tokens=False),
                            Budget(max_tokens=100_000))
     assert 100_000 - 4 * 16384 <= result.tokens <= 100_000
+
+
+def test_top_metric_scores_the_last_stage_and_final_choice_and_is_charged():
+    """The last stage (all fitness tokens, so draw 0 in every generation) and the final choice use
+    ``top_metric``; each such evaluation is charged ``sequential_tokens`` more; parents keep their
+    last-stage scores instead of being rescored on an identical draw."""
+    evaluate = Planted()
+    config = EvolutionConfig(target=0.5, max_generations=5, fidelities=(512, 2048, 8192), survivors=(4, 2, 2),
+                             all_tokens=8192, final_tokens=8192, top_metric="kl-seq", sequential_tokens=1000)
+    budget = Budget()
+    run_evolution(evaluate, [uniform(BLOCKS, 0.5)], config, budget)
+    scored = set()
+    for batch in evaluate.calls:
+        stage = batch[0].params["stage"]
+        assert all(c.metric == ("kl-seq" if stage == 2 else "kl") for c in batch)
+        if stage == 2:
+            assert all(c.draw == 0 for c in batch)
+            assert not scored & {c.sparsities for c in batch}  # nothing scored twice at the last stage
+            scored |= {c.sparsities for c in batch}
+    assert evaluate.calls[-1][0].params["stage"] == 2  # the final choice came from those scores
+    charged = sum(len(b) * (b[0].tokens + (1000 if b[0].metric == "kl-seq" else 0)) for b in evaluate.calls)
+    assert budget.used_tokens == charged

@@ -205,7 +205,8 @@ def test_final_passes_run_as_tasks_save_the_winner_and_are_not_redone(local_ray,
     summary = run_final_passes(_search_config(llama_dir, run, finalists=2), data, selection, results, tokenizer)
 
     passes = summary["final_passes"]
-    assert list(passes) == summary["selection"]["finalists"] == ["evolution", "shapley", "tune-atp"]
+    assert summary["selection"]["finalists"] == ["evolution", "shapley", "tune-atp"]  # by KL, then the baseline
+    assert list(passes) == list(results)  # every driver's row, in the drivers' order
     assert summary["winner"] == min(passes, key=lambda name: passes[name]["validation_perplexity"])
     assert summary["device"] == "cpu" and summary["dtype"] == "fp32"
     node = local_ray.get_runtime_context().get_node_id()

@@ -154,6 +154,21 @@ def test_llama70_bf16_on_80gib_streams(llama70):
     assert evaluator.host_bytes == L * block * d + 2 * W + L * T * H * d
     assert plan.stage("rank tables").device_bytes == N + block * d + 2 * 32 * 512 * H * d + 28672 * 8192 * 12
     assert plan.stage("perplexity").mode == "block by block"  # 128 GiB of weights cannot sit on 80 GiB
+    # kl-seq fitness: a second set of int16 rank tables where the first lives (the host, streamed).
+    sequential = make_plan(llama70, dtype="bf16", device_memory_bytes=80 * GIB, sequential_fitness=True)
+    assert sequential.stage("evaluator").host_bytes == evaluator.host_bytes + 2 * W
+    assert sequential.stage("evaluator").device_bytes == evaluator.device_bytes
+
+
+def test_sequential_fitness_adds_a_rank_set_to_a_resident_evaluator(llama7):
+    plain = make_plan(llama7, dtype="bf16", device_memory_bytes=80 * GIB)
+    sequential = make_plan(llama7, dtype="bf16", device_memory_bytes=80 * GIB, sequential_fitness=True)
+    assert sequential.stage("evaluator").device_bytes == plain.stage("evaluator").device_bytes + 2 * llama7.linear_weights
+    split = make_plan(llama7, dtype="bf16", device_memory_bytes=80 * GIB, gpus_per_actor=2, evaluator="resident")
+    split_seq = make_plan(llama7, dtype="bf16", device_memory_bytes=80 * GIB, gpus_per_actor=2, evaluator="resident",
+                          sequential_fitness=True)
+    assert split_seq.stage("evaluator").device_bytes == split.stage("evaluator").device_bytes + \
+        -(-2 * llama7.linear_weights // 2)
 
 
 def test_llama70_resident_needs_more_gpus(llama70):

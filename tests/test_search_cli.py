@@ -11,7 +11,7 @@ from orchestrator.candidates import DriverResult
 from orchestrator.cli import main
 from orchestrator.results import ResultsTable
 from orchestrator import finalists as finalists_module
-from orchestrator.finalists import finalists, run_final_passes, selection_windows
+from orchestrator.finalists import finalists, run_final_passes, same_profile_passes, selection_windows
 from orchestrator.search import SearchConfig, _prepare_run_dir
 from core.errors import SparseAllocError
 from pruning.data import TokenData
@@ -96,14 +96,22 @@ def test_search_all_runs_every_driver_compares_with_atp_and_hands_on_unspent_bud
     # The Shapley plan on 4 blocks needs fewer than its 24 evaluations: evolution gets the rest of its part.
     assert drivers["shapley"]["evaluations"] < 24 and drivers["evolution"]["evaluations"] > 32
     passes = summary["final_passes"]
-    assert summary["selection"]["finalists"] == list(passes) and "tune-atp" in passes and len(passes) in (2, 3)
+    # Every driver's best profile went through the final pass (once per distinct profile).
+    assert list(passes) == list(drivers) and set(summary["selection"]["finalists"]) <= set(passes)
+    for name, row in passes.items():
+        assert (row.get("same_profile_as") is None) == (name in summary["selection"]["finalists"])
+        if "same_profile_as" in row:
+            assert drivers[name]["profile"] == drivers[row["same_profile_as"]]["profile"]
     assert summary["winner"] == min(passes, key=lambda name: passes[name]["validation_perplexity"])
     assert summary["winner_test_perplexity"] == passes[summary["winner"]]["test_perplexity"]
     assert summary["winner_vs_atp"] == pytest.approx(
         summary["winner_test_perplexity"] / summary["atp_test_perplexity"] - 1)
     assert (out / "model" / "metrics.json").exists()
     printed = capsys.readouterr().out
-    assert all(name in printed for name in drivers) and "winner vs ATP" in printed
+    lines = {line.split()[0]: line for line in printed.splitlines() if line.split()[:1] and line.split()[0] in drivers}
+    for name in drivers:  # each driver's row shows the final-pass perplexities of its best profile
+        assert f"{passes[name]['test_perplexity']:.3f}" in lines[name], lines[name]
+    assert "winner vs ATP" in printed
 
 
 def _result(name, fitness, sparsities):
@@ -116,8 +124,20 @@ def test_finalists_are_the_best_distinct_profiles_plus_the_atp_baseline():
     assert finalists(results, 2) == ["evolution", "tune-free", "tune-atp"]  # shapley's profile is evolution's
     assert finalists(results, 1) == ["evolution", "tune-atp"]
     assert finalists({"shapley": results["shapley"]}, 3) == ["shapley"]
+    assert finalists(results) == ["evolution", "tune-free", "tune-atp"]  # all, each distinct profile once
     with pytest.raises(SparseAllocError, match="--finalists"):
         finalists(results, 0)
+
+
+def test_a_driver_sharing_a_finalists_profile_gets_its_final_pass_row():
+    results = {"shapley": _result("shapley", 1.0, [0.5, 0.7]), "evolution": _result("evolution", 0.9, [0.5, 0.7]),
+               "tune-atp": _result("tune-atp", 2.0, [0.4, 0.8])}
+    passes = {"evolution": {"test_perplexity": 3.0}, "tune-atp": {"test_perplexity": 4.0}}
+    rows = same_profile_passes(results, passes)
+    assert rows == {"shapley": {"test_perplexity": 3.0, "same_profile_as": "evolution"},
+                    "evolution": {"test_perplexity": 3.0}, "tune-atp": {"test_perplexity": 4.0}}
+    assert "tune-free" not in same_profile_passes({**results, "tune-free": _result("tune-free", 1.1, [0.6, 0.6])},
+                                                  passes)
 
 
 def test_selection_windows_are_held_out_from_the_fitness_tokens():
@@ -155,7 +175,7 @@ def test_the_final_pass_not_the_kl_proxy_picks_the_winner(tmp_path, monkeypatch)
                "tune-atp": _result("tune-atp", 3.0, [0.45, 0.55, 0.65, 0.75])}
     tokens = torch.randint(0, 100, (4, 16))
     data = TokenData(calibration=tokens, validation=tokens, test=tokens, protocol={})
-    config = SearchConfig(out=tmp_path / "run", model=str(model_dir), budget_evals=10, progress=False)
+    config = SearchConfig(out=tmp_path / "run", model=str(model_dir), budget_evals=10, progress=False, finalists=2)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         summary = run_final_passes(config, data, tokens[2:], results, load_tokenizer(str(model_dir)))

@@ -95,3 +95,26 @@ def test_refreshed_evaluator_scores_the_model_the_final_pass_ships():
     refreshed = evaluator.fitness(UNSTRUCTURED, metric="ppl")
     assert refreshed == pytest.approx(shipped, rel=1e-5)
     assert abs(dense_tables - shipped) > 1e-4 * shipped
+
+
+def test_kl_seq_scores_each_profile_with_its_own_sequential_masks():
+    """``kl-seq`` = KL after refreshing the tables for that very profile (on ``sequential_windows``
+    calibration windows), profile by profile in one batch; the dense tables are back afterwards."""
+    from scoring.evaluator import CandidateEvaluator
+
+    model = build_model(tiny_llama_config())
+    calibration = _calibration()
+    fitness = torch.randint(3, VOCAB, (4, 32), generator=torch.Generator().manual_seed(2))
+    windows = 2
+    evaluator = CandidateEvaluator(model, calibration, fitness, CPU, batch_size=BATCH, progress=False,
+                                   sequential_windows=windows)
+    other = Profile(tuple(0.3 + 0.1 * (l % 3) for l in range(len(UNSTRUCTURED))))
+    dense = evaluator.fitness_many([UNSTRUCTURED, other], metric="kl")
+    sequential = evaluator.fitness_many([UNSTRUCTURED, other], metric="kl-seq")
+    assert evaluator.fitness_many([UNSTRUCTURED, other], metric="kl") == dense  # dense tables restored
+    expected = []
+    for profile in (UNSTRUCTURED, other):
+        evaluator.refresh_ranks(calibration[:windows], profile)
+        expected.append(evaluator.fitness(profile, metric="kl"))
+    assert sequential == pytest.approx(expected, rel=1e-6)
+    assert all(abs(s - d) > 1e-6 for s, d in zip(sequential, dense))
