@@ -9,7 +9,8 @@ search's Shapley values, strength 1). Writes ``bench/results/search-<tag>-seed<N
 summary plus the baselines, ``winner_vs_atp`` against the ATP pick, the command and the load) and
 ``bench/results/search-<tag>.md`` over every seed file of that tag.
 
-    python -m bench.search --seeds 0 1 2 --budget-minutes 20            # tag 70
+    python -m bench.search --seeds 0 1 2 --budget-minutes 20            # tag 70 (16 x 256 calibration
+                                                                        # and test windows by default)
     python -m bench.search --seeds 0 --budget-tokens 1500000 --tag 70-tokens
     python -m bench.search --seeds 0 --pruner sparsegpt --tag 70-sparsegpt
 """
@@ -107,6 +108,7 @@ def run_seed(args, seed: int) -> dict:
     out = Path(args.out) / f"{args.tag}-seed{seed}"
     config = SearchConfig(out=out, method="all", sparsity=args.sparsity, pruner=args.pruner,
                           budget_minutes=args.budget_minutes, budget_tokens=args.budget_tokens, seed=seed,
+                          seqlen=args.seqlen, calib_samples=args.calib_samples, eval_windows=args.eval_windows,
                           progress=False, resume=(out / "config.json").exists())
     started = time.time()
     load_before = os.getloadavg()
@@ -128,7 +130,8 @@ def run_seed(args, seed: int) -> dict:
         "search_command": f"sparsealloc search --method all --sparsity {args.sparsity} --pruner {args.pruner} "
                           + (f"--budget-minutes {args.budget_minutes:g} " if args.budget_minutes else "")
                           + (f"--budget-tokens {args.budget_tokens} " if args.budget_tokens else "")
-                          + f"--seed {seed} --out {out}",
+                          + f"--seqlen {args.seqlen} --calib-samples {args.calib_samples} "
+                          + f"--eval-windows {args.eval_windows} --seed {seed} --out {out}",
         "seed": seed, "sparsity": args.sparsity, "pruner": args.pruner,
         "budget": {"minutes": args.budget_minutes, "tokens": args.budget_tokens},
         "protocol": {k: summary.get(k) for k in ("device", "dtype")} | {
@@ -198,9 +201,18 @@ def main() -> None:
     parser.add_argument("--budget-minutes", type=float, default=None)
     parser.add_argument("--budget-tokens", type=int, default=None)
     parser.add_argument("--atp-grid", type=int, default=3)
+    # The final passes' protocol (calibration and test windows): a quarter of search's defaults, so that
+    # the search's and the baselines' ~11 passes per seed fit beside a 20-minute search on 2 cores.
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--tag", default=None, help="default: the sparsity in percent")
     parser.add_argument("--out", default="runs/bench-search")
+    parser.add_argument("--table-only", action="store_true", help="only rewrite search-<tag>.md from the seed files")
     args = parser.parse_args()
+    if args.table_only:
+        print(write_table(args.tag or f"{round(args.sparsity * 100)}"))
+        return
     if args.budget_minutes is None and args.budget_tokens is None:
         args.budget_minutes = 20.0
     args.tag = args.tag or f"{round(args.sparsity * 100)}"
@@ -208,7 +220,7 @@ def main() -> None:
         record = run_seed(args, seed)
         print(f"seed {seed}: winner {record['winner']} test {record['winner_test_perplexity']:.2f}, "
               f"winner / ATP pick {record['winner_vs_atp']:.3f}", flush=True)
-        print(write_table(args.tag))
+    print(write_table(args.tag))
 
 
 if __name__ == "__main__":
