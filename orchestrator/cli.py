@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "windows), kl with the rank tables of the dense activations (no extra stage)")
     search.add_argument("--sequential-windows", type=int, default=4,
                         help="calibration windows of kl-seq's low-fidelity sequential pass")
+    search.add_argument("--level-source", default="auto", choices=["auto", "wanda", "sparsegpt-db"],
+                        help="where the evaluator's per-level weights come from: auto = a SparseGPT level database "
+                             "(built once per model, calibration and grid in $SPARSEALLOC_CACHE/level-db, "
+                             "memory-mapped) for --pruner sparsegpt, else Wanda rank tables")
+    search.add_argument("--db-levels", type=float, nargs="+", default=None,
+                        help="the SparseGPT database's levels (default: every 0.05 within 0.2 of --sparsity); "
+                             "evolution searches on them, other profiles are scored at each block's nearest level")
     search.add_argument("--nm-m", type=int, default=None, help="evolution over the mixed N:M menu 1:M … (M-1):M")
     search.add_argument("--free-sampler", default="tpe", choices=["tpe", "cmaes"],
                         help="Optuna sampler of the tune-free search over per-block vectors")
@@ -275,6 +282,7 @@ def _cmd_search(args) -> None:
         data=args.data, text_field=args.text_field, seqlen=args.seqlen, calib_samples=args.calib_samples,
         eval_windows=args.eval_windows, fitness_windows=args.fitness_windows, fitness_seqlen=args.fitness_seqlen,
         fidelities=tuple(args.fidelities), top_fitness=args.top_fitness, sequential_windows=args.sequential_windows,
+        level_source=args.level_source, db_levels=None if args.db_levels is None else tuple(args.db_levels),
         nm_m=args.nm_m, free_sampler=args.free_sampler,
         estimator=args.estimator,
         finalists=args.finalists, selection_windows=args.selection_windows,

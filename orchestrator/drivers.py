@@ -89,6 +89,7 @@ def _shapley(context: DriverContext, budget: "Budget") -> "DriverResult":
 def _evolution(context: DriverContext, budget: "Budget") -> "DriverResult":
     from orchestrator.candidates import DriverResult
     from orchestrator.evolution import EvolutionConfig, run_evolution
+    from orchestrator.level_sources import database_levels
     from orchestrator.progress import DriverProgress
 
     config, pool = context.config, context.pool
@@ -102,7 +103,8 @@ def _evolution(context: DriverContext, budget: "Budget") -> "DriverResult":
     # low-fidelity sequential pass (it ranked closest to the real pass in bench/results/fidelity-cpu-4k.md),
     # and the final choice among the parents is made on those scores.
     fidelities = tuple(config.fidelities)
-    sequential = config.top_fitness == "kl-seq"
+    database = config.level_source == "sparsegpt-db"  # its weights are the sequential pass's already
+    sequential = config.top_fitness == "kl-seq" and not database
     survivors = tuple([4] * (len(fidelities) - 1) + [2])
     if sequential and fidelities[-1] < context.top_tokens:  # two children join the two parents there
         fidelities += (context.top_tokens,)
@@ -110,8 +112,9 @@ def _evolution(context: DriverContext, budget: "Budget") -> "DriverResult":
     result = run_evolution(
         pool.evaluate, seeds,
         EvolutionConfig(target=target, nm_m=config.nm_m, fidelities=fidelities, survivors=survivors,
+                        levels=database_levels(target, config.db_levels) if database else None,
                         seed=config.seed, weights=weights, final_tokens=context.top_tokens,
-                        all_tokens=context.top_tokens, top_metric=config.top_fitness,
+                        all_tokens=context.top_tokens, top_metric="kl-seq" if sequential else "kl",
                         sequential_tokens=2 * config.sequential_windows * config.seqlen if sequential else 0),
         budget, on_generation=lambda _g, best, _e: bar.update(best))
     bar.close()

@@ -64,6 +64,7 @@ class EvaluatorSpec:
     population: int = 8
     owl_multipliers: tuple[float, ...] = ()
     sequential_windows: int = 4  # calibration windows of the kl-seq metric's low-fidelity pass
+    level_db: str | None = None  # a SparseGPT level database every actor memory-maps (None: rank tables)
 
 
 def actor_devices(spec: EvaluatorSpec) -> list[torch.device]:
@@ -96,6 +97,7 @@ class EvaluatorActor:
     def __init__(self, spec: EvaluatorSpec, calibration: torch.Tensor, fitness_windows: torch.Tensor) -> None:
         from pruning.load import load_model, pick_dtype
         from scoring.evaluator import CandidateEvaluator
+        from scoring.level_db import LevelDatabase
 
         torch.set_num_threads(spec.threads)
         devices = actor_devices(spec)
@@ -104,7 +106,8 @@ class EvaluatorActor:
         self.evaluator = CandidateEvaluator(model, calibration, fitness_windows, devices, spec.score_kind,
                                             spec.batch_size, progress=False, mode=mode,
                                             memory_budget=spec.memory_budget, owl_multipliers=spec.owl_multipliers,
-                                            sequential_windows=spec.sequential_windows)
+                                            sequential_windows=spec.sequential_windows,
+                                            level_db=None if spec.level_db is None else LevelDatabase(spec.level_db))
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def info(self) -> dict:

@@ -33,6 +33,7 @@ from orchestrator.clock import RunClock
 from orchestrator.drivers import DRIVERS, OWL_M_CHOICES, DriverContext, all_shares
 from orchestrator.final_pass import versions
 from orchestrator.finalists import run_final_passes, selection_windows
+from orchestrator.level_sources import database_levels, ensure_database, resolve_level_source
 from orchestrator.output import check_output, write_json
 from orchestrator.pool import EvaluatorPool, EvaluatorSpec
 from orchestrator.results import ResultsTable
@@ -69,6 +70,8 @@ class SearchConfig:
     estimator: str = "permutation"
     top_fitness: str = "kl-seq"
     sequential_windows: int = 4
+    level_source: str = "auto"
+    db_levels: tuple[float, ...] | None = None
     finalists: int | None = None  # None: every driver's best profile
     selection_windows: int = 8
     budget_evals: int | None = None
@@ -108,10 +111,11 @@ class SearchConfig:
     def identity(self) -> dict:
         """The fields a resumed run must share with the original."""
         keep = ("method", "sparsity", "model", "data", "text_field", "seqlen", "calib_samples", "fitness_windows",
-                "fitness_seqlen", "fidelities", "top_fitness", "sequential_windows", "nm_m", "free_sampler", "estimator", "seed", "shares", "device",
+                "fitness_seqlen", "fidelities", "top_fitness", "sequential_windows", "level_source", "db_levels",
+                "nm_m", "free_sampler", "estimator", "seed", "shares", "device",
                 "dtype", "batch_size", "selection_windows", "eval_windows")
         identity = {k: getattr(self, k) for k in keep}
-        identity["evaluator"] = {"levels": "wanda rank tables", "fitness": "KL(dense || pruned)"}
+        identity["evaluator"] = {"levels": self.level_source, "fitness": "KL(dense || pruned)"}
         identity["version"] = versions()["sparsealloc"]
         return json.loads(json.dumps(identity))
 
@@ -268,15 +272,18 @@ def _search_seconds(config: SearchConfig, clock: RunClock, estimate_final_s: flo
 
 
 def make_pool(config: SearchConfig, mode: str, calibration: torch.Tensor, fitness: torch.Tensor,
-              results: ResultsTable, actors: int | None, owl_m: tuple[float, ...] = ()) -> EvaluatorPool:
+              results: ResultsTable, actors: int | None, owl_m: tuple[float, ...] = (),
+              level_db: Path | None = None) -> EvaluatorPool:
     """The evaluator pool for ``config`` (device and dtype resolved), writing its rows to ``results``;
-    its actors count OWL ratios for the drivers' M choices and ``owl_m``."""
+    its actors count OWL ratios for the drivers' M choices and ``owl_m``, and take a block's levels
+    from the SparseGPT database at ``level_db`` when given."""
     spec = EvaluatorSpec(config.model, dtype=config.dtype, device="auto" if config.device == "cuda" else "cpu",
                          batch_size=config.batch_size, threads=config.threads, mode=mode,
                          memory_budget=None if config.device_memory_gb is None else int(config.device_memory_gb * 2**30),
                          gpus_per_actor=config.gpus_per_actor, population=config.population,
                          owl_multipliers=tuple(sorted({float(m) for m in (*OWL_M_CHOICES, *owl_m)})),
-                         sequential_windows=config.sequential_windows)
+                         sequential_windows=config.sequential_windows,
+                         level_db=None if level_db is None else str(level_db))
     return EvaluatorPool(spec, calibration, fitness, results, actors, gpu=config.device == "cuda")
 
 
@@ -342,14 +349,19 @@ def run_search(config: SearchConfig) -> dict:
     clock: RunClock | None = None
     try:
         config = resolve_device(config)
+        config = replace(config, level_source=resolve_level_source(config.level_source, config.pruner, config.nm_m))
         mode = check_memory(config)
         tokenizer = load_tokenizer(config.model)
         data, fitness, selection = token_sets(config, tokenizer)
         top_tokens = int(fitness.numel())
+        if config.level_source == "sparsegpt-db":
+            database_levels(config.sparsity, config.db_levels)  # a bad grid is refused before the run dir exists
         run_id = _prepare_run_dir(config)  # only once every input has passed its checks
         clock = RunClock(Path(config.out))
         with clock.phase("setup", extra=time.monotonic() - wall_start):
-            pool = make_pool(config, mode, data.calibration, fitness, ResultsTable(Path(config.out), run_id), actors)
+            level_db = ensure_database(config, data.calibration) if config.level_source == "sparsegpt-db" else None
+            pool = make_pool(config, mode, data.calibration, fitness, ResultsTable(Path(config.out), run_id), actors,
+                             level_db=level_db)
             probe = Candidate.of(families.uniform(pool.num_blocks, config.sparsity), top_tokens, "setup")
             pool.evaluate([probe])
             per_token = pool.results.get(probe.key)["seconds"] / top_tokens  # an actor's compute time

@@ -89,6 +89,7 @@ def _model_config(spec: SweepSpec, model: str, out: Path, progress: bool) -> Sea
         text_field=spec.text_field, seqlen=spec.seqlen, calib_samples=spec.calib_samples,
         eval_windows=spec.eval_windows, fitness_windows=spec.fitness_windows, fitness_seqlen=spec.fitness_seqlen,
         fidelities=tuple(spec.fidelities), top_fitness=spec.top_fitness, sequential_windows=spec.sequential_windows,
+        level_source="wanda",  # one pool per model serves every pruner's cells: Wanda rank tables
         free_sampler=spec.free_sampler, estimator=spec.estimator,
         finalists=spec.finalists, selection_windows=spec.selection_windows,
         actors=spec.actors, threads=spec.threads, address=spec.address,

@@ -32,6 +32,7 @@ from pruning.capture import block_output, capture_block_inputs, head_logits
 from core.errors import SparseAllocError
 from pruning.load import block_param_counts, find_blocks, find_linears
 from pruning.offload import move_non_blocks, non_block_bytes, onloaded, pin_blocks, split_blocks, tensor_bytes, to_device
+from scoring.level_db import LevelDatabase
 from scoring.levels import Level, RankTables, build_rank_tables
 from core.profile import Profile
 
@@ -54,10 +55,13 @@ class CandidateEvaluator:
     def __init__(self, model, calibration: torch.Tensor, fitness_windows: torch.Tensor,
                  device: torch.device | Sequence[torch.device], score_kind: str = "wanda", batch_size: int = 4,
                  progress: bool = True, mode: str = "resident", memory_budget: int | None = None,
-                 reference: str = "auto", owl_multipliers: Sequence[float] = (), sequential_windows: int = 4) -> None:
+                 reference: str = "auto", owl_multipliers: Sequence[float] = (), sequential_windows: int = 4,
+                 level_db: "LevelDatabase | None" = None) -> None:
         """``device``: one device, or the actor's devices (resident blocks are split over them).
         ``memory_budget``: bytes this evaluator may hold on each device (None: no limit).
-        ``sequential_windows``: calibration windows of the low-fidelity sequential pass behind ``kl-seq``."""
+        ``sequential_windows``: calibration windows of the low-fidelity sequential pass behind ``kl-seq``.
+        ``level_db``: a SparseGPT level database; a block's linears at a level are then its stored weights
+        (every level must be on its grid) instead of the Wanda rank tables' masks."""
         if mode not in MODES:
             raise SparseAllocError(f"unknown evaluator mode {mode!r}; choose one of {', '.join(MODES)}")
         if reference not in REFERENCES:
@@ -77,6 +81,9 @@ class CandidateEvaluator:
         self._device_ranks: dict[int, dict[str, torch.Tensor]] = {}  # streamed: ranks of the blocks on the device
         self._place()
         self.score_kind = score_kind
+        self.level_db = level_db
+        if level_db is not None and level_db.num_blocks != self.num_blocks:
+            raise SparseAllocError(f"the level database holds {level_db.num_blocks} blocks, the model {self.num_blocks}")
         self.sequential_calibration = calibration[: max(1, sequential_windows)].cpu()
         self.ranks: RankTables = build_rank_tables(
             model, calibration, lambda l: self._block_device[l], lambda l: self._home[l], score_kind, batch_size,
@@ -231,6 +238,8 @@ class CandidateEvaluator:
         """The block's linears at ``level``, written into the scratch buffers of its device."""
         device = self._block_device[block]
         out = {}
+        if self.level_db is not None and level[1] is not None:
+            raise SparseAllocError("the SparseGPT level database holds unstructured levels, not N:M patterns")
         for name, layer in self._linears[block].items():
             table = self.ranks.tables[block][name]
             if self.mode == "streamed":
@@ -239,6 +248,9 @@ class CandidateEvaluator:
             key = (device, name, tuple(weight.shape), weight.dtype)
             if key not in self._scratch:
                 self._scratch[key] = torch.empty_like(weight)
+            if self.level_db is not None:
+                out[name] = self._scratch[key].copy_(self.level_db.weight(block, name, level[0]))
+                continue
             out[name] = table.pruned(weight, *level, out=self._scratch[key])
         return out
 
@@ -335,8 +347,9 @@ class CandidateEvaluator:
         for profile in profiles:
             profile.check_fits(self.num_blocks)
         if metric == "kl-seq":
-            if self.score_kind != "wanda":
-                raise SparseAllocError("kl-seq needs Wanda rank tables (activation-based masks)")
+            if self.score_kind != "wanda" or self.level_db is not None:
+                raise SparseAllocError("kl-seq needs Wanda rank tables (activation-based masks), not "
+                                       f"{'a level database' if self.level_db is not None else self.score_kind}")
             dense_ranks, values = self.ranks, []
             try:
                 for profile in profiles:
@@ -346,7 +359,8 @@ class CandidateEvaluator:
                 self.ranks = dense_ranks
             return values
         ids = torch.tensor(self.window_ids(tokens, draw), device=self.device)
-        levels = [[(s, p.pattern(l)) if s > 0 else None for l, s in enumerate(p.sparsities)] for p in profiles]
+        snap = self.level_db.nearest if self.level_db is not None else float  # database: its nearest level
+        levels = [[(snap(s), p.pattern(l)) if s > 0 else None for l, s in enumerate(p.sparsities)] for p in profiles]
         batches = self._batches(len(ids))
         # A group: members sharing the levels so far; its hidden states (None while still dense).
         groups: list[tuple[list[int], torch.Tensor | None]] = [(list(range(len(profiles))), None)]

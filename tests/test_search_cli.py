@@ -57,6 +57,34 @@ def test_search_saves_winner_and_resume_reuses_results(corpus_file, tmp_path, ca
         summary["drivers"]["evolution"]["profile"]
 
 
+def test_sparsegpt_search_scores_the_level_database_built_once(corpus_file, tmp_path, monkeypatch):
+    """``--pruner sparsegpt``: the evaluator's levels come from a SparseGPT database, built once in the
+    cache and reused by the next search of the same model and calibration; evolution searches its grid."""
+    monkeypatch.setenv("SPARSEALLOC_CACHE", str(tmp_path / "cache"))
+    built = []
+    from scoring import level_db
+
+    real_build = level_db.build_level_database
+    monkeypatch.setattr(level_db, "build_level_database", lambda *a, **k: built.append(1) or real_build(*a, **k))
+    model_dir = _fragile_model_dir(tmp_path)
+    for run in ("first", "second"):
+        out = tmp_path / run
+        assert main(_args(model_dir, corpus_file, out, "--pruner", "sparsegpt", "--db-levels", "0.4", "0.5", "0.6",
+                          "0.7", "0.8")) == 0
+        identity = json.loads((out / "config.json").read_text())["identity"]
+        assert identity["level_source"] == "sparsegpt-db" and identity["evaluator"]["levels"] == "sparsegpt-db"
+        best = json.loads((out / "best-evolution.json").read_text())["sparsities"]
+        assert set(best) <= {0.4, 0.5, 0.6, 0.7, 0.8} and len(set(best)) > 1
+    assert built == [1]  # the second search reused the database
+    databases = list((tmp_path / "cache" / "level-db").iterdir())
+    assert len(databases) == 1 and json.loads((databases[0] / "levels.json").read_text())["levels"] == \
+        [0.4, 0.5, 0.6, 0.7, 0.8]
+    # A grid that does not bracket the target is refused before any work.
+    assert main(_args(model_dir, corpus_file, tmp_path / "bad", "--pruner", "sparsegpt", "--db-levels", "0.7",
+                      "0.8")) == 2
+    assert not (tmp_path / "bad").exists()
+
+
 def test_token_budget_bounds_the_tokens_each_driver_scores(corpus_file, tmp_path):
     model_dir = _fragile_model_dir(tmp_path)
     out = tmp_path / "run"

@@ -1,0 +1,152 @@
+"""A level source of SparseGPT-pruned weights: every linear of every block at every level of a grid,
+computed once, stored as safetensors and memory-mapped (EvoPress-style database).
+
+Built the way the final pass builds a uniform profile: for each level, block l's Hessians come from
+the outputs of blocks 0..l−1 pruned at that same level (one hidden-state stream per level, all levels
+advanced together block by block), so a uniform profile's weights are exactly the final SparseGPT
+pass's (tested). A mixed profile takes each block's weights from its level's stream: the blocks are
+the real pass's for uniform neighbours, an approximation in between (as EvoPress's database is).
+
+Layout of ``DIR``: ``levels.json`` (the grid, the identity of what built it — model, calibration
+digest, dtype, code version — and its bytes) and one ``block-NNNN.safetensors`` per block holding
+``<linear>@<level index>`` tensors in the model's dtype. A reader opens the files with
+``safetensors.safe_open`` (memory-mapped) and copies one tensor out when a level is asked for.
+
+Size: levels × prunable weights × dtype bytes; :func:`database_bytes` gives it before anything is
+built, and :func:`build_level_database` refuses, naming the numbers, when the disk has less free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from core.errors import SparseAllocError
+from pruning.capture import capture_block_inputs, run_block, run_block_observing
+from pruning.load import find_blocks, find_linears
+from pruning.pruners import Hessian, sparsegpt_prune
+
+INDEX = "levels.json"
+
+
+def _block_file(block: int) -> str:
+    return f"block-{block:04d}.safetensors"
+
+
+def database_bytes(model, levels: Sequence[float]) -> int:
+    """Bytes a database of ``levels`` takes on disk for ``model`` (its linears' weights, once per level
+    above 0; level 0 is the dense weight and is not stored)."""
+    stored = sum(1 for level in levels if level > 0)
+    return stored * sum(layer.weight.numel() * layer.weight.element_size()
+                        for block in find_blocks(model) for layer in find_linears(block).values())
+
+
+@torch.no_grad()
+def build_level_database(model, calibration: torch.Tensor, levels: Sequence[float], out: Path,
+                         device: torch.device, identity: dict, batch_size: int = 4,
+                         progress: bool = True) -> "LevelDatabase":
+    """SparseGPT-prune every linear of ``model`` at every level of ``levels`` (sorted, distinct, in [0, 1))
+    on ``calibration`` windows and store the weights under ``out`` (written to ``out.partial`` first and
+    renamed when complete); the model's weights are left as they were. ``identity``: what the database
+    depends on besides the grid (model, data, dtype …), kept in its index and checked on reuse."""
+    grid = sorted({float(level) for level in levels})
+    if not grid or grid[0] < 0 or grid[-1] >= 1:
+        raise SparseAllocError(f"database levels must lie in [0, 1), got {list(levels)}")
+    out = Path(out)
+    need = database_bytes(model, grid)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out.parent).free
+    if need > free:
+        raise SparseAllocError(
+            f"the SparseGPT level database for {len([g for g in grid if g > 0])} levels needs {need / 2**30:.2f} GiB "
+            f"but {out.parent} has {free / 2**30:.2f} GiB free; use fewer levels or point the cache elsewhere")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    started = time.perf_counter()
+    blocks = find_blocks(model)
+    captured = capture_block_inputs(model, blocks, calibration, batch_size, device)
+    streams = {k: captured.hidden for k, level in enumerate(grid) if level > 0}  # one stream per pruned level
+    for index in tqdm(range(len(blocks)), desc="sparsegpt level database", unit="block", disable=not progress):
+        block, calls = blocks[index], captured.calls[index]
+        linears = find_linears(block)
+        dense = {name: layer.weight.data for name, layer in linears.items()}
+        tensors: dict[str, torch.Tensor] = {}
+        for k, hidden in streams.items():
+            stats, _ = run_block_observing(block, linears, lambda l: Hessian(l.in_features, device), hidden, calls)
+            pruned = {name: sparsegpt_prune(dense[name], stats[name].matrix, grid[k]) for name in linears}
+            del stats
+            try:
+                for name, layer in linears.items():
+                    layer.weight.data = pruned[name]
+                streams[k] = run_block(block, hidden, calls)
+            finally:
+                for name, layer in linears.items():
+                    layer.weight.data = dense[name]
+            tensors.update({f"{name}@{k}": weight.detach().cpu().contiguous() for name, weight in pruned.items()})
+        save_file(tensors, str(partial / _block_file(index)))
+    record = {"levels": grid, "blocks": len(blocks), "identity": json.loads(json.dumps(identity)), "bytes": need,
+              "seconds": time.perf_counter() - started}
+    (partial / INDEX).write_text(json.dumps(record, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(partial, out)
+    return LevelDatabase(out)
+
+
+class LevelDatabase:
+    """A built database, memory-mapped: ``weight(block, name, sparsity)`` is that linear at that level."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            record = json.loads((self.path / INDEX).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SparseAllocError(f"{self.path} holds no complete level database ({INDEX} unreadable: {exc}); "
+                                   "build it again") from exc
+        self.levels: list[float] = [float(level) for level in record["levels"]]
+        self.identity: dict = record["identity"]
+        self.bytes: int = int(record["bytes"])
+        self.seconds: float = float(record.get("seconds", 0.0))
+        self._files = [safe_open(str(self.path / _block_file(b)), framework="pt") for b in range(record["blocks"])]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self._files)
+
+    def level_index(self, sparsity: float) -> int:
+        """The index of ``sparsity`` on the grid (it must be one of the levels, within 1e-9)."""
+        for index, level in enumerate(self.levels):
+            if abs(level - sparsity) <= 1e-9:
+                return index
+        raise SparseAllocError(f"sparsity {sparsity:.6g} is not a level of the database ({self.levels}); "
+                               "search on its grid")
+
+    def nearest(self, sparsity: float) -> float:
+        """The stored level (above 0) closest to ``sparsity`` > 0: where a profile off the grid is scored."""
+        stored = [level for level in self.levels if level > 0]
+        return min(stored, key=lambda level: (abs(level - sparsity), level))
+
+    def weight(self, block: int, name: str, sparsity: float) -> torch.Tensor:
+        """The linear ``name`` of block ``block`` pruned at ``sparsity`` (a grid level above 0), read from
+        the memory-mapped file."""
+        return self._files[block].get_tensor(f"{name}@{self.level_index(sparsity)}")
+
+    def check(self, identity: dict, num_blocks: int) -> None:
+        """Refuse a database built for something else, naming the fields that differ."""
+        current = json.loads(json.dumps(identity))
+        changed = sorted(k for k in set(current) | set(self.identity) if current.get(k) != self.identity.get(k))
+        if changed or num_blocks != self.num_blocks:
+            raise SparseAllocError(f"the level database at {self.path} was built with other settings "
+                                   f"({', '.join(changed) or 'block count'}); build a new one")
+
+
+__all__ = ["LevelDatabase", "build_level_database", "database_bytes"]
