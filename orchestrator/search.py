@@ -173,7 +173,8 @@ def check_memory(config: SearchConfig) -> str:
                      fitness_tokens=config.fitness_windows * config.fitness_seqlen,
                      fitness_seqlen=config.fitness_seqlen, batch_size=config.batch_size,
                      calib_samples=config.calib_samples, seqlen=config.seqlen, population=config.population,
-                     pruner=config.pruner, sequential_fitness=config.top_fitness == "kl-seq")
+                     pruner=config.pruner,
+                     sequential_fitness=config.top_fitness == "kl-seq" and config.level_source == "wanda")
     check_plan(plan)
     log.info("memory plan: %s evaluator, %.2f bytes per weight on the device", plan.evaluator, plan.bytes_per_weight)
     return plan.evaluator
