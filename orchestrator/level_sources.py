@@ -7,8 +7,8 @@
   every actor, so that ``--pruner sparsegpt`` is searched with SparseGPT's own weights.
 
 ``auto`` is the database for ``--pruner sparsegpt`` and the rank tables otherwise. The database is
-built in the driver process on ``--device`` (the whole model on it, or on the host) and must be on a
-path every actor can read (one machine, or a shared ``SPARSEALLOC_CACHE``).
+built in the driver process on ``--device`` (blocks visiting it one at a time from the host) and must
+be on a path every actor can read (one machine, or a shared ``SPARSEALLOC_CACHE``).
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ def ensure_database(config: "SearchConfig", calibration: "torch.Tensor") -> Path
 
     from pruning.assets import cache_root
     from pruning.load import load_model, pick_device, pick_dtype
+    from pruning.offload import move_non_blocks
     from scoring.level_db import build_level_database, database_bytes
 
     levels = database_levels(config.sparsity, config.db_levels)
@@ -90,7 +91,7 @@ def ensure_database(config: "SearchConfig", calibration: "torch.Tensor") -> Path
         return path
     device = pick_device("cpu" if config.device == "cpu" else "auto")
     model, _ = load_model(config.model, pick_dtype(config.dtype, device))
-    model.to(device)
+    move_non_blocks(model, device)  # the blocks stay on the host and visit the device one at a time
     size = database_bytes(model, levels)
     log.info("building the SparseGPT level database: %d levels, %.2f GiB, in %s", len(levels), size / 2**30, path)
     with torch.no_grad():

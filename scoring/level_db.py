@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from core.errors import SparseAllocError
 from pruning.capture import capture_block_inputs, run_block, run_block_observing
 from pruning.load import find_blocks, find_linears
+from pruning.offload import onloaded, to_device
 from pruning.pruners import Hessian, sparsegpt_prune
 
 INDEX = "levels.json"
@@ -57,7 +58,9 @@ def build_level_database(model, calibration: torch.Tensor, levels: Sequence[floa
     """SparseGPT-prune every linear of ``model`` at every level of ``levels`` (sorted, distinct, in [0, 1))
     on ``calibration`` windows and store the weights under ``out`` (written to ``out.partial`` first and
     renamed when complete); the model's weights are left as they were. ``identity``: what the database
-    depends on besides the grid (model, data, dtype …), kept in its index and checked on reuse."""
+    depends on besides the grid (model, data, dtype …), kept in its index and checked on reuse. The
+    non-block parts must be on ``device``; blocks kept elsewhere (the host) are moved there one at a
+    time, so the device holds one block, its Hessians and one hidden-state stream per level."""
     grid = sorted({float(level) for level in levels})
     if not grid or grid[0] < 0 or grid[-1] >= 1:
         raise SparseAllocError(f"database levels must lie in [0, 1), got {list(levels)}")
@@ -77,22 +80,24 @@ def build_level_database(model, calibration: torch.Tensor, levels: Sequence[floa
     captured = capture_block_inputs(model, blocks, calibration, batch_size, device)
     streams = {k: captured.hidden for k, level in enumerate(grid) if level > 0}  # one stream per pruned level
     for index in tqdm(range(len(blocks)), desc="sparsegpt level database", unit="block", disable=not progress):
-        block, calls = blocks[index], captured.calls[index]
-        linears = find_linears(block)
-        dense = {name: layer.weight.data for name, layer in linears.items()}
+        calls = to_device(captured.calls[index], device)
         tensors: dict[str, torch.Tensor] = {}
-        for k, hidden in streams.items():
-            stats, _ = run_block_observing(block, linears, lambda l: Hessian(l.in_features, device), hidden, calls)
-            pruned = {name: sparsegpt_prune(dense[name], stats[name].matrix, grid[k]) for name in linears}
-            del stats
-            try:
-                for name, layer in linears.items():
-                    layer.weight.data = pruned[name]
-                streams[k] = run_block(block, hidden, calls)
-            finally:
-                for name, layer in linears.items():
-                    layer.weight.data = dense[name]
-            tensors.update({f"{name}@{k}": weight.detach().cpu().contiguous() for name, weight in pruned.items()})
+        with onloaded(blocks[index], device) as block:  # a block kept on the host visits the device
+            linears = find_linears(block)
+            dense = {name: layer.weight.data for name, layer in linears.items()}
+            for k, hidden in streams.items():
+                stats, _ = run_block_observing(block, linears, lambda l: Hessian(l.in_features, device), hidden,
+                                               calls)
+                pruned = {name: sparsegpt_prune(dense[name], stats[name].matrix, grid[k]) for name in linears}
+                del stats
+                try:
+                    for name, layer in linears.items():
+                        layer.weight.data = pruned[name]
+                    streams[k] = run_block(block, hidden, calls)
+                finally:
+                    for name, layer in linears.items():
+                        layer.weight.data = dense[name]
+                tensors.update({f"{name}@{k}": w.detach().cpu().contiguous() for name, w in pruned.items()})
         save_file(tensors, str(partial / _block_file(index)))
     record = {"levels": grid, "blocks": len(blocks), "identity": json.loads(json.dumps(identity)), "bytes": need,
               "seconds": time.perf_counter() - started}
