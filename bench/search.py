@@ -155,6 +155,10 @@ def run_seed(args, seed: int) -> dict:
     return record
 
 
+def _number(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def write_table(tag: str) -> Path:
     """``bench/results/search-<tag>.md`` from every seed file of ``tag``."""
     records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"search-{tag}-seed*.json"))]
@@ -171,8 +175,10 @@ def write_table(tag: str) -> Path:
         for name, d in r["drivers"].items():
             twin = f" (= {d['same_profile_as']})" if d.get("same_profile_as") else ""
             win = " **winner**" if name == r["winner"] else ""
+            test = d.get("test_perplexity")
             lines.append(f"| driver {name}{twin}{win} | {d['validation_kl']:.4f} | {d['evaluations']} | "
-                         f"{d['validation_perplexity']:.2f} | {d['test_perplexity']:.2f} | {d['test_perplexity'] / atp:.3f} |")
+                         f"{_number(d.get('validation_perplexity'))} | {_number(test)} | "
+                         f"{_number(None if test is None else test / atp, '.3f')} |")
         for name, b in r["baselines"].items():
             pick = " (ATP pick)" if name == r["atp_pick"] else ""
             lines.append(f"| {name}{pick} | - | - | {b['validation_perplexity']:.2f} | {b['test_perplexity']:.2f} | "

@@ -175,7 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="auto: resident when it fits, else streamed")
     plan.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                       help="auto: bf16, or fp32 when neither --device-memory-gb nor CUDA is there (CPU actors)")
-    plan.add_argument("--fitness-windows", type=int, default=8, help="validation windows for the KL fitness")
+    plan.add_argument("--fitness-windows", type=int, default=32, help="validation windows for the KL fitness")
+    plan.add_argument("--top-fitness", default="kl-seq", choices=["kl-seq", "kl"],
+                      help="search's --top-fitness: kl-seq holds a second set of rank tables while it scores "
+                           "(not with --pruner sparsegpt, whose search uses the level database)")
     plan.add_argument("--fitness-seqlen", type=int, default=128, help="tokens per fitness window")
     plan.add_argument("--calib-samples", type=int, default=32, help="calibration windows")
     plan.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
@@ -370,7 +373,8 @@ def _cmd_plan(args) -> None:
                      evaluator=args.evaluator, fitness_tokens=args.fitness_windows * args.fitness_seqlen,
                      fitness_seqlen=args.fitness_seqlen, batch_size=args.batch_size,
                      calib_samples=args.calib_samples, seqlen=args.seqlen, pruner=args.pruner,
-                     host_memory_bytes=host_budget)
+                     host_memory_bytes=host_budget,
+                     sequential_fitness=args.top_fitness == "kl-seq" and args.pruner != "sparsegpt")
     print(render_plan(plan))
     check_plan(plan)
 

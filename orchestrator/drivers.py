@@ -98,10 +98,11 @@ def _evolution(context: DriverContext, budget: "Budget") -> "DriverResult":
     seeds = [families.sensitivity_map(fisher, target, 1.0, weights), families.uniform(n, target),
              families.atp(n, target, families.atp_beta_max(n, target) / 2)]
     bar = DriverProgress("evolution", budget, config.progress)
-    # Two parents, so that crossover takes part (MSP's EA); both are rescored on every top-stage minibatch.
-    # With --top-fitness kl-seq a last stage on all fitness tokens scores the survivors with the masks of a
-    # low-fidelity sequential pass (it ranked closest to the real pass in bench/results/fidelity-cpu-4k.md),
-    # and the final choice among the parents is made on those scores.
+    # Two parents, so that crossover takes part (MSP's EA). With --top-fitness kl-seq a last stage on all
+    # fitness tokens scores two children per generation with the masks of a low-fidelity sequential pass (it
+    # ranked closest to the real pass in bench/results/fidelity-cpu-4k.md); the parents keep their scores
+    # there (every draw of all windows is the same) and the answer is the best of them. With kl the parents
+    # are rescored on every top-stage minibatch and finally compared on all fitness tokens.
     fidelities = tuple(config.fidelities)
     database = config.level_source == "sparsegpt-db"  # its weights are the sequential pass's already
     sequential = config.top_fitness == "kl-seq" and not database

@@ -33,9 +33,15 @@ long search cannot fit one fixed set of tokens. ``history`` then holds minibatch
 the end the final parents are scored once on draw 0 with ``final_tokens`` tokens (None: all fitness
 windows) and the best of them is the answer — elitist in that unbiased score; evaluations for this are
 reserved in an evaluation or token budget (and spent even when the clock has run out: one batch of at most
-``survivors[-1]`` profiles). With ``fresh_tokens=False`` every stage uses the same first tokens (draw 0)
+``survivors[-1]`` profiles). A stage on all fitness windows (``all_tokens``) is the exception: every draw
+would be the same windows, so it uses draw 0 and the parents keep their scores there; when it is the
+last stage at the final choice's fidelity, the best parent by those scores is the answer, with no
+rescoring and no reserve. With ``fresh_tokens=False`` every stage uses the same first tokens (draw 0)
 and parents keep their cached top-fidelity score: the best top-fidelity fitness never gets worse, and
 no final rescoring is done (the ablation baseline).
+
+The last stage and the final choice use ``top_metric`` (``kl-seq``: each profile's masks from a
+low-fidelity sequential pass for it); the other stages use ``kl``.
 
 Generation 0 is the initial population: the seed profiles snapped onto the grid (``round_to_levels``,
 mean kept as close to the target as the grid allows) plus children of them (crossover between seeds when
@@ -43,7 +49,8 @@ there are several), up to ``offspring`` in all; it goes through the same stages.
 counts generation 0.
 
 Budgets count evaluations and tokens: a stage's evaluation costs its fidelity in tokens (the final
-choice ``final_tokens``, or ``all_tokens`` for all fitness windows), and a stage is trimmed before it is
+choice ``final_tokens``, or ``all_tokens`` for all fitness windows), plus ``sequential_tokens`` for a
+``kl-seq`` evaluation (its calibration forwards), and a stage is trimmed before it is
 sent so that it fits in both, after the final choice's reserve: a token budget is never overshot.
 
 Children are distinct from each other, from the parents and (after generation 0) from every profile
@@ -124,6 +131,9 @@ class EvolutionConfig:
             )
         if self.offspring < 1:
             raise SparseAllocError(f"offspring={self.offspring} must be at least 1")
+        if self.top_metric not in ("kl", "kl-seq", "ppl") or self.sequential_tokens < 0:
+            raise SparseAllocError(f"top_metric {self.top_metric!r} must be kl, kl-seq or ppl and sequential_tokens "
+                                   f"({self.sequential_tokens}) at least 0")
         if len(self.survivors) != len(self.fidelities) or not self.fidelities:
             raise SparseAllocError(
                 f"survivors {tuple(self.survivors)} and fidelities {tuple(self.fidelities)} need one entry per "

@@ -13,6 +13,7 @@ be on a path every actor can read (one machine, or a shared ``SPARSEALLOC_CACHE`
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -50,25 +51,29 @@ def resolve_level_source(source: str, pruner: str, nm_m: int | None) -> str:
 
 def database_levels(target: float, levels: tuple[float, ...] | None = None) -> list[float]:
     """The database grid: ``levels`` when given, else every ``DB_STEP`` within ``DB_SPAN`` of ``target``
-    (inside (0, 0.99]); the target itself is always a level."""
+    (inside (0, 0.99]); the target itself is always a level (added to ``levels`` when missing)."""
     if levels:
-        grid = sorted({round(float(level), 6) for level in levels})
-        if grid[0] <= 0 or grid[-1] >= 1 or not grid[0] <= target <= grid[-1]:
-            raise SparseAllocError(f"--db-levels must lie in (0, 1) and bracket --sparsity {target}, got {grid}")
+        grid = sorted({round(float(level), 6) for level in (*levels, target)})
+        if len(grid) < 2 or grid[0] <= 0 or grid[-1] >= 1:
+            raise SparseAllocError(f"--db-levels needs at least one level besides --sparsity {target}, all in "
+                                   f"(0, 1); got {list(levels)}")
         return grid
     steps = round(DB_SPAN / DB_STEP)
     grid = {round(target + i * DB_STEP, 6) for i in range(-steps, steps + 1)}
     return sorted(level for level in grid if 0 < level <= 0.99)
 
 
-def database_identity(config: "SearchConfig", calibration: "torch.Tensor", levels: list[float]) -> dict:
-    """What the database depends on: model weights, calibration windows, dtype, device type, grid, code."""
+def database_identity(config: "SearchConfig", calibration: "torch.Tensor", levels: list[float],
+                      device: str) -> dict:
+    """What the database depends on: model weights, calibration windows, dtype, the device type it is
+    built on, grid, storage format and code version."""
     from orchestrator.final_pass import versions
     from scoring.dense_cache import model_identity, windows_digest
+    from scoring.level_db import FORMAT
 
     model = model_identity(config.model) or {"spec": config.model}
     return {"model": model, "calibration": windows_digest(calibration), "dtype": config.dtype,
-            "device": config.device, "levels": levels, "batch_size": config.batch_size,
+            "device": device, "levels": levels, "batch_size": config.batch_size, "format": FORMAT,
             "version": versions()["sparsealloc"]}
 
 
@@ -83,20 +88,29 @@ def ensure_database(config: "SearchConfig", calibration: "torch.Tensor") -> Path
     from scoring.level_db import build_level_database, database_bytes
 
     levels = database_levels(config.sparsity, config.db_levels)
-    identity = database_identity(config, calibration, levels)
+    device = pick_device("cpu" if config.device == "cpu" else "auto")
+    if config.device == "cuda" and device.type != "cuda":
+        log.warning("the SparseGPT level database is built in this process, which sees no GPU: building on the "
+                    "CPU (slow for large models); run the search from a GPU node to build it there")
+    identity = database_identity(config, calibration, levels, device.type)
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_root() / "level-db" / key
     if (path / "levels.json").exists():
         log.info("SparseGPT level database reused from %s", path)
         return path
-    device = pick_device("cpu" if config.device == "cpu" else "auto")
     model, _ = load_model(config.model, pick_dtype(config.dtype, device))
     move_non_blocks(model, device)  # the blocks stay on the host and visit the device one at a time
     size = database_bytes(model, levels)
     log.info("building the SparseGPT level database: %d levels, %.2f GiB, in %s", len(levels), size / 2**30, path)
-    with torch.no_grad():
-        db = build_level_database(model, calibration, levels, path, device, identity, config.batch_size,
-                                  config.progress)
+    try:
+        with torch.no_grad():
+            db = build_level_database(model, calibration, levels, path, device, identity, config.batch_size,
+                                      config.progress)
+    finally:
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the actors planned this GPU's memory without us
     log.info("SparseGPT level database built in %.0f s", db.seconds)
     return path
 

@@ -65,6 +65,7 @@ class EvaluatorSpec:
     owl_multipliers: tuple[float, ...] = ()
     sequential_windows: int = 4  # calibration windows of the kl-seq metric's low-fidelity pass
     level_db: str | None = None  # a SparseGPT level database every actor memory-maps (None: rank tables)
+    sequential_fitness: bool = False  # kl-seq will be asked for: room for a second set of rank tables
 
 
 def actor_devices(spec: EvaluatorSpec) -> list[torch.device]:
@@ -86,7 +87,7 @@ def _auto_mode(model, spec: EvaluatorSpec, devices: list[torch.device], fitness_
     plan = make_plan(ModelShape.from_model(model), dtype=dtype, device_memory_bytes=budget,
                      gpus_per_actor=len(devices), fitness_tokens=int(fitness_windows.numel()),
                      fitness_seqlen=int(fitness_windows.shape[1]), batch_size=spec.batch_size,
-                     population=spec.population)
+                     population=spec.population, sequential_fitness=spec.sequential_fitness)
     check_plan(plan)
     return plan.evaluator
 

@@ -153,6 +153,11 @@ def resolve_device(config: SearchConfig) -> SearchConfig:
     return replace(config, device=device, dtype={"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype])
 
 
+def uses_sequential_fitness(config: SearchConfig) -> bool:
+    """Whether the evaluators will be asked for kl-seq (evolution's last stage, on rank tables)."""
+    return config.top_fitness == "kl-seq" and config.level_source == "wanda" and "evolution" in config.drivers()
+
+
 def check_memory(config: SearchConfig) -> str:
     """The memory plan for this search (``sparsealloc plan``), checked before any work; returns the
     evaluator mode. Without ``--device-memory-gb`` the budget is the device this process sees, or,
@@ -173,8 +178,7 @@ def check_memory(config: SearchConfig) -> str:
                      fitness_tokens=config.fitness_windows * config.fitness_seqlen,
                      fitness_seqlen=config.fitness_seqlen, batch_size=config.batch_size,
                      calib_samples=config.calib_samples, seqlen=config.seqlen, population=config.population,
-                     pruner=config.pruner,
-                     sequential_fitness=config.top_fitness == "kl-seq" and config.level_source == "wanda")
+                     pruner=config.pruner, sequential_fitness=uses_sequential_fitness(config))
     check_plan(plan)
     log.info("memory plan: %s evaluator, %.2f bytes per weight on the device", plan.evaluator, plan.bytes_per_weight)
     return plan.evaluator
@@ -284,7 +288,8 @@ def make_pool(config: SearchConfig, mode: str, calibration: torch.Tensor, fitnes
                          gpus_per_actor=config.gpus_per_actor, population=config.population,
                          owl_multipliers=tuple(sorted({float(m) for m in (*OWL_M_CHOICES, *owl_m)})),
                          sequential_windows=config.sequential_windows,
-                         level_db=None if level_db is None else str(level_db))
+                         level_db=None if level_db is None else str(level_db),
+                         sequential_fitness=uses_sequential_fitness(config))
     return EvaluatorPool(spec, calibration, fitness, results, actors, gpu=config.device == "cuda")
 
 
@@ -357,6 +362,9 @@ def run_search(config: SearchConfig) -> dict:
         top_tokens = int(fitness.numel())
         if config.level_source == "sparsegpt-db":
             database_levels(config.sparsity, config.db_levels)  # a bad grid is refused before the run dir exists
+        elif config.db_levels:
+            raise SparseAllocError("--db-levels sets the SparseGPT level database's grid; it needs --level-source "
+                                   "sparsegpt-db (or auto with --pruner sparsegpt)")
         run_id = _prepare_run_dir(config)  # only once every input has passed its checks
         clock = RunClock(Path(config.out))
         with clock.phase("setup", extra=time.monotonic() - wall_start):

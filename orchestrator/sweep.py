@@ -106,6 +106,9 @@ def _prepare(spec_path: Path, spec: SweepSpec, out: Path, resume: bool, overwrit
             raise SparseAllocError(f"--resume: {out} holds no sweep (no sweep.json); run without --resume first")
         previous = json.loads(stored.read_text())
         stored_identity = {k: v for k, v in previous["identity"].items() if k != "budget"}  # older sweeps had it
+        # Sweeps from before kl-seq searched with dense-table KL at the top: a spec saying so resumes them.
+        stored_identity.setdefault("top_fitness", "kl")
+        stored_identity.setdefault("sequential_windows", spec.sequential_windows)
         if stored_identity != spec.identity():
             changed = sorted(k for k in set(stored_identity) | set(spec.identity())
                              if stored_identity.get(k) != spec.identity().get(k))

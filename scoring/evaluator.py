@@ -353,6 +353,7 @@ class CandidateEvaluator:
             dense_ranks, values = self.ranks, []
             try:
                 for profile in profiles:
+                    self.ranks = dense_ranks  # at most two sets at once: the dense one and this profile's
                     self.refresh_ranks(self.sequential_calibration, profile)
                     values += self.fitness_many([profile], tokens, "kl", draw)
             finally:
@@ -360,7 +361,8 @@ class CandidateEvaluator:
             return values
         ids = torch.tensor(self.window_ids(tokens, draw), device=self.device)
         snap = self.level_db.nearest if self.level_db is not None else float  # database: its nearest level
-        levels = [[(snap(s), p.pattern(l)) if s > 0 else None for l, s in enumerate(p.sparsities)] for p in profiles]
+        levels = [[(snap(s), p.pattern(l)) if snap(s) > 0 else None for l, s in enumerate(p.sparsities)]
+                  for p in profiles]
         batches = self._batches(len(ids))
         # A group: members sharing the levels so far; its hidden states (None while still dense).
         groups: list[tuple[list[int], torch.Tensor | None]] = [(list(range(len(profiles))), None)]

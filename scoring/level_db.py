@@ -37,6 +37,7 @@ from pruning.offload import onloaded, to_device
 from pruning.pruners import Hessian, sparsegpt_prune
 
 INDEX = "levels.json"
+FORMAT = 1  # bump when the build changes what is stored: part of every database's identity
 
 
 def _block_file(block: int) -> str:
@@ -136,22 +137,15 @@ class LevelDatabase:
                                "search on its grid")
 
     def nearest(self, sparsity: float) -> float:
-        """The stored level (above 0) closest to ``sparsity`` > 0: where a profile off the grid is scored."""
-        stored = [level for level in self.levels if level > 0]
-        return min(stored, key=lambda level: (abs(level - sparsity), level))
+        """The level closest to ``sparsity`` among the stored ones and 0 (dense): where a block off the grid
+        is scored; a tie goes to the sparser level (never flattering)."""
+        candidates = [0.0, *(level for level in self.levels if level > 0)]
+        return min(candidates, key=lambda level: (abs(level - sparsity), -level))
 
     def weight(self, block: int, name: str, sparsity: float) -> torch.Tensor:
         """The linear ``name`` of block ``block`` pruned at ``sparsity`` (a grid level above 0), read from
         the memory-mapped file."""
         return self._files[block].get_tensor(f"{name}@{self.level_index(sparsity)}")
-
-    def check(self, identity: dict, num_blocks: int) -> None:
-        """Refuse a database built for something else, naming the fields that differ."""
-        current = json.loads(json.dumps(identity))
-        changed = sorted(k for k in set(current) | set(self.identity) if current.get(k) != self.identity.get(k))
-        if changed or num_blocks != self.num_blocks:
-            raise SparseAllocError(f"the level database at {self.path} was built with other settings "
-                                   f"({', '.join(changed) or 'block count'}); build a new one")
 
 
 __all__ = ["LevelDatabase", "build_level_database", "database_bytes"]

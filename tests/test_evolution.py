@@ -657,3 +657,22 @@ def test_top_metric_scores_the_last_stage_and_final_choice_and_is_charged():
     assert evaluate.calls[-1][0].params["stage"] == 2  # the final choice came from those scores
     charged = sum(len(b) * (b[0].tokens + (1000 if b[0].metric == "kl-seq" else 0)) for b in evaluate.calls)
     assert budget.used_tokens == charged
+
+
+def test_last_stage_on_all_tokens_is_rescored_when_the_final_choice_needs_other_tokens():
+    """With ``final_tokens`` above the last stage's fidelity the final choice is a separate call on
+    draw 0 with ``top_metric``; with equal fidelities it is skipped (the last stage's scores decide)."""
+    evaluate = Planted()
+    config = EvolutionConfig(target=0.5, max_generations=3, fidelities=(512, 8192), survivors=(4, 2),
+                             all_tokens=8192, final_tokens=16384, top_metric="kl-seq")
+    run_evolution(evaluate, [uniform(BLOCKS, 0.5)], config, Budget())
+    final = evaluate.calls[-1]
+    assert final[0].params["stage"] == "final" and final[0].tokens == 16384 and final[0].metric == "kl-seq"
+    evaluate = Planted()
+    config = EvolutionConfig(target=0.5, max_generations=3, fidelities=(512, 8192), survivors=(4, 2),
+                             all_tokens=8192, final_tokens=8192, top_metric="kl-seq")
+    result = run_evolution(evaluate, [uniform(BLOCKS, 0.5)], config, Budget())
+    assert all(b[0].params["stage"] != "final" for b in evaluate.calls)
+    last = {c.sparsities: v for b, r in zip(evaluate.calls, evaluate.returned) if b[0].params["stage"] == 1
+            for c, v in zip(b, r)}
+    assert result.fitness == min(last.values()) and last[result.best.sparsities] == result.fitness

@@ -99,8 +99,21 @@ def test_database_refusals(tmp_path, monkeypatch):
     with pytest.raises(SparseAllocError, match="no complete level database"):
         LevelDatabase(tmp_path / "missing")
     db = build_level_database(model, calibration, (0.5,), tmp_path / "db", CPU, IDENTITY, BATCH, progress=False)
-    db.check(IDENTITY, 4)
-    with pytest.raises(SparseAllocError, match="calibration"):
-        db.check({**IDENTITY, "calibration": "seed 2"}, 4)
     index = json.loads((tmp_path / "db" / "levels.json").read_text())
-    assert index["identity"] == IDENTITY and index["levels"] == [0.5]
+    assert index["identity"] == db.identity == IDENTITY and index["levels"] == [0.5]
+
+
+def test_nearest_level_counts_dense_and_breaks_ties_towards_sparser(tmp_path):
+    db = build_level_database(build_model(tiny_llama_config(layers=1)), _calibration(), (0.3, 0.5), tmp_path / "db",
+                              CPU, IDENTITY, BATCH, progress=False)
+    assert [db.nearest(s) for s in (0.02, 0.15, 0.16, 0.4, 0.41, 0.9)] == [0.0, 0.3, 0.3, 0.5, 0.5, 0.5]
+
+
+def test_database_grid_always_holds_the_target():
+    from orchestrator.level_sources import database_levels
+
+    assert database_levels(0.7) == [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9]
+    assert database_levels(0.5, (0.4, 0.6)) == [0.4, 0.5, 0.6]
+    for bad in ((0.5,), (0.0, 0.5), (0.5, 1.0)):
+        with pytest.raises(SparseAllocError, match="--db-levels"):
+            database_levels(0.5, bad)

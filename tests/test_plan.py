@@ -248,7 +248,10 @@ def test_cli_plan_on_a_config_only_dir(llama7_dir, llama70_dir, capsys):
     assert main(["plan", "--model", str(llama70_dir), "--device-memory-gb", "80", "--evaluator", "resident"]) == 2
     captured = capsys.readouterr()
     assert "does not fit" in captured.out
-    assert "--gpus-per-actor 4" in captured.err
+    assert "--gpus-per-actor 6" in captured.err  # kl-seq's second rank set (search's default)
+    assert main(["plan", "--model", str(llama70_dir), "--device-memory-gb", "80", "--evaluator", "resident",
+                 "--top-fitness", "kl"]) == 2
+    assert "--gpus-per-actor 4" in capsys.readouterr().err
 
     assert main(["plan", "--model", str(llama70_dir), "--device-memory-gb", "80", "--evaluator", "resident",
                  "--gpus-per-actor", "8", "--pruner", "sparsegpt", "--fitness-windows", "4"]) == 0
@@ -285,7 +288,8 @@ def test_readme_plan_table_is_what_plan_computes(llama7, llama70):
             rows[cells[0]] = cells[1:]
     assert len(rows) == 5
     for shape, offset in ((llama7, 0), (llama70, 3)):
-        plan = make_plan(shape, dtype="bf16", device_memory_bytes=80 * GIB)
+        plan = make_plan(shape, dtype="bf16", device_memory_bytes=80 * GIB, fitness_tokens=32 * 128,
+                         sequential_fitness=True)  # search's and plan's defaults
         for stage in plan.stages:
             mode, device, host = rows[stage.name][offset : offset + 3]
             assert (mode, device, host) == (stage.mode, f"{stage.device_bytes / GIB:.2f}",

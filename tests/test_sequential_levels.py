@@ -118,3 +118,19 @@ def test_kl_seq_scores_each_profile_with_its_own_sequential_masks():
         expected.append(evaluator.fitness(profile, metric="kl"))
     assert sequential == pytest.approx(expected, rel=1e-6)
     assert all(abs(s - d) > 1e-6 for s, d in zip(sequential, dense))
+
+    # A failure part-way through a batch leaves the dense tables in place.
+    evaluator = CandidateEvaluator(model, calibration, fitness, CPU, batch_size=BATCH, progress=False,
+                                   sequential_windows=windows)
+    real_refresh, calls = evaluator.refresh_ranks, []
+
+    def failing(calibration_windows, profile):
+        calls.append(profile)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        real_refresh(calibration_windows, profile)
+
+    evaluator.refresh_ranks = failing
+    with pytest.raises(RuntimeError):
+        evaluator.fitness_many([UNSTRUCTURED, other], metric="kl-seq")
+    assert evaluator.fitness_many([UNSTRUCTURED, other], metric="kl") == dense

@@ -196,3 +196,21 @@ def test_spec_traps_are_explained():
     assert "share one directory name" in message
     with pytest.raises(SparseAllocError, match="give at least one target sparsity"):
         parse_spec({"models": ["a"], "sparsities": [], "methods": ["uniform"]}, METHODS, list(PRUNERS))
+
+
+def test_a_sweep_from_before_kl_seq_resumes_only_with_the_kl_top_fitness(tmp_path):
+    import json
+
+    from orchestrator.sweep import _prepare
+
+    old = parse_spec({"models": ["a"], "sparsities": [0.5], "methods": ["all"], "budget": {"evals": 8},
+                      "top_fitness": "kl"}, METHODS, list(PRUNERS))
+    identity = {k: v for k, v in old.identity().items() if k not in ("top_fitness", "sequential_windows")}
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "sweep.json").write_text(json.dumps({"run_id": "r1", "identity": {**identity, "budget": {"evals": 8}}}))
+    assert _prepare(tmp_path / "spec.yaml", old, out, True, False) == "r1"
+    new = parse_spec({"models": ["a"], "sparsities": [0.5], "methods": ["all"], "budget": {"evals": 8}}, METHODS,
+                     list(PRUNERS))
+    with pytest.raises(SparseAllocError, match="top_fitness"):
+        _prepare(tmp_path / "spec.yaml", new, out, True, False)
