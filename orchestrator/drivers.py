@@ -32,6 +32,7 @@ class DriverContext:
     calibration: "torch.Tensor"
     top_tokens: int
     sensitivity_dir: Path | None = None  # where Fisher traces and OWL ratios are kept (default: the run dir)
+    earlier_bests: tuple = ()  # the best profiles of the drivers that ran before this one (--method all)
 
     @property
     def run_dir(self) -> Path:
@@ -95,8 +96,10 @@ def _evolution(context: DriverContext, budget: "Budget") -> "DriverResult":
     config, pool = context.config, context.pool
     n, target, weights = pool.num_blocks, config.sparsity, pool.block_weights
     fisher = fisher_traces(context)
+    # MSP's Fisher-seeded population, plus uniform, ATP and what the drivers before it found (under
+    # --method all: the Shapley driver's profile), so the search starts from the best known profiles.
     seeds = [families.sensitivity_map(fisher, target, 1.0, weights), families.uniform(n, target),
-             families.atp(n, target, families.atp_beta_max(n, target) / 2)]
+             families.atp(n, target, families.atp_beta_max(n, target) / 2), *context.earlier_bests]
     bar = DriverProgress("evolution", budget, config.progress)
     # Two parents, so that crossover takes part (MSP's EA). With --top-fitness kl-seq a last stage on all
     # fitness tokens scores two children per generation with the masks of a low-fidelity sequential pass (it

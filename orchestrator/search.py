@@ -306,7 +306,9 @@ def run_drivers(pool: EvaluatorPool, config: SearchConfig, shares: dict[str, flo
         with clock.phase(f"driver:{name}") as already:
             budget = _budget(config, search_seconds, share, sum(list(shares.values())[index:]),
                              (spent_evals, spent_tokens, spent_seconds), top_tokens, already)
-            result = DRIVERS[name].run(DriverContext(pool, config, calibration, top_tokens, sensitivity_dir), budget)
+            context = DriverContext(pool, config, calibration, top_tokens, sensitivity_dir,
+                                    tuple(r.best for r in results.values()))
+            result = DRIVERS[name].run(context, budget)
             # Compare drivers on one footing: every best profile scored on all fitness tokens.
             result.fitness = pool.evaluate([Candidate.of(result.best, top_tokens, name)])[0]
         result.details["seconds"] = clock.spent(f"driver:{name}")

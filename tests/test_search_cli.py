@@ -301,3 +301,34 @@ def test_deadline_bounds_the_whole_run(corpus_file, tmp_path):
     assert 0 < timings["search_seconds_allowed"] < 60 - timings["setup"]
     assert timings["driver:evolution"] <= timings["search_seconds_allowed"] * 1.05
     assert summary["drivers"]["evolution"]["evaluations"] > 8
+
+
+def test_evolution_starts_from_the_earlier_drivers_bests(tmp_path):
+    """Under --method all, the profiles the drivers before evolution found join its first population."""
+    from orchestrator.budget import Budget
+    from orchestrator.drivers import DRIVERS, DriverContext
+
+    n = 6
+
+    class Pool:
+        num_blocks, block_weights, max_tokens = n, [1] * n, 128
+
+        def __init__(self):
+            self.batches = []
+
+        def call(self, method, *args):  # the Fisher traces
+            return [1.0] * n
+
+        def evaluate(self, candidates):
+            self.batches.append(candidates)
+            return [float(sum(s * s for s in c.sparsities)) for c in candidates]
+
+    config = SearchConfig(out=tmp_path, sparsity=0.5, fidelities=(64, 128), fitness_windows=4, fitness_seqlen=32,
+                          budget_evals=40, progress=False)
+    earlier = Profile((0.3, 0.7, 0.3, 0.7, 0.5, 0.5))
+    calibration = torch.zeros(2, 8, dtype=torch.long)
+    for bests, expected in (((earlier,), True), ((), False)):
+        pool = Pool()
+        DRIVERS["evolution"].run(DriverContext(pool, config, calibration, 128, None, bests), Budget(max_evals=40))
+        first = [tuple(round(s, 6) for s in c.sparsities) for c in pool.batches[0]]
+        assert (earlier.sparsities in first) == expected
