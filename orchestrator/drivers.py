@@ -82,7 +82,7 @@ def _shapley(context: DriverContext, budget: "Budget") -> "DriverResult":
     config = context.config
     # Coalitions on the top fidelity of the stages (not the whole fitness pool): more permutations, not
     # more tokens per coalition, is what narrows the values' errors.
-    tokens = min(context.top_tokens, max(config.fidelities))
+    tokens = max(config.fidelities) if context.top_tokens is None else min(context.top_tokens, max(config.fidelities))
     return run_shapley(context.pool, config.sparsity, budget, estimator=config.estimator, tokens=tokens,
                        seed=config.seed, progress=config.progress)
 
