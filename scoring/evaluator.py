@@ -360,9 +360,7 @@ class CandidateEvaluator:
                 self.ranks = dense_ranks
             return values
         ids = torch.tensor(self.window_ids(tokens, draw), device=self.device)
-        snap = self.level_db.nearest if self.level_db is not None else float  # database: its nearest level
-        levels = [[(snap(s), p.pattern(l)) if snap(s) > 0 else None for l, s in enumerate(p.sparsities)]
-                  for p in profiles]
+        levels = [[self._level(s, p.pattern(l)) for l, s in enumerate(p.sparsities)] for p in profiles]
         batches = self._batches(len(ids))
         # A group: members sharing the levels so far; its hidden states (None while still dense).
         groups: list[tuple[list[int], torch.Tensor | None]] = [(list(range(len(profiles))), None)]
@@ -390,6 +388,12 @@ class CandidateEvaluator:
                 scores[member] = value
         self.evaluations += len(profiles)
         return scores
+
+    def _level(self, sparsity: float, pattern) -> Level | None:
+        """A block's level for ``sparsity`` (a database's nearest one), None when that is dense."""
+        if self.level_db is not None:
+            sparsity = self.level_db.nearest(sparsity)
+        return (sparsity, pattern) if sparsity > 0 else None
 
     def _score(self, ids: torch.Tensor, finals: list[torch.Tensor | None], metric: str) -> list[float]:
         """Mean KL or perplexity for each of ``finals`` (final hidden states; None: the dense model) on
