@@ -29,7 +29,8 @@ import ray
 import torch
 
 from core.profile import Profile
-from orchestrator.finalists import PassJob, digest, final_pass_task, model_spec, stored_metrics
+from orchestrator.finalists import (PassJob, PassTasks, as_completed, model_spec, pass_inputs, stored_metrics,
+                                    window_digests)
 from orchestrator.output import write_json
 from orchestrator.search import SearchConfig, resolve_device, run_search, token_sets
 from pruning.load import block_param_counts, load_model, load_tokenizer
@@ -65,12 +66,11 @@ def baseline_passes(config: SearchConfig, profiles: dict[str, Profile], data, se
     """Each baseline's final pass (Ray tasks, one core each; stored metrics with the same inputs reused)."""
     run = Path(config.out).resolve() / "baselines"
     model = model_spec(config.model)
-    windows = {"calibration": digest(data.calibration), "selection": digest(selection), "test": digest(data.test)}
-    task = ray.remote(final_pass_task).options(num_cpus=1)
+    windows = window_digests(data.calibration, selection, data.test)
+    tasks = PassTasks({"num_cpus": 1}, data.calibration, selection, data.test)
     refs, out = {}, {}
     for name, profile in profiles.items():
-        inputs = {"model": model, "device": config.device, "dtype": config.dtype, "pruner": config.pruner, **windows,
-                  "profile": profile.to_json()}
+        inputs = pass_inputs(model, config.device, config.dtype, config.pruner, windows, profile)
         folder = run / name.replace(" ", "_").replace("=", "")
         stored = stored_metrics(folder / "metrics.json", inputs)
         if stored is not None:
@@ -78,10 +78,8 @@ def baseline_passes(config: SearchConfig, profiles: dict[str, Profile], data, se
             continue
         job = PassJob(model, config.pruner, config.device, config.dtype, None, config.batch_size, 1, str(folder),
                       inputs, save=False)
-        refs[task.remote(job, name, profile, data.calibration, selection, data.test)] = name
-    while refs:
-        done, _ = ray.wait(list(refs), num_returns=1)
-        out[refs.pop(done[0])] = ray.get(done[0])
+        refs[tasks.submit(job, name, profile)] = name
+    out.update(as_completed(refs))
     return {name: {"validation_perplexity": m["validation_perplexity"], "test_perplexity": m["test_perplexity"],
                    "profile": m["profile"]["sparsities"]} for name, m in sorted(out.items())}
 

@@ -87,10 +87,19 @@ def _shapley(context: DriverContext, budget: "Budget") -> "DriverResult":
                        seed=config.seed, progress=config.progress)
 
 
+def sequential_top_stage(config: "SearchConfig") -> bool:
+    """Whether evolution ends with a kl-seq stage (``--top-fitness kl-seq``): sequential Wanda rank tables.
+    Not with the SparseGPT level database, whose weights are the sequential pass's already."""
+    from orchestrator.level_sources import resolve_level_source
+
+    return (config.top_fitness == "kl-seq"
+            and resolve_level_source(config.level_source, config.pruner, config.nm_m) == "wanda")
+
+
 def _evolution(context: DriverContext, budget: "Budget") -> "DriverResult":
     from orchestrator.candidates import DriverResult
     from orchestrator.evolution import EvolutionConfig, run_evolution
-    from orchestrator.level_sources import database_levels
+    from orchestrator.level_sources import database_levels, resolve_level_source
     from orchestrator.progress import DriverProgress
 
     config, pool = context.config, context.pool
@@ -107,8 +116,8 @@ def _evolution(context: DriverContext, budget: "Budget") -> "DriverResult":
     # there (every draw of all windows is the same) and the answer is the best of them. With kl the parents
     # are rescored on every top-stage minibatch and finally compared on all fitness tokens.
     fidelities = tuple(config.fidelities)
-    database = config.level_source == "sparsegpt-db"  # its weights are the sequential pass's already
-    sequential = config.top_fitness == "kl-seq" and not database
+    database = resolve_level_source(config.level_source, config.pruner, config.nm_m) == "sparsegpt-db"
+    sequential = sequential_top_stage(config)
     survivors = tuple([4] * (len(fidelities) - 1) + [2])
     if sequential and fidelities[-1] < context.top_tokens:  # two children join the two parents there
         fidelities += (context.top_tokens,)

@@ -24,7 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import ray
 import torch
@@ -187,6 +187,50 @@ def stored_metrics(path: Path, inputs: dict) -> dict | None:
     return stored if stored.get("inputs") == json.loads(json.dumps(inputs)) else None
 
 
+def window_digests(calibration: torch.Tensor, selection: torch.Tensor, test: torch.Tensor) -> dict[str, str]:
+    """The token windows a pass's metrics depend on, as digests (part of every pass's ``inputs``)."""
+    return {"calibration": digest(calibration), "selection": digest(selection), "test": digest(test)}
+
+
+def pass_inputs(model: str, device: str, dtype: str, pruner: str, windows: dict[str, str], profile: Profile,
+                **extra) -> dict:
+    """Everything a final pass's metrics depend on: a stored result with equal inputs is reused."""
+    return {"model": model, "device": device, "dtype": dtype, "pruner": pruner, **windows,
+            "profile": profile.to_json(), **extra}
+
+
+class PassTasks:
+    """Final-pass and dense-perplexity Ray tasks with ``resources`` each, sharing one object-store copy
+    of the calibration, selection and test windows (put when the first task is submitted)."""
+
+    def __init__(self, resources: dict, calibration: torch.Tensor, selection: torch.Tensor, test: torch.Tensor):
+        self.resources = resources
+        self._windows = (calibration, selection, test)
+        self._refs: tuple | None = None
+
+    def _put(self) -> tuple:
+        if self._refs is None:
+            self._refs = tuple(ray.put(t) for t in self._windows)
+        return self._refs
+
+    def submit(self, job: PassJob, name: str, profile: Profile) -> "ray.ObjectRef":
+        """``profile``'s final pass; its result is ``final_pass_task``'s metrics."""
+        return ray.remote(final_pass_task).options(**self.resources).remote(job, name, profile, *self._put())
+
+    def submit_dense(self, job: PassJob) -> "ray.ObjectRef":
+        """The dense model's test perplexity; its result is ``dense_perplexity_task``'s metrics."""
+        task = ray.remote(dense_perplexity_task).options(**self.resources)
+        return task.remote(job, self._windows[0].shape[0], self._put()[2])
+
+
+def as_completed(refs: dict) -> "Iterator[tuple[object, dict]]":
+    """(``refs[ref]``, the task's result) for each ref of ``refs`` as it finishes."""
+    waiting = dict(refs)
+    while waiting:
+        done, _ = ray.wait(list(waiting), num_returns=1)
+        yield waiting.pop(done[0]), ray.get(done[0])
+
+
 def _list_files(root: str) -> list[tuple[str, int]]:
     """(path relative to ``root``, size) of every file under ``root``."""
     base = Path(root)
@@ -274,14 +318,12 @@ def run_final_passes(config: "SearchConfig", data, selection: torch.Tensor, resu
     device = getattr(config, "device", "auto")
     dtype = getattr(config, "dtype", "auto")
     offload = getattr(config, "offload", None)
-    windows = {"calibration": digest(data.calibration), "selection": digest(selection),
-               "test": digest(data.test)}
-    common = {"model": model, "device": device, "dtype": dtype, "pruner": config.pruner}
+    windows = window_digests(data.calibration, selection, data.test)
 
     jobs: dict[str, PassJob] = {}
     passes: dict[str, dict] = {}
     for name in names:
-        inputs = {**common, **windows, "profile": results[name].best.to_json()}
+        inputs = pass_inputs(model, device, dtype, config.pruner, windows, results[name].best)
         job = PassJob(model, config.pruner, device, dtype, offload, config.batch_size, config.threads,
                       str(run / "finalists" / name), inputs)
         stored = stored_metrics(run / "finalists" / name / "metrics.json", inputs)
@@ -293,25 +335,17 @@ def run_final_passes(config: "SearchConfig", data, selection: torch.Tensor, resu
     dense_inputs = {"model": model, "device": device, "dtype": dtype, "test": windows["test"]}
     dense = stored_metrics(run / "finalists" / DENSE_FILE, dense_inputs)
 
-    resources = task_resources(config, len(jobs) + (dense is None))
-    threads = resources["num_cpus"]
+    tasks = PassTasks(task_resources(config, len(jobs) + (dense is None)), data.calibration, selection, data.test)
+    threads = tasks.resources["num_cpus"]
     refs: dict = {}
     if jobs or dense is None:
-        log.info("%d final pass task(s) with %s each", len(jobs) + (dense is None), resources)
-        calibration_ref, selection_ref, test_ref = ray.put(data.calibration), ray.put(selection), ray.put(data.test)
-        task = ray.remote(final_pass_task).options(**resources)
+        log.info("%d final pass task(s) with %s each", len(jobs) + (dense is None), tasks.resources)
         for name, job in jobs.items():
-            job = replace(job, threads=threads)
-            refs[task.remote(job, name, results[name].best, calibration_ref, selection_ref, test_ref)] = name
+            refs[tasks.submit(replace(job, threads=threads), name, results[name].best)] = name
         if dense is None:
-            dense_job = PassJob(model, config.pruner, device, dtype, offload, config.batch_size, threads,
-                                str(run / "finalists"), dense_inputs)
-            dense_task = ray.remote(dense_perplexity_task).options(**resources)
-            refs[dense_task.remote(dense_job, data.calibration.shape[0], test_ref)] = None
-    while refs:
-        done, _ = ray.wait(list(refs), num_returns=1)
-        name = refs.pop(done[0])
-        outcome = ray.get(done[0])
+            refs[tasks.submit_dense(PassJob(model, config.pruner, device, dtype, offload, config.batch_size,
+                                            threads, str(run / "finalists"), dense_inputs))] = None
+    for name, outcome in as_completed(refs):
         if name is None:
             dense = outcome
             (run / "finalists").mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ import torch
 from orchestrator.budget import Budget, driver_allowance
 from orchestrator.candidates import Candidate, DriverResult
 from orchestrator.clock import RunClock
-from orchestrator.drivers import DRIVERS, OWL_M_CHOICES, DriverContext, all_shares
+from orchestrator.drivers import DRIVERS, OWL_M_CHOICES, DriverContext, all_shares, sequential_top_stage
 from orchestrator.final_pass import versions
 from orchestrator.finalists import run_final_passes, selection_windows
 from orchestrator.level_sources import database_levels, ensure_database, resolve_level_source
@@ -155,7 +155,7 @@ def resolve_device(config: SearchConfig) -> SearchConfig:
 
 def uses_sequential_fitness(config: SearchConfig) -> bool:
     """Whether the evaluators will be asked for kl-seq (evolution's last stage, on rank tables)."""
-    return config.top_fitness == "kl-seq" and config.level_source == "wanda" and "evolution" in config.drivers()
+    return "evolution" in config.drivers() and sequential_top_stage(config)
 
 
 def check_memory(config: SearchConfig) -> str:

@@ -36,8 +36,8 @@ from core.profile import Profile
 from orchestrator.allocations import ALLOCATIONS, CellContext
 from orchestrator.clock import RunClock
 from orchestrator.drivers import DRIVERS
-from orchestrator.finalists import (PassJob, dense_perplexity_task, digest, final_pass_task, model_spec,
-                                    stored_metrics, task_resources)
+from orchestrator.finalists import (PassJob, PassTasks, model_spec, pass_inputs, stored_metrics, task_resources,
+                                    window_digests)
 from orchestrator.output import check_output, write_json
 from orchestrator.results import ResultsTable
 from orchestrator.search import (SearchConfig, actor_count, check_memory, init_ray, make_pool, resolve_device,
@@ -228,31 +228,27 @@ def _submit_passes(spec: SweepSpec, config: SearchConfig, out: Path, cells: list
     """Final-pass tasks for every candidate of ``cells`` not already done, plus the model's dense
     perplexity; returns the pending passes and the dense task (or stored dense metrics)."""
     model = model_spec(config.model)
-    windows = {"calibration": digest(data.calibration), "selection": digest(selection), "test": digest(data.test)}
-    common = {"model": model, "device": config.device, "dtype": config.dtype, **windows}
-    refs = None
+    windows = window_digests(data.calibration, selection, data.test)
+    tasks = PassTasks(resources, data.calibration, selection, data.test)
     pending: list[_Pending] = []
-    task = ray.remote(final_pass_task).options(**resources)
     zero_shot = None if not spec.zero_shot.tasks else {"tasks": list(spec.zero_shot.tasks),
                                                        "include": spec.zero_shot.include,
                                                        "limit": spec.zero_shot.limit}
     for cell in cells:
         for candidate in proposals[cell.id]["candidates"]:
             profile = Profile.from_json(candidate["profile"])
-            inputs = {**common, "pruner": cell.pruner, "profile": profile.to_json(), "zero_shot": zero_shot,
-                      "saved": spec.save_models}
+            inputs = pass_inputs(model, config.device, config.dtype, cell.pruner, windows, profile,
+                                 zero_shot=zero_shot, saved=spec.save_models)
             key = _pass_key(inputs)
             item = _Pending(cell, candidate["name"], profile, key)
             item.metrics = stored_metrics(out / "passes" / key / "metrics.json", inputs)
             if item.metrics is not None:
                 item.reused = True
             elif not any(p.key == key and p.ref is not None for p in pending):
-                if refs is None:
-                    refs = tuple(ray.put(t) for t in (data.calibration, selection, data.test))
                 job = PassJob(model, cell.pruner, config.device, config.dtype, None, config.batch_size,
                               resources["num_cpus"], str((out / "passes" / key).resolve()), inputs,
                               save=spec.save_models, zero_shot=zero_shot)
-                item.ref = task.remote(job, cell.method, profile, *refs)
+                item.ref = tasks.submit(job, cell.method, profile)
             pending.append(item)
     dense_inputs = {"model": model, "device": config.device, "dtype": config.dtype, "test": windows["test"]}
     dense_path = out / "models" / model_slug(config.model) / "dense.json"
@@ -260,9 +256,7 @@ def _submit_passes(spec: SweepSpec, config: SearchConfig, out: Path, cells: list
     if dense is None:
         job = PassJob(model, spec.pruners[0], config.device, config.dtype, None, config.batch_size,
                       resources["num_cpus"], str(dense_path.parent.resolve()), dense_inputs)
-        test_ref = ray.put(data.test) if refs is None else refs[2]
-        dense = (ray.remote(dense_perplexity_task).options(**resources)
-                 .remote(job, data.calibration.shape[0], test_ref), dense_path)
+        dense = (tasks.submit_dense(job), dense_path)
     return pending, dense
 
 
