@@ -224,38 +224,40 @@ def _pass_key(inputs: dict) -> str:
 
 
 def _submit_passes(spec: SweepSpec, config: SearchConfig, out: Path, cells: list[Cell], proposals: dict, data,
-                   selection, resources: dict) -> tuple[list[_Pending], object]:
+                   selection) -> tuple[list[_Pending], object]:
     """Final-pass tasks for every candidate of ``cells`` not already done, plus the model's dense
-    perplexity; returns the pending passes and the dense task (or stored dense metrics)."""
+    perplexity; returns the pending passes and the dense task (or stored dense metrics). The tasks'
+    threads are sized by how many will run (passes stored by an earlier run are not counted)."""
     model = model_spec(config.model)
     windows = window_digests(data.calibration, selection, data.test)
-    tasks = PassTasks(resources, data.calibration, selection, data.test)
-    pending: list[_Pending] = []
     zero_shot = None if not spec.zero_shot.tasks else {"tasks": list(spec.zero_shot.tasks),
                                                        "include": spec.zero_shot.include,
                                                        "limit": spec.zero_shot.limit}
+    pending: list[_Pending] = []
+    to_run: dict[str, tuple[_Pending, dict]] = {}  # one task per distinct key
     for cell in cells:
         for candidate in proposals[cell.id]["candidates"]:
             profile = Profile.from_json(candidate["profile"])
             inputs = pass_inputs(model, config.device, config.dtype, cell.pruner, windows, profile,
                                  zero_shot=zero_shot, saved=spec.save_models)
-            key = _pass_key(inputs)
-            item = _Pending(cell, candidate["name"], profile, key)
-            item.metrics = stored_metrics(out / "passes" / key / "metrics.json", inputs)
-            if item.metrics is not None:
-                item.reused = True
-            elif not any(p.key == key and p.ref is not None for p in pending):
-                job = PassJob(model, cell.pruner, config.device, config.dtype, None, config.batch_size,
-                              resources["num_cpus"], str((out / "passes" / key).resolve()), inputs,
-                              save=spec.save_models, zero_shot=zero_shot)
-                item.ref = tasks.submit(job, cell.method, profile)
+            item = _Pending(cell, candidate["name"], profile, _pass_key(inputs))
+            item.metrics = stored_metrics(out / "passes" / item.key / "metrics.json", inputs)
+            item.reused = item.metrics is not None
+            if not item.reused and item.key not in to_run:
+                to_run[item.key] = (item, inputs)
             pending.append(item)
     dense_inputs = {"model": model, "device": config.device, "dtype": config.dtype, "test": windows["test"]}
     dense_path = out / "models" / model_slug(config.model) / "dense.json"
     dense = stored_metrics(dense_path, dense_inputs)
+    tasks = PassTasks(task_resources(config, len(to_run) + (dense is None)), data.calibration, selection, data.test)
+    threads = tasks.resources["num_cpus"]
+    for key, (item, inputs) in to_run.items():
+        job = PassJob(model, item.cell.pruner, config.device, config.dtype, None, config.batch_size, threads,
+                      str((out / "passes" / key).resolve()), inputs, save=spec.save_models, zero_shot=zero_shot)
+        item.ref = tasks.submit(job, item.cell.method, item.profile)
     if dense is None:
-        job = PassJob(model, spec.pruners[0], config.device, config.dtype, None, config.batch_size,
-                      resources["num_cpus"], str(dense_path.parent.resolve()), dense_inputs)
+        job = PassJob(model, spec.pruners[0], config.device, config.dtype, None, config.batch_size, threads,
+                      str(dense_path.parent.resolve()), dense_inputs)
         dense = (tasks.submit_dense(job), dense_path)
     return pending, dense
 
@@ -375,9 +377,7 @@ def _sweep_model(model: str, spec: SweepSpec, out: Path, run_id: str, actors: in
             pool.close()  # frees the actors' devices for the final passes
     protocol = {**data.protocol, "fitness_tokens": top_tokens, "fitness_split": "validation (prefix)",
                 "selection_tokens": int(selection.numel()), "dtype": config.dtype, "device": config.device}
-    passes = sum(len(proposals[c.id]["candidates"]) for c in cells)
-    pending, dense = _submit_passes(spec, config, out, cells, proposals, data, selection,
-                                    task_resources(config, passes + 1))
+    pending, dense = _submit_passes(spec, config, out, cells, proposals, data, selection)
     # The passes hold the devices the next model's actors would need: they finish first.
     if isinstance(dense, tuple):
         ref, path = dense

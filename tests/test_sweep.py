@@ -92,7 +92,11 @@ def test_sweep_rows_one_pool_per_model_and_resume(tmp_path, model_dir, corpus_fi
     assert [r["test_perplexity"] for r in again] == [r["test_perplexity"] for r in table]
     assert all(r["reused"] for r in again)
 
-    # A grown spec (one more method) runs only the new cells.
+    # A grown spec (one more method) runs only the new cells, its tasks sized by the passes that run.
+    sized = []
+    real_resources = sweep_module.task_resources
+    monkeypatch.setattr(sweep_module, "task_resources",
+                        lambda config, tasks: sized.append(tasks) or real_resources(config, tasks))
     grown = _write(tmp_path, _spec(tmp_path, model_dir, corpus_file, methods=["uniform", "atp", "evolution",
                                                                              "fisher-map"],
                                    pruners=["wanda", "magnitude"]), "grown.yaml")
@@ -100,6 +104,7 @@ def test_sweep_rows_one_pool_per_model_and_resume(tmp_path, model_dir, corpus_fi
     last = json.loads((out / "sweep.json").read_text())["last_run"]
     # fisher-map at two targets: searched once per target, pruned by both pruners.
     assert last["cells_proposed"] == 2 and last["passes_run"] == 4 and last["pools_built"] == 1
+    assert sized == [4]  # not every candidate of the grown spec, nor the stored dense perplexity
 
 
 def test_interrupted_search_cell_resumes_from_its_results(tmp_path, model_dir, corpus_file, monkeypatch):
