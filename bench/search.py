@@ -107,7 +107,7 @@ def run_seed(args, seed: int) -> dict:
     config = SearchConfig(out=out, method="all", sparsity=args.sparsity, pruner=args.pruner,
                           budget_minutes=args.budget_minutes, budget_tokens=args.budget_tokens, seed=seed,
                           seqlen=args.seqlen, calib_samples=args.calib_samples, eval_windows=args.eval_windows,
-                          progress=False, resume=(out / "config.json").exists())
+                          sequential_windows=args.sequential_windows, progress=False, resume=(out / "config.json").exists())
     started = time.time()
     load_before = os.getloadavg()
     summary_file = out / "summary.json"
@@ -129,13 +129,15 @@ def run_seed(args, seed: int) -> dict:
                           + (f"--budget-minutes {args.budget_minutes:g} " if args.budget_minutes else "")
                           + (f"--budget-tokens {args.budget_tokens} " if args.budget_tokens else "")
                           + f"--seqlen {args.seqlen} --calib-samples {args.calib_samples} "
-                          + f"--eval-windows {args.eval_windows} --seed {seed} --out {out}",
+                          + f"--eval-windows {args.eval_windows} --sequential-windows {args.sequential_windows} "
+                          + f"--seed {seed} --out {out}",
         "seed": seed, "sparsity": args.sparsity, "pruner": args.pruner,
         "budget": {"minutes": args.budget_minutes, "tokens": args.budget_tokens},
         "protocol": {k: summary.get(k) for k in ("device", "dtype")} | {
             "seqlen": config.seqlen, "calib_samples": config.calib_samples, "eval_windows": config.eval_windows,
             "fitness_tokens": config.fitness_windows * config.fitness_seqlen, "fidelities": list(config.fidelities),
-            "selection_windows": config.selection_windows, "data": config.data, "model": config.model},
+            "selection_windows": config.selection_windows, "top_fitness": config.top_fitness,
+            "sequential_windows": config.sequential_windows, "data": config.data, "model": config.model},
         "winner": summary["winner"], "winner_test_perplexity": summary["winner_test_perplexity"],
         "dense_test_perplexity": summary["dense_test_perplexity"],
         "drivers": {name: {"validation_kl": d["validation_kl"], "evaluations": d["evaluations"],
@@ -210,6 +212,8 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--sequential-windows", type=int, default=4,
+                        help="kl-seq's calibration windows (--calib-samples: the final pass's own masks)")
     parser.add_argument("--tag", default=None, help="default: the sparsity in percent")
     parser.add_argument("--out", default="runs/bench-search")
     parser.add_argument("--table-only", action="store_true", help="only rewrite search-<tag>.md from the seed files")
