@@ -12,11 +12,12 @@ profiles uniform, ATP and the incumbent. For each profile:
 - a low-fidelity real pass: the sequential Wanda pass on ``--lowfi-windows`` calibration windows,
   then KL to the dense model on the fitness tokens;
 - two ceilings, from the truth's own pruned model: its KL and its perplexity on the fitness tokens. A
-  proxy whose masks were exactly the final pass's ranks no better than these on those tokens, so they
-  tell the fitness tokens' noise apart from the masks' error.
+  proxy whose masks were exactly the final pass's would rank no better than these on those tokens, so
+  they tell the fitness tokens' noise apart from the masks' error. Their seconds include the truth's
+  whole pass and its validation perplexity.
 
 Spearman of each proxy against the truth and seconds per profile (plus the refresh's one-off cost),
-measured in one process. Writes bench/results/fidelity.{md,json}.
+measured in one process. Writes bench/results/fidelity-<tag>.{md,json}.
 
     python -m bench.fidelity [--sparsity 0.7 --neighbours 20 --lowfi-windows 4]
 """

@@ -22,9 +22,10 @@ import os
 import shutil
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import ray
 import torch
@@ -201,29 +202,30 @@ def pass_inputs(model: str, device: str, dtype: str, pruner: str, windows: dict[
 
 class PassTasks:
     """Final-pass and dense-perplexity Ray tasks with ``resources`` each, sharing one object-store copy
-    of the calibration, selection and test windows (put when the first task is submitted)."""
+    of each token window (put when the first task that needs it is submitted)."""
 
     def __init__(self, resources: dict, calibration: torch.Tensor, selection: torch.Tensor, test: torch.Tensor):
         self.resources = resources
-        self._windows = (calibration, selection, test)
-        self._refs: tuple | None = None
+        self._windows = [calibration, selection, test]
+        self._refs: list = [None] * 3
+        self._pass = ray.remote(final_pass_task).options(**resources)
+        self._dense = ray.remote(dense_perplexity_task).options(**resources)
 
-    def _put(self) -> tuple:
-        if self._refs is None:
-            self._refs = tuple(ray.put(t) for t in self._windows)
-        return self._refs
+    def _ref(self, index: int) -> "ray.ObjectRef":
+        if self._refs[index] is None:
+            self._refs[index] = ray.put(self._windows[index])
+        return self._refs[index]
 
     def submit(self, job: PassJob, name: str, profile: Profile) -> "ray.ObjectRef":
         """``profile``'s final pass; its result is ``final_pass_task``'s metrics."""
-        return ray.remote(final_pass_task).options(**self.resources).remote(job, name, profile, *self._put())
+        return self._pass.remote(job, name, profile, *(self._ref(i) for i in range(3)))
 
     def submit_dense(self, job: PassJob) -> "ray.ObjectRef":
         """The dense model's test perplexity; its result is ``dense_perplexity_task``'s metrics."""
-        task = ray.remote(dense_perplexity_task).options(**self.resources)
-        return task.remote(job, self._windows[0].shape[0], self._put()[2])
+        return self._dense.remote(job, self._windows[0].shape[0], self._ref(2))
 
 
-def as_completed(refs: dict) -> "Iterator[tuple[object, dict]]":
+def as_completed(refs: dict) -> Iterator[tuple[object, dict]]:
     """(``refs[ref]``, the task's result) for each ref of ``refs`` as it finishes."""
     waiting = dict(refs)
     while waiting:
