@@ -337,11 +337,12 @@ def run_final_passes(config: "SearchConfig", data, selection: torch.Tensor, resu
     dense_inputs = {"model": model, "device": device, "dtype": dtype, "test": windows["test"]}
     dense = stored_metrics(run / "finalists" / DENSE_FILE, dense_inputs)
 
-    tasks = PassTasks(task_resources(config, len(jobs) + (dense is None)), data.calibration, selection, data.test)
-    threads = tasks.resources["num_cpus"]
+    resources = task_resources(config, len(jobs) + (dense is None))
+    tasks = PassTasks(resources, data.calibration, selection, data.test)
+    threads = resources["num_cpus"]
     refs: dict = {}
     if jobs or dense is None:
-        log.info("%d final pass task(s) with %s each", len(jobs) + (dense is None), tasks.resources)
+        log.info("%d final pass task(s) with %s each", len(jobs) + (dense is None), resources)
         for name, job in jobs.items():
             refs[tasks.submit(replace(job, threads=threads), name, results[name].best)] = name
         if dense is None:
