@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.level_sources import database_levels
-from orchestrator.plan import shape_of
+from orchestrator.search.level_sources import database_levels
+from orchestrator.runtime.plan import shape_of
 from pruning.load import DEFAULT_MODEL
 
 RESULTS = Path(__file__).parent / "results"

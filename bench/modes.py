@@ -33,7 +33,7 @@ def _search(out: Path, mode: str, args: argparse.Namespace) -> tuple[list[str], 
 
 
 def _weights_gib() -> float:
-    from orchestrator.plan import shape_of
+    from orchestrator.runtime.plan import shape_of
 
     return shape_of("default").total_elements * 4 / 2**30
 

@@ -25,9 +25,9 @@ import numpy as np
 import ray
 import torch
 
-from orchestrator.candidates import Candidate
-from orchestrator.pool import EvaluatorPool, EvaluatorSpec
-from orchestrator.results import ResultsTable
+from orchestrator.runtime.candidates import Candidate
+from orchestrator.runtime.pool import EvaluatorPool, EvaluatorSpec
+from orchestrator.runtime.results import ResultsTable
 from pruning.data import consecutive_windows, prepare_tokens
 from pruning.load import load_model, load_tokenizer, pick_device, pick_dtype
 from search_spaces import families

@@ -29,10 +29,10 @@ import ray
 import torch
 
 from core.profile import Profile
-from orchestrator.finalists import (PassJob, PassTasks, as_completed, model_spec, pass_inputs, stored_metrics,
+from orchestrator.passes.finalists import (PassJob, PassTasks, as_completed, model_spec, pass_inputs, stored_metrics,
                                     window_digests)
-from orchestrator.output import write_json
-from orchestrator.search import SearchConfig, resolve_device, run_search, token_sets
+from core.identity import write_json
+from orchestrator.search.run import SearchConfig, resolve_device, run_search, token_sets
 from pruning.load import block_param_counts, load_model, load_tokenizer
 from scoring.sensitivity import owl_sensitivity
 from search_spaces import families

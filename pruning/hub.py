@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from core.errors import SparseAllocError
+from pruning.cache import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,6 @@ def model_cache_dir() -> Path:
     root = os.environ.get("SPARSEALLOC_MODEL_CACHE")
     if root:
         return Path(root).expanduser()
-    from pruning.assets import cache_root
-
     return cache_root() / "models"
 
 

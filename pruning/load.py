@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import struct
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from core.errors import SparseAllocError
+from pruning.gguf import load_gguf
 
 log = logging.getLogger(__name__)
 
@@ -37,32 +37,6 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested not in DTYPES:
         raise SparseAllocError(f"unknown dtype {requested!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[requested]
-
-
-def _drop_gguf_quantizer(model) -> None:
-    """GGUF weights are dequantized on load; forget the quantizer so the model saves as float."""
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.is_quantized = False
-
-
-def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
-    """Model and tokenizer from a ``.gguf`` file (dequantized to ``dtype``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    if not path.is_file():
-        raise SparseAllocError(f"GGUF file {path} does not exist")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    except (struct.error, ValueError, KeyError, IndexError, OSError, EOFError, MemoryError) as exc:
-        raise SparseAllocError(
-            f"could not read GGUF file {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            "it is truncated or not a GGUF model: download it again, or give a Hugging Face directory") from exc
-    _drop_gguf_quantizer(model)
-    return model, tokenizer
 
 
 def _resolve_spec(spec: str) -> str:

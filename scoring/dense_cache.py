@@ -10,7 +10,7 @@ as a small JSON file ``$SPARSEALLOC_CACHE/dense/<key>.json`` (default ``~/.cache
   of each weight file — or, for the default model, the sha256 of its weights recorded (and
   re-checked) by :func:`pruning.assets.default_model_dir`, so a re-conversion does not invalidate it. A hub id with no local copy is not cached (its
   revision is unknown here);
-- the test windows: sha256 of the token tensor's bytes, with its shape and dtype;
+- the test windows: their content fingerprint (dtype, shape and bytes);
 - the dtype (fp32, bf16, fp16) and the device type (cpu, cuda …).
 
 A file that cannot be read, does not parse or records other inputs is ignored and rewritten; files
@@ -23,13 +23,14 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from core.identity import cache_key, fingerprint, write_json
+from pruning.cache import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
 def cache_dir() -> Path:
-    from pruning.assets import cache_root
-
     return cache_root() / CACHE_SUBDIR
 
 
@@ -69,7 +68,7 @@ def _file_entry(path: Path, recorded_sha256: bool) -> dict:
 def model_identity(spec: str) -> dict | None:
     """What identifies the model's weights, or None when it cannot be told without loading (a hub id
     with no local copy): see the module's docstring."""
-    from pruning.assets import DEFAULT_MODEL_NAME, cache_root
+    from pruning.assets import DEFAULT_MODEL_NAME
 
     path = Path(resolve_model(spec)).expanduser()
     if not path.exists():
@@ -86,13 +85,6 @@ def model_identity(spec: str) -> dict | None:
     return identity
 
 
-def windows_digest(windows: torch.Tensor) -> dict:
-    """sha256 of the token windows' bytes, with their shape and dtype."""
-    data = windows.detach().cpu().contiguous()
-    return {"sha256": hashlib.sha256(data.numpy().tobytes()).hexdigest(), "shape": list(data.shape),
-            "dtype": str(data.dtype).removeprefix("torch.")}
-
-
 def dense_inputs(model_spec: str, test_windows: torch.Tensor, dtype: torch.dtype | str,
                  device: torch.device | str) -> dict | None:
     """Everything the dense perplexity depends on, or None when the model cannot be identified."""
@@ -103,13 +95,9 @@ def dense_inputs(model_spec: str, test_windows: torch.Tensor, dtype: torch.dtype
         return None
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
-    return {"model": identity, "test": windows_digest(test_windows), "dtype": str(dtype),
+    return {"model": identity, "test": fingerprint(test_windows), "dtype": str(dtype),
             "device": torch.device(device).type, "protocol": PROTOCOL,
             "torch": torch.__version__, "transformers": transformers.__version__}
-
-
-def cache_key(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
 def cache_path(inputs: dict) -> Path:
@@ -140,19 +128,10 @@ def write_cached(inputs: dict, value: float, seconds: float | None = None) -> Pa
     path = cache_path(inputs)
     record = {"perplexity": value, "inputs": inputs, "compute_s": seconds,
               "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.stem, suffix=".tmp",
-                                         delete=False) as handle:
-            tmp = handle.name
-            json.dump(record, handle, indent=1)
-            handle.write("\n")
-        os.replace(tmp, path)
+        write_json(path, record)
     except OSError as exc:
         log.warning("could not write the dense perplexity cache %s: %s", path, exc)
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         return None
     return path
 

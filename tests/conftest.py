@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pruning.assets import cache_root
+from pruning.cache import cache_root
 
 # The user's cache, for the tests that ask for it (the real model's assets); every other test, and
 # every Ray worker a module fixture starts before the per-test isolation below, writes elsewhere.

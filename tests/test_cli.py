@@ -67,8 +67,8 @@ def test_profile_needs_the_right_sensitivity(tmp_path, capsys):
 
 
 def test_choices_come_from_the_registries(monkeypatch):
-    from orchestrator import cli, drivers
-    from orchestrator.search import SearchConfig
+    from orchestrator import cli; from orchestrator.search import drivers
+    from orchestrator.search.run import SearchConfig
     from pruning import pruners
     from search_spaces import families
 

@@ -85,8 +85,9 @@ def test_rewritten_weights_recompute(tmp_path, windows):
 
 def test_default_model_is_identified_by_its_recorded_sha256(tmp_path, monkeypatch):
     from pruning import assets
+    from pruning.cache import cache_root
 
-    default = _model(assets.cache_root() / "models" / assets.DEFAULT_MODEL_NAME)
+    default = _model(cache_root() / "models" / assets.DEFAULT_MODEL_NAME)
     (default / "model.safetensors.sha256").write_text("ab" * 32)
     monkeypatch.setattr(assets, "default_model_dir", lambda: default)
     identity = model_identity("default")
@@ -142,7 +143,7 @@ def test_disabled_cache_neither_reads_nor_writes(tmp_path, windows):
 
 
 def test_run_prune_twice_reuses_the_dense_perplexity(llama_dir, corpus_file, tmp_path):
-    from orchestrator.final_pass import PruneConfig, run_prune
+    from orchestrator.passes.prune import PruneConfig, run_prune
 
     def config(out, **kwargs):
         return PruneConfig(out=out, model=str(llama_dir), data=str(corpus_file), sparsity=0.5, seqlen=32,
@@ -178,8 +179,8 @@ def test_prune_command_prints_cached(llama_dir, corpus_file, tmp_path, capsys):
 def test_the_search_dense_task_skips_loading_the_model_when_cached(llama_dir, monkeypatch):
     from types import SimpleNamespace
 
-    from orchestrator import finalists
-    from orchestrator.finalists import PassJob, dense_perplexity_task
+    from orchestrator.passes import finalists
+    from orchestrator.passes.finalists import PassJob, dense_perplexity_task
 
     monkeypatch.setattr(finalists.ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node-1"))
     loads = []

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from conftest import build_model, save_model_dir
-from orchestrator import final_pass
+from orchestrator.passes import prune as final_pass
 from orchestrator.cli import main
-from orchestrator.final_pass import PruneConfig, run_prune
+from orchestrator.passes.prune import PruneConfig, run_prune
 from core.errors import SparseAllocError
 from core.profile import Profile, parse_nm
 

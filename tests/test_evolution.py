@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import orchestrator.evolution as evolution
-from orchestrator.budget import Budget
-from orchestrator.evolution import EvolutionConfig, crossover, mutate, repair, run_evolution, weighted_mean
+import orchestrator.search.drivers.evolution as evolution
+from orchestrator.search.budget import Budget
+from orchestrator.search.drivers.evolution import EvolutionConfig, crossover, mutate, repair, run_evolution, weighted_mean
 from core.errors import SparseAllocError
 from search_spaces.families import sensitivity_map, uniform
 

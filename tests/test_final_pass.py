@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from orchestrator.final_pass import PruneConfig, run_prune
+from orchestrator.passes.prune import PruneConfig, run_prune
 from pruning.load import find_blocks, find_linears
 from core.profile import Profile, write_profile
 
@@ -123,7 +123,7 @@ def test_offloaded_prune_saves_the_same_model_and_records_device_dtype_offload(l
 
 
 def test_offload_auto_follows_the_free_device_memory(llama_dir, corpus_file, tmp_path, monkeypatch):
-    from orchestrator import final_pass
+    from orchestrator.passes import prune as final_pass
 
     assert run_prune(_config(llama_dir, corpus_file, tmp_path / "cpu", sparsity=0.5))["offload"] is False
     monkeypatch.setattr(final_pass, "device_free_bytes", lambda device: 1000)  # a device smaller than the model
@@ -170,14 +170,14 @@ def local_ray():
 
 
 def _search_config(model_dir, out, **kwargs):
-    from orchestrator.search import SearchConfig
+    from orchestrator.search.run import SearchConfig
 
     return SearchConfig(out=out, model=str(model_dir), sparsity=0.6, pruner="wanda", batch_size=4, progress=False,
                         budget_evals=10, **kwargs)
 
 
 def _driver_results(profiles: dict):
-    from orchestrator.candidates import DriverResult
+    from orchestrator.runtime.candidates import DriverResult
 
     return {name: DriverResult(name, Profile(tuple(p)), fitness, evaluations=1)
             for name, (fitness, p) in profiles.items()}
@@ -191,7 +191,7 @@ def _tokens(tokenizer, corpus_file):
 
 def test_final_passes_run_as_tasks_save_the_winner_and_are_not_redone(local_ray, llama_dir, corpus_file,
                                                                        tmp_path):
-    from orchestrator.finalists import run_final_passes
+    from orchestrator.passes.finalists import run_final_passes
     from pruning.load import load_model
     from pruning.pruners import get_pruner
     from pruning.sequential import prune_sequentially
@@ -246,7 +246,7 @@ def test_final_passes_run_as_tasks_save_the_winner_and_are_not_redone(local_ray,
 
 
 def test_the_winner_is_read_from_another_node_in_chunks(local_ray, tmp_path):
-    from orchestrator.finalists import fetch_directory
+    from orchestrator.passes.finalists import fetch_directory
 
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)

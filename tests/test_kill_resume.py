@@ -13,7 +13,7 @@ import pytest
 
 from conftest import build_model, save_model_dir, tiny_llama_config
 from orchestrator.cli import main
-from orchestrator.results import ResultsTable
+from orchestrator.runtime.results import ResultsTable
 from pruning.load import find_blocks, find_linears
 
 ROOT = Path(__file__).parents[1]

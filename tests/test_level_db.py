@@ -110,7 +110,7 @@ def test_nearest_level_counts_dense_and_breaks_ties_towards_sparser(tmp_path):
 
 
 def test_database_grid_always_holds_the_target():
-    from orchestrator.level_sources import database_levels
+    from orchestrator.search.level_sources import database_levels
 
     assert database_levels(0.7) == [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9]
     assert database_levels(0.5, (0.4, 0.6)) == [0.4, 0.5, 0.6]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import build_model, tiny_gemma3_config, tiny_llama_config, tiny_opt_config
-from orchestrator.final_pass import choose_offload
+from orchestrator.passes.prune import choose_offload
 from pruning.offload import _slots  # the tensors onloaded moves, so the stand-in moves the same ones
 from pruning.load import find_blocks, find_linears
 from pruning.pruners import get_pruner

@@ -7,13 +7,13 @@ import ray
 import torch
 
 from conftest import build_model, save_model_dir, tiny_llama_config
-from orchestrator.budget import Budget
-from orchestrator.candidates import Candidate
-from orchestrator.evolution import EvolutionConfig, run_evolution
-from orchestrator.pool import EvaluatorPool, EvaluatorSpec
-from orchestrator.results import ResultsTable
-from orchestrator.shapley_driver import run_shapley
-from orchestrator.tune_driver import run_tune
+from orchestrator.search.budget import Budget
+from orchestrator.runtime.candidates import Candidate
+from orchestrator.search.drivers.evolution import EvolutionConfig, run_evolution
+from orchestrator.runtime.pool import EvaluatorPool, EvaluatorSpec
+from orchestrator.runtime.results import ResultsTable
+from orchestrator.search.drivers.shapley import run_shapley
+from orchestrator.search.drivers.tune import run_tune
 from pruning.load import find_blocks, find_linears
 from search_spaces import families
 
@@ -199,7 +199,7 @@ def test_tune_free_vector_with_cma_es(pool, tmp_path):
 
 
 def test_sampler_names():
-    from orchestrator.tune_driver import make_sampler
+    from orchestrator.search.drivers.tune import make_sampler
     import optuna
 
     assert isinstance(make_sampler("cmaes", 0), optuna.samplers.CmaEsSampler)

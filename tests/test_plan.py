@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.plan import GIB, ModelShape, check_plan, load_config, make_plan, render_plan, shape_of
+from orchestrator.runtime.plan import GIB, ModelShape, check_plan, load_config, make_plan, render_plan, shape_of
 from core.errors import SparseAllocError
 
 LLAMA7_BLOCK_LINEARS = 4 * 4096**2 + 3 * 4096 * 11008  # 202,375,168

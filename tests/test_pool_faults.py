@@ -11,10 +11,10 @@ import ray
 import torch
 
 from conftest import build_model, save_model_dir, tiny_llama_config
-from orchestrator import pool as pool_module
-from orchestrator.candidates import Candidate
-from orchestrator.pool import EvaluatorPool, EvaluatorSpec
-from orchestrator.results import ResultsTable
+from orchestrator.runtime import pool as pool_module
+from orchestrator.runtime.candidates import Candidate
+from orchestrator.runtime.pool import EvaluatorPool, EvaluatorSpec
+from orchestrator.runtime.results import ResultsTable
 from core.errors import SparseAllocError
 from search_spaces import families
 
@@ -151,7 +151,7 @@ def test_unavailable_actor_is_retried_not_buried(pool, results, monkeypatch, cap
 
     monkeypatch.setattr(pool, "retry_backoff_s", 0.05)
     monkeypatch.setattr(pool_module.ray, "get", flaky_get)
-    with caplog.at_level(logging.WARNING, logger="orchestrator.pool"):
+    with caplog.at_level(logging.WARNING, logger="orchestrator.runtime.pool"):
         fitness = pool.evaluate([candidate])
     monkeypatch.undo()
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from orchestrator.final_pass import PruneConfig, run_prune
+from orchestrator.passes.prune import PruneConfig, run_prune
 from conftest import USER_CACHE
 from pruning.assets import default_model_dir
 from pruning.load import find_blocks, find_linears

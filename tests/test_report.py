@@ -20,9 +20,9 @@ from PIL import Image
 
 from core.errors import SparseAllocError
 from core.profile import Profile, write_profile
-from orchestrator import report
+from orchestrator.report import build as report
 from orchestrator.cli import main
-from orchestrator.results import ResultsTable
+from orchestrator.runtime.results import ResultsTable
 
 PROTOCOL = json.dumps({"seqlen": 128, "test": {"windows": 4}})
 

@@ -8,9 +8,9 @@ import os
 import pyarrow.dataset as ds
 import pytest
 
-import orchestrator.results as results_module
+import orchestrator.runtime.results as results_module
 from orchestrator.cli import main
-from orchestrator.results import SCHEMA, ResultsTable
+from orchestrator.runtime.results import SCHEMA, ResultsTable
 
 
 def _row(i: int, driver: str = "shapley", fitness: float | None = None) -> dict:

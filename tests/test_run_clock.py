@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from orchestrator.clock import RunClock
-from orchestrator.search import SearchConfig, _budget, _search_seconds
+from orchestrator.runtime.clock import RunClock
+from orchestrator.search.run import SearchConfig, _budget, _search_seconds
 from core.errors import SparseAllocError
 
 

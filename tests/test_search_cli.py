@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from conftest import build_model, save_model_dir, tiny_llama_config
-from orchestrator.candidates import DriverResult
+from orchestrator.runtime.candidates import DriverResult
 from orchestrator.cli import main
-from orchestrator.results import ResultsTable
-from orchestrator import finalists as finalists_module
-from orchestrator.finalists import finalists, run_final_passes, same_profile_passes, selection_windows
-from orchestrator.search import SearchConfig, _prepare_run_dir
+from orchestrator.runtime.results import ResultsTable
+from orchestrator.passes import finalists as finalists_module
+from orchestrator.passes.finalists import finalists, run_final_passes, same_profile_passes, selection_windows
+from orchestrator.search.run import SearchConfig, _prepare_run_dir
 from core.errors import SparseAllocError
 from pruning.data import TokenData
 from pruning.load import find_blocks, find_linears, load_tokenizer
@@ -225,7 +225,7 @@ def _fitness_by_key(out):
 def test_streamed_search_under_a_budget_equals_the_resident_one(corpus_file, tmp_path):
     """Same seed, same requests: the streamed evaluator (budget below the model's weights) and the
     resident one give the same fitness for every evaluation; the run records the mode."""
-    from orchestrator.plan import ModelShape, make_plan
+    from orchestrator.runtime.plan import ModelShape, make_plan
     from pruning.offload import non_block_bytes, tensor_bytes
 
     model = build_model(tiny_llama_config(layers=12))
@@ -305,8 +305,8 @@ def test_deadline_bounds_the_whole_run(corpus_file, tmp_path):
 
 def test_evolution_starts_from_the_earlier_drivers_bests(tmp_path):
     """Under --method all, the profiles the drivers before evolution found join its first population."""
-    from orchestrator.budget import Budget
-    from orchestrator.drivers import DRIVERS, DriverContext
+    from orchestrator.search.budget import Budget
+    from orchestrator.search.drivers import DRIVERS, DriverContext
 
     n = 6
 

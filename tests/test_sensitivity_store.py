@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from orchestrator import sensitivity_store
-from orchestrator.sensitivity_store import load_or_compute, sensitivity_path
+from core import identity
+from orchestrator.runtime.sensitivities import load_or_compute, sensitivity_path
 from core.errors import SparseAllocError
 
 IDENTITY = {"model": "tiny-llama", "data": "corpus.txt", "dtype": "fp32", "device_type": "cpu", "windows": 8,
@@ -58,7 +58,7 @@ def test_crash_while_writing_leaves_no_file(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(sensitivity_store.os, "replace", broken_replace)
+    monkeypatch.setattr(identity.os, "replace", broken_replace)
     with pytest.raises(OSError):
         load_or_compute(tmp_path, "fisher", IDENTITY, Counting([1.0]))
     assert os.listdir(tmp_path / "sensitivities") == []

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import orchestrator.budget
-from orchestrator.budget import Budget
-from orchestrator.shapley_driver import run_shapley
+import orchestrator.search.budget
+from orchestrator.search.budget import Budget
+from orchestrator.search.drivers.shapley import run_shapley
 from core.errors import SparseAllocError
 from scoring.shapley import exact_plan, exact_shapley, permutation_plan, permutation_shapley
 
@@ -248,9 +248,9 @@ def test_resumed_run_replays_the_permutations_from_the_table():
 
 @pytest.mark.parametrize("argv", [[], ["--estimator", "sliding"]])
 def test_search_estimator_flag_reaches_the_shapley_driver(argv, monkeypatch, tmp_path):
-    import orchestrator.search
+    import orchestrator.search.run
     from orchestrator.cli import main
-    from orchestrator.drivers import DRIVERS, DriverContext
+    from orchestrator.search.drivers import DRIVERS, DriverContext
 
     configs = []
 

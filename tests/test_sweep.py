@@ -8,12 +8,12 @@ import yaml
 
 from conftest import build_model, save_model_dir, tiny_llama_config
 from core.errors import SparseAllocError
-from orchestrator import sweep as sweep_module
-from orchestrator.allocations import ALLOCATIONS
+from orchestrator.sweep import run as sweep_module
+from orchestrator.sweep.allocations import ALLOCATIONS
 from orchestrator.cli import main
-from orchestrator.results import ResultsTable
-from orchestrator.sweep import load_sweep_spec, run_sweep
-from orchestrator.sweep_spec import parse_spec
+from orchestrator.runtime.results import ResultsTable
+from orchestrator.sweep.run import load_sweep_spec, run_sweep
+from orchestrator.sweep.spec import parse_spec
 from pruning.pruners import PRUNERS
 
 METHODS = {name: allocation.searches for name, allocation in ALLOCATIONS.items()}
@@ -171,7 +171,7 @@ def test_zero_shot_scores_reach_the_table_and_report(tmp_path, model_dir, corpus
 
 
 def test_a_sweep_wide_budget_is_shared_by_the_searches_left():
-    from orchestrator.sweep import search_allowance
+    from orchestrator.sweep.run import search_allowance
 
     per_search = {"evals": 40, "minutes": 5}
     assert search_allowance(per_search, [{"evaluations": 40, "seconds": 300, "tokens": 0}], 1) == per_search
@@ -206,7 +206,7 @@ def test_spec_traps_are_explained():
 def test_a_sweep_from_before_kl_seq_resumes_only_with_the_kl_top_fitness(tmp_path):
     import json
 
-    from orchestrator.sweep import _prepare
+    from orchestrator.sweep.run import _prepare
 
     old = parse_spec({"models": ["a"], "sparsities": [0.5], "methods": ["all"], "budget": {"evals": 8},
                       "top_fitness": "kl"}, METHODS, list(PRUNERS))

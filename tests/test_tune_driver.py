@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator import tune_driver
-from orchestrator.budget import Budget
-from orchestrator.tune_driver import make_sampler, run_tune
+from orchestrator.search.drivers import tune as tune_driver
+from orchestrator.search.budget import Budget
+from orchestrator.search.drivers.tune import make_sampler, run_tune
 from core.errors import SparseAllocError
 from search_spaces import families
 

@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = """
 import json, sys, torch, ray
 from ray.cluster_utils import Cluster
-from orchestrator.candidates import Candidate
-from orchestrator.pool import EvaluatorPool, EvaluatorSpec
-from orchestrator.results import ResultsTable
+from orchestrator.runtime.candidates import Candidate
+from orchestrator.runtime.pool import EvaluatorPool, EvaluatorSpec
+from orchestrator.runtime.results import ResultsTable
 from search_spaces import families
 
 model_dir, run_dir = sys.argv[1], sys.argv[2]

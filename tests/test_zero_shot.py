@@ -122,8 +122,8 @@ def test_prune_records_and_prints_zero_shot_scores(llama_dir, corpus_file, tmp_p
 
 def test_run_prune_checks_zero_shot_tasks_before_pruning(llama_dir, corpus_file, tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
-    from orchestrator import final_pass
-    from orchestrator.final_pass import PruneConfig, run_prune
+    from orchestrator.passes import prune as final_pass
+    from orchestrator.passes.prune import PruneConfig, run_prune
 
     def fail(*args, **kwargs):
         raise AssertionError("pruned although the zero-shot task cannot run")

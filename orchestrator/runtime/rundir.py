@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -42,11 +41,3 @@ def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.replace(staging, out)
-
-
-def write_json(path: Path, data: dict) -> None:
-    """``data`` as JSON at ``path``, written to a temporary name and renamed (never half written)."""
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(temp, path)

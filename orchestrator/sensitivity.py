@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.output import check_output, staged_output, write_json
+from core.identity import write_json
+from orchestrator.runtime.rundir import check_output, staged_output
 from pruning.data import DEFAULT_DATA, consecutive_windows, prepare_tokens
 from core.errors import SparseAllocError
 from pruning.load import DEFAULT_MODEL, load_model, pick_device, pick_dtype

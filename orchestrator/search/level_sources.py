@@ -14,8 +14,6 @@ be on a path every actor can read (one machine, or a shared ``SPARSEALLOC_CACHE`
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +23,7 @@ from core.errors import SparseAllocError
 if TYPE_CHECKING:
     import torch
 
-    from orchestrator.search import SearchConfig
+    from orchestrator.search.run import SearchConfig
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +65,14 @@ def database_identity(config: "SearchConfig", calibration: "torch.Tensor", level
                       device: str) -> dict:
     """What the database depends on: model weights, calibration windows, dtype, the device type it is
     built on, grid, storage format and code version."""
-    from orchestrator.final_pass import versions
-    from scoring.dense_cache import model_identity, windows_digest
+    from core.identity import fingerprint, package_version
+    from scoring.dense_cache import model_identity
     from scoring.level_db import FORMAT
 
     model = model_identity(config.model) or {"spec": config.model}
-    return {"model": model, "calibration": windows_digest(calibration), "dtype": config.dtype,
+    return {"model": model, "calibration": fingerprint(calibration), "dtype": config.dtype,
             "device": device, "levels": levels, "batch_size": config.batch_size, "format": FORMAT,
-            "version": versions()["sparsealloc"]}
+            "version": package_version()}
 
 
 def ensure_database(config: "SearchConfig", calibration: "torch.Tensor") -> Path:
@@ -82,7 +80,8 @@ def ensure_database(config: "SearchConfig", calibration: "torch.Tensor") -> Path
     same identity, else built now (logging its size and time)."""
     import torch
 
-    from pruning.assets import cache_root
+    from core.identity import cache_key
+    from pruning.cache import cache_root
     from pruning.load import load_model, pick_device, pick_dtype
     from pruning.offload import move_non_blocks
     from scoring.level_db import build_level_database, database_bytes
@@ -93,7 +92,7 @@ def ensure_database(config: "SearchConfig", calibration: "torch.Tensor") -> Path
         log.warning("the SparseGPT level database is built in this process, which sees no GPU: building on the "
                     "CPU (slow for large models); run the search from a GPU node to build it there")
     identity = database_identity(config, calibration, levels, device.type)
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+    key = cache_key(identity)
     path = cache_root() / "level-db" / key
     if (path / "levels.json").exists():
         log.info("SparseGPT level database reused from %s", path)

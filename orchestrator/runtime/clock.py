@@ -10,12 +10,13 @@ so even a SIGKILL loses at most that much.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from core.identity import write_json
 
 TICK_SECONDS = 2.0
 
@@ -61,9 +62,7 @@ class RunClock:
         with self._lock:
             figures = dict(self.seconds)
             figures.update({name: now - start for name, start in self._running.items()})
-        partial = self.path.with_name(f"{self.path.name}.{os.getpid()}.partial")
-        partial.write_text(json.dumps(figures, indent=1))
-        os.replace(partial, self.path)
+        write_json(self.path, figures)
 
     def _start_ticking(self) -> None:
         if self._thread is None:

@@ -66,8 +66,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from orchestrator.budget import Budget, eval_tokens, tokens_of
-from orchestrator.candidates import Candidate, EvaluateBatch
+from orchestrator.search.budget import Budget, eval_tokens, tokens_of
+from orchestrator.runtime.candidates import Candidate, EvaluateBatch
 from core.errors import SparseAllocError
 from search_spaces.algebra import level_grid, nm_levels, round_to_levels
 from core.profile import Profile

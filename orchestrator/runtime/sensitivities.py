@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 from core.errors import SparseAllocError
+from core.identity import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +48,6 @@ def _differing(stored: dict, current: dict) -> list[str]:
 
 def _describe(value: Any) -> str:
     return "(absent)" if value is _MISSING else json.dumps(value)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(temp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    finally:
-        if temp.exists():
-            temp.unlink()
 
 
 def load_stored(run_dir: Path, name: str) -> dict | None:

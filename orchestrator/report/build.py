@@ -25,9 +25,9 @@ from matplotlib.figure import Figure
 
 from core.errors import SparseAllocError
 from core.profile import read_profile
-from orchestrator.results import load_run_results
-from orchestrator.sensitivity_store import write_atomic
-from orchestrator.sweep_spec import model_slug
+from orchestrator.runtime.results import load_run_results
+from core.identity import write_atomic
+from orchestrator.sweep.spec import model_slug
 
 HTML_NAME, MD_NAME, FILES_DIR = "report.html", "report.md", "report-files"
 METHOD_ORDER = ("uniform", "owl", "atp", "shapley-map", "fisher-map")

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from orchestrator.candidates import Candidate
-from orchestrator.results import ResultsTable
+from orchestrator.runtime.candidates import Candidate
+from orchestrator.runtime.results import ResultsTable
 from core.errors import SparseAllocError
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def actor_devices(spec: EvaluatorSpec) -> list[torch.device]:
 
 def _auto_mode(model, spec: EvaluatorSpec, devices: list[torch.device], fitness_windows: torch.Tensor) -> str:
     """``--evaluator auto`` decided on the actor, from the memory plan for its own devices."""
-    from orchestrator.plan import check_plan, detect_device_memory, make_plan, ModelShape
+    from orchestrator.runtime.plan import check_plan, detect_device_memory, make_plan, ModelShape
 
     budget = spec.memory_budget if spec.memory_budget is not None else detect_device_memory()[0]
     dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[next(model.parameters()).dtype]

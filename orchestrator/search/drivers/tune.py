@@ -27,10 +27,10 @@ from typing import Callable
 import optuna
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 
-from orchestrator.budget import Budget, eval_tokens
-from orchestrator.candidates import Candidate, DriverResult
-from orchestrator.pool import EvaluatorPool
-from orchestrator.progress import DriverProgress
+from orchestrator.search.budget import Budget, eval_tokens
+from orchestrator.runtime.candidates import Candidate, DriverResult
+from orchestrator.runtime.pool import EvaluatorPool
+from orchestrator.runtime.progress import DriverProgress
 from core.errors import SparseAllocError
 from search_spaces.families import Space
 from core.profile import Profile

@@ -18,7 +18,6 @@ results tables.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -33,16 +32,17 @@ import ray
 
 from core.errors import SparseAllocError
 from core.profile import Profile
-from orchestrator.allocations import ALLOCATIONS, CellContext
-from orchestrator.clock import RunClock
-from orchestrator.drivers import DRIVERS
-from orchestrator.finalists import (PassJob, PassTasks, model_spec, pass_inputs, stored_metrics, task_resources,
+from orchestrator.sweep.allocations import ALLOCATIONS, CellContext
+from orchestrator.runtime.clock import RunClock
+from orchestrator.search.drivers import DRIVERS
+from orchestrator.passes.finalists import (PassJob, PassTasks, model_spec, pass_inputs, stored_metrics, task_resources,
                                     window_digests)
-from orchestrator.output import check_output, write_json
-from orchestrator.results import ResultsTable
-from orchestrator.search import (SearchConfig, actor_count, check_memory, init_ray, make_pool, resolve_device,
+from core.identity import atomic_file, cache_key, write_json
+from orchestrator.runtime.rundir import check_output
+from orchestrator.runtime.results import ResultsTable
+from orchestrator.search.run import (SearchConfig, actor_count, check_memory, init_ray, make_pool, resolve_device,
                                  token_sets)
-from orchestrator.sweep_spec import Cell, SweepSpec, model_slug, read_spec
+from orchestrator.sweep.spec import Cell, SweepSpec, model_slug, read_spec
 from pruning.pruners import PRUNERS
 from search_spaces import families
 
@@ -53,7 +53,7 @@ TABLE = "table.parquet"
 
 def model_problem(model: str) -> str | None:
     """Why ``model`` cannot be loaded (its config read on the meta device), or None."""
-    from orchestrator.plan import shape_of
+    from orchestrator.runtime.plan import shape_of
 
     try:
         shape_of(model)
@@ -220,7 +220,7 @@ def _search_dir(out: Path, cell: Cell, proposals: dict) -> str | None:
 
 
 def _pass_key(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_key(inputs)
 
 
 def _submit_passes(spec: SweepSpec, config: SearchConfig, out: Path, cells: list[Cell], proposals: dict, data,
@@ -314,9 +314,8 @@ def _rows(cells: list[Cell], pending: list[_Pending], proposals: dict, dense: di
 
 def write_table(rows: list[dict], path: Path) -> None:
     """The sweep table as parquet, written to a temporary name and renamed."""
-    temp = path.with_name(f".{path.name}.partial")
-    pq.write_table(pa.Table.from_pylist(rows), temp)
-    temp.replace(path)
+    with atomic_file(path) as temp:
+        pq.write_table(pa.Table.from_pylist(rows), temp)
 
 
 def _searches(spec: SweepSpec) -> set[tuple[str, str, str]]:
@@ -423,6 +422,6 @@ def run_sweep(spec_path: Path, out: Path, resume: bool = False, overwrite: bool 
 
 def _report(out: Path) -> list[str]:
     """The sweep's report: paths of its HTML page and markdown twin."""
-    from orchestrator.report import write_report
+    from orchestrator.report.build import write_report
 
     return [str(p) for p in write_report(out)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
-from orchestrator.budget import Budget
+from orchestrator.search.budget import Budget
 
 
 def _count(n: float) -> str:

@@ -9,16 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from orchestrator.sensitivity_store import load_or_compute
+from orchestrator.runtime.sensitivities import load_or_compute
 from search_spaces import families
 
 if TYPE_CHECKING:  # the registry itself is read by the CLI, which should not pay for Ray and torch
     import torch
 
-    from orchestrator.budget import Budget
-    from orchestrator.candidates import DriverResult
-    from orchestrator.pool import EvaluatorPool
-    from orchestrator.search import SearchConfig
+    from orchestrator.search.budget import Budget
+    from orchestrator.runtime.candidates import DriverResult
+    from orchestrator.runtime.pool import EvaluatorPool
+    from orchestrator.search.run import SearchConfig
 
 OWL_M_CHOICES = (3, 4, 5, 6, 7, 8, 9, 10)
 
@@ -55,12 +55,12 @@ class Driver:
 
 def _inputs_identity(context: DriverContext, windows: "torch.Tensor") -> dict:
     """What a stored Fisher trace or OWL ratio depends on (resume refuses a mismatch)."""
-    from orchestrator.final_pass import versions
+    from core.identity import package_version
 
     config = context.config
     return {"model": config.model, "data": config.data, "dtype": config.dtype, "device": config.device,
             "calibration": list(windows.shape), "calibration_sum": int(windows.sum()),
-            "version": versions()["sparsealloc"]}
+            "version": package_version()}
 
 
 def fisher_traces(context: DriverContext) -> list[float]:
@@ -77,7 +77,7 @@ def outlier_ratios(context: DriverContext, multiplier: int) -> list[float]:
 
 
 def _shapley(context: DriverContext, budget: "Budget") -> "DriverResult":
-    from orchestrator.shapley_driver import run_shapley
+    from orchestrator.search.drivers.shapley import run_shapley
 
     config = context.config
     # Coalitions on the top fidelity of the stages (not the whole fitness pool): more permutations, not
@@ -90,17 +90,17 @@ def _shapley(context: DriverContext, budget: "Budget") -> "DriverResult":
 def sequential_top_stage(config: "SearchConfig") -> bool:
     """Whether evolution ends with a kl-seq stage (``--top-fitness kl-seq``): sequential Wanda rank tables.
     Not with the SparseGPT level database, whose weights are the sequential pass's already."""
-    from orchestrator.level_sources import resolve_level_source
+    from orchestrator.search.level_sources import resolve_level_source
 
     return (config.top_fitness == "kl-seq"
             and resolve_level_source(config.level_source, config.pruner, config.nm_m) == "wanda")
 
 
 def _evolution(context: DriverContext, budget: "Budget") -> "DriverResult":
-    from orchestrator.candidates import DriverResult
-    from orchestrator.evolution import EvolutionConfig, run_evolution
-    from orchestrator.level_sources import database_levels, resolve_level_source
-    from orchestrator.progress import DriverProgress
+    from orchestrator.runtime.candidates import DriverResult
+    from orchestrator.search.drivers.evolution import EvolutionConfig, run_evolution
+    from orchestrator.search.level_sources import database_levels, resolve_level_source
+    from orchestrator.runtime.progress import DriverProgress
 
     config, pool = context.config, context.pool
     n, target, weights = pool.num_blocks, config.sparsity, pool.block_weights
@@ -139,7 +139,7 @@ def _tune(name: str, space_of: Callable[[DriverContext], tuple[dict, Callable]],
     """A Tune/Optuna driver over the space and profile builder ``space_of(context)`` returns."""
 
     def run(context: DriverContext, budget: "Budget") -> "DriverResult":
-        from orchestrator.tune_driver import run_tune
+        from orchestrator.search.drivers.tune import run_tune
 
         config = context.config
         space, build = space_of(context)

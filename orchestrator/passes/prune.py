@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.output import check_output, staged_output, write_json
+from core.identity import versions, write_json
+from orchestrator.runtime.rundir import check_output, staged_output
 from pruning.data import DEFAULT_DATA, prepare_tokens
 from core.errors import SparseAllocError
 from pruning.load import (DEFAULT_MODEL, DTYPES, block_param_counts, find_blocks, find_linears, load_model,
@@ -144,13 +145,6 @@ def resolve_profile(config: PruneConfig, num_blocks: int, weights: list[int]) ->
 def dtype_name(dtype: torch.dtype) -> str:
     """The ``--dtype`` spelling of ``dtype`` (fp32, bf16, fp16)."""
     return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).removeprefix("torch."))
-
-
-def versions() -> dict:
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "sparsealloc": "0.1.0"}
 
 
 def save_pruned(out: Path, overwrite: bool, model, tokenizer, profile: Profile, target: float, metrics: dict,

@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from orchestrator.budget import Budget, eval_tokens
-from orchestrator.candidates import Candidate, DriverResult
-from orchestrator.progress import DriverProgress
+from orchestrator.search.budget import Budget, eval_tokens
+from orchestrator.runtime.candidates import Candidate, DriverResult
+from orchestrator.runtime.progress import DriverProgress
 from core.errors import SparseAllocError
 from scoring import shapley
 from scoring.shapley import Coalition
 from search_spaces import families
 
 if TYPE_CHECKING:  # the driver only needs evaluate, num_blocks and block_weights (tests pass a fake)
-    from orchestrator.pool import EvaluatorPool
+    from orchestrator.runtime.pool import EvaluatorPool
 
 log = logging.getLogger(__name__)
 

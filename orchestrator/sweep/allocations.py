@@ -13,15 +13,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from core.profile import Profile
-from orchestrator.drivers import DRIVERS
+from orchestrator.search.drivers import DRIVERS
 from search_spaces import families
 
 if TYPE_CHECKING:
     import torch
 
-    from orchestrator.clock import RunClock
-    from orchestrator.pool import EvaluatorPool
-    from orchestrator.search import SearchConfig
+    from orchestrator.runtime.clock import RunClock
+    from orchestrator.runtime.pool import EvaluatorPool
+    from orchestrator.search.run import SearchConfig
 
 Proposal = list[tuple[str, Profile]]
 
@@ -59,7 +59,7 @@ def _uniform(context: CellContext) -> Proposal:
 
 
 def _owl(context: CellContext) -> Proposal:
-    from orchestrator.drivers import DriverContext, outlier_ratios
+    from orchestrator.search.drivers import DriverContext, outlier_ratios
 
     driver_context = DriverContext(context.pool, context.config, context.calibration, context.top_tokens,
                                    context.sensitivity_dir)
@@ -77,7 +77,7 @@ def _atp_grid(context: CellContext) -> Proposal:
 
 
 def _fisher_map(context: CellContext) -> Proposal:
-    from orchestrator.drivers import DriverContext, fisher_traces
+    from orchestrator.search.drivers import DriverContext, fisher_traces
 
     traces = fisher_traces(DriverContext(context.pool, context.config, context.calibration, context.top_tokens,
                                          context.sensitivity_dir))
@@ -88,9 +88,9 @@ def _fisher_map(context: CellContext) -> Proposal:
 def _drivers(context: CellContext, shares: dict[str, float]) -> dict:
     """Run the drivers in the cell's directory; their results also go to its ``summary.json`` (as a
     search run's ``drivers`` entry, read by the report)."""
-    from orchestrator.finalists import driver_summary
-    from orchestrator.output import write_json
-    from orchestrator.search import run_drivers
+    from orchestrator.passes.finalists import driver_summary
+    from core.identity import write_json
+    from orchestrator.search.run import run_drivers
 
     results = run_drivers(context.pool, context.config, shares, context.calibration, context.top_tokens,
                           context.clock, context.search_seconds, context.sensitivity_dir)
@@ -115,7 +115,7 @@ def _one_driver(name: str) -> Callable[[CellContext], Proposal]:
 
 
 def _all(context: CellContext) -> Proposal:
-    from orchestrator.finalists import finalists
+    from orchestrator.passes.finalists import finalists
 
     results = _drivers(context, context.config.drivers())  # the cell's config has method "all"
     return [(name, results[name].best) for name in finalists(results, context.finalists)]

@@ -14,7 +14,6 @@ model, dtype, token windows) is not pruned again on ``--resume``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -30,15 +29,16 @@ from typing import TYPE_CHECKING
 import ray
 import torch
 
-from orchestrator.candidates import DriverResult
-from orchestrator.final_pass import (choose_offload, device_free_bytes, device_info, dtype_name, pass_reserve_bytes,
-                                     place_model, save_pruned, versions)
-from orchestrator.output import staged_output, write_json
+from orchestrator.runtime.candidates import DriverResult
+from orchestrator.passes.prune import (choose_offload, device_free_bytes, device_info, dtype_name, pass_reserve_bytes,
+                                     place_model, save_pruned)
+from core.identity import fingerprint, versions, write_json
+from orchestrator.runtime.rundir import staged_output
 from core.errors import SparseAllocError
 from core.profile import Profile
 
 if TYPE_CHECKING:
-    from orchestrator.search import SearchConfig
+    from orchestrator.search.run import SearchConfig
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +89,6 @@ class PassJob:
     inputs: dict  # what the result depends on; a stored result with the same inputs is reused
     save: bool = True  # save the pruned model beside its metrics (a sweep keeps only the metrics)
     zero_shot: dict | None = None  # lm-eval tasks to score the pruned model on: {"tasks", "include", "limit"}
-
-
-def digest(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def _load(job: PassJob, calibration_windows: int, seqlen: int):
@@ -190,7 +186,7 @@ def stored_metrics(path: Path, inputs: dict) -> dict | None:
 
 def window_digests(calibration: torch.Tensor, selection: torch.Tensor, test: torch.Tensor) -> dict[str, str]:
     """The token windows a pass's metrics depend on, as digests (part of every pass's ``inputs``)."""
-    return {"calibration": digest(calibration), "selection": digest(selection), "test": digest(test)}
+    return {"calibration": fingerprint(calibration), "selection": fingerprint(selection), "test": fingerprint(test)}
 
 
 def pass_inputs(model: str, device: str, dtype: str, pruner: str, windows: dict[str, str], profile: Profile,

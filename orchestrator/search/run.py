@@ -27,16 +27,16 @@ from pathlib import Path
 import ray
 import torch
 
-from orchestrator.budget import Budget, driver_allowance
-from orchestrator.candidates import Candidate, DriverResult
-from orchestrator.clock import RunClock
-from orchestrator.drivers import DRIVERS, OWL_M_CHOICES, DriverContext, all_shares, sequential_top_stage
-from orchestrator.final_pass import versions
-from orchestrator.finalists import run_final_passes, selection_windows
-from orchestrator.level_sources import database_levels, ensure_database, resolve_level_source
-from orchestrator.output import check_output, write_json
-from orchestrator.pool import EvaluatorPool, EvaluatorSpec
-from orchestrator.results import ResultsTable
+from orchestrator.search.budget import Budget, driver_allowance
+from orchestrator.runtime.candidates import Candidate, DriverResult
+from orchestrator.runtime.clock import RunClock
+from orchestrator.search.drivers import DRIVERS, OWL_M_CHOICES, DriverContext, all_shares, sequential_top_stage
+from core.identity import package_version, write_json
+from orchestrator.passes.finalists import run_final_passes, selection_windows
+from orchestrator.search.level_sources import database_levels, ensure_database, resolve_level_source
+from orchestrator.runtime.rundir import check_output
+from orchestrator.runtime.pool import EvaluatorPool, EvaluatorSpec
+from orchestrator.runtime.results import ResultsTable
 from pruning.data import DEFAULT_DATA, consecutive_windows, prepare_tokens
 from core.errors import SparseAllocError
 from pruning.load import DEFAULT_MODEL, load_tokenizer, pick_device, pick_dtype
@@ -116,7 +116,7 @@ class SearchConfig:
                 "dtype", "batch_size", "selection_windows", "eval_windows")
         identity = {k: getattr(self, k) for k in keep}
         identity["evaluator"] = {"levels": self.level_source, "fitness": "KL(dense || pruned)"}
-        identity["version"] = versions()["sparsealloc"]
+        identity["version"] = package_version()
         return json.loads(json.dumps(identity))
 
 
@@ -162,7 +162,7 @@ def check_memory(config: SearchConfig) -> str:
     """The memory plan for this search (``sparsealloc plan``), checked before any work; returns the
     evaluator mode. Without ``--device-memory-gb`` the budget is the device this process sees, or,
     for GPU actors seen from a GPU-less driver, unknown: each actor then plans with its own device."""
-    from orchestrator.plan import check_plan, detect_device_memory, make_plan, shape_of
+    from orchestrator.runtime.plan import check_plan, detect_device_memory, make_plan, shape_of
 
     if config.gpus_per_actor < 1 or config.population < 1:
         raise SparseAllocError(f"--gpus-per-actor and --population must be at least 1, got {config.gpus_per_actor} "
@@ -389,7 +389,7 @@ def run_search(config: SearchConfig) -> dict:
                               "final_passes_estimate": round(estimate_final_s, 3),
                               "search_seconds_allowed": search_seconds}
         write_json(Path(config.out) / "summary.json", summary)
-        from orchestrator.report import write_report
+        from orchestrator.report.build import write_report
 
         summary["report"] = [str(path) for path in write_report(Path(config.out))]
         return summary
