@@ -28,6 +28,7 @@ demo: venv
 	$(VENV)/bin/sparsealloc report runs/demo-wanda-50
 
 test: venv
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests
 
 bench: venv

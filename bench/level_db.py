@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.search.level_sources import database_levels
+from scoring.level_db import database_levels
 from orchestrator.runtime.plan import shape_of
 from pruning.load import DEFAULT_MODEL
 

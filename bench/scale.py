@@ -321,7 +321,7 @@ def measure(args) -> dict:
 # ---- the report ----------------------------------------------------------------------------------
 
 def _device_words() -> str:
-    from orchestrator.passes.prune import device_info
+    from orchestrator.passes.model_io import device_info
 
     if torch.cuda.is_available():
         return f"{device_info(torch.device('cuda'))['device_name']} (CUDA {torch.version.cuda})"

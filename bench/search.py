@@ -29,10 +29,14 @@ import ray
 import torch
 
 from core.profile import Profile
-from orchestrator.passes.finalists import (PassJob, PassTasks, as_completed, model_spec, pass_inputs, stored_metrics,
-                                    window_digests)
+from dataclasses import replace
+
 from core.identity import write_json
-from orchestrator.search.run import SearchConfig, resolve_device, run_search, token_sets
+from orchestrator.passes.tasks import PassTasks, as_completed, pass_inputs, stored_metrics, window_digests
+from orchestrator.search.config import SearchConfig
+from orchestrator.search.registry import driver_plan
+from orchestrator.search.run import pass_template, run_search
+from orchestrator.search.settings import Settings, Tokens, resolve, token_sets
 from pruning.load import block_param_counts, load_model, load_tokenizer
 from scoring.sensitivity import owl_sensitivity
 from search_spaces import families
@@ -62,22 +66,21 @@ def baseline_profiles(config: SearchConfig, summary: dict, calibration: torch.Te
     return profiles
 
 
-def baseline_passes(config: SearchConfig, profiles: dict[str, Profile], data, selection: torch.Tensor) -> dict:
+def baseline_passes(settings: Settings, profiles: dict[str, Profile], tokens: Tokens) -> dict:
     """Each baseline's final pass (Ray tasks, one core each; stored metrics with the same inputs reused)."""
-    run = Path(config.out).resolve() / "baselines"
-    model = model_spec(config.model)
-    windows = window_digests(data.calibration, selection, data.test)
-    tasks = PassTasks({"num_cpus": 1}, data.calibration, selection, data.test)
+    run = Path(settings.config.out).resolve() / "baselines"
+    template = pass_template(settings)
+    windows = window_digests(tokens.calibration, tokens.selection, tokens.test)
+    tasks = PassTasks({"num_cpus": 1}, tokens.calibration, tokens.selection, tokens.test)
     refs, out = {}, {}
     for name, profile in profiles.items():
-        inputs = pass_inputs(model, config.device, config.dtype, config.pruner, windows, profile)
+        inputs = pass_inputs(template.model, template.device, template.dtype, template.pruner, windows, profile)
         folder = run / name.replace(" ", "_").replace("=", "")
         stored = stored_metrics(folder / "metrics.json", inputs)
         if stored is not None:
             out[name] = stored
             continue
-        job = PassJob(model, config.pruner, config.device, config.dtype, None, config.batch_size, 1, str(folder),
-                      inputs, save=False)
+        job = replace(template, threads=1, out=str(folder), inputs=inputs, save=False)
         refs[tasks.submit(job, name, profile)] = name
     out.update(as_completed(refs))
     return {name: {"validation_perplexity": m["validation_perplexity"], "test_perplexity": m["test_perplexity"],
@@ -118,10 +121,10 @@ def run_seed(args, seed: int) -> dict:
     search_s = time.time() - started
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        config = resolve_device(config)
-        data, _fitness, selection = token_sets(config, load_tokenizer(config.model))
-        profiles = baseline_profiles(config, summary, data.calibration, args.atp_grid)
-        baselines = baseline_passes(config, profiles, data, selection)
+        settings = resolve(config, driver_plan(config.method), ray.cluster_resources().get("GPU", 0))
+        tokens = token_sets(settings, load_tokenizer(config.model))
+        profiles = baseline_profiles(config, summary, tokens.calibration, args.atp_grid)
+        baselines = baseline_passes(settings, profiles, tokens)
     finally:
         ray.shutdown()
     record = {

@@ -1,4 +1,7 @@
-"""``sparsealloc`` command line: fetch assets, measure sensitivities, build profiles, prune."""
+"""``sparsealloc`` command line: fetch assets, plan, prune, measure sensitivities, build profiles, search,
+sweep, read results and reports. The flags of ``prune``, ``sensitivity``, ``search`` and ``plan`` come
+from their configs' declarations (:mod:`orchestrator.runtime.options`); every choice of a driver,
+pruner or level source from its registry."""
 
 from __future__ import annotations
 
@@ -8,28 +11,16 @@ import logging
 import sys
 from pathlib import Path
 
-from orchestrator.search.drivers import DRIVERS, all_shares
 from core.errors import SparseAllocError
-from pruning.pruners import PRUNERS
+from orchestrator.passes.prune import PruneConfig
+from orchestrator.runtime.options import add_arguments, from_args
+from orchestrator.search.config import SearchConfig
+from orchestrator.sensitivity import SensitivityConfig
 from search_spaces.families import FAMILIES
 
+PLAN_OPTIONS = ("model", "pruner", "seqlen", "calib_samples", "fitness_windows", "fitness_seqlen", "top_fitness",
+                "batch_size", "dtype", "evaluator", "device_memory_gb", "gpus_per_actor")
 
-
-def _add_model_data_args(parser: argparse.ArgumentParser, seqlen: int, calib_samples: int) -> None:
-    parser.add_argument("--model", default="default",
-                        help="'default' (SmolLM2-135M-Instruct), a Hugging Face id, a local HF directory or a .gguf file")
-    parser.add_argument("--data", default="default",
-                        help="'default' (Wikipedia summaries), a datasets name[:config] (e.g. wikitext:wikitext-2-raw-v1) "
-                             "or a local .txt/.jsonl/.parquet file")
-    parser.add_argument("--text-field", default=None, help="text column of --data (default: text/extract/content)")
-    parser.add_argument("--seqlen", type=int, default=seqlen, help="tokens per window")
-    parser.add_argument("--calib-samples", type=int, default=calib_samples, help="calibration windows")
-    parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 …")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,109 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--force", action="store_true", help="with --model: download again even if already cached")
 
     prune = sub.add_parser("prune", help="final pruning pass with a uniform or per-block profile")
-    prune.add_argument("--out", type=Path, required=True, help="output directory (model, profile.json, metrics.json)")
-    prune.add_argument("--pruner", default="wanda", choices=list(PRUNERS))
-    prune.add_argument("--sparsity", type=float, default=None, help="target mean sparsity in [0, 1)")
-    prune.add_argument("--nm", default=None, help="uniform N:M pattern, N zeros in every M weights (e.g. 2:4)")
-    prune.add_argument("--profile", type=Path, default=None,
-                       help="profile.json with one sparsity (and optionally one N:M pattern) per decoder block")
-    prune.add_argument("--eval-windows", type=int, default=None, help="cap on test windows (default: whole test split)")
-    prune.add_argument("--offload", default="auto", choices=["auto", "on", "off"],
-                       help="keep the blocks on the host and move them to the device one at a time "
-                            "(auto: when the model does not fit the device's free memory)")
-    prune.add_argument("--no-dense-cache", action="store_true",
-                       help="recompute the dense perplexity even when an earlier run cached it for the same model, "
-                            "test windows, dtype and device type (cache: $SPARSEALLOC_CACHE/dense)")
-    prune.add_argument("--zero-shot-tasks", default=None, metavar="A,B",
-                       help="also score the pruned model's zero-shot accuracy on these lm-eval tasks (local data "
-                            "only; needs pip install 'sparsealloc[eval]')")
-    prune.add_argument("--zero-shot-include", type=Path, default=None, metavar="DIR",
-                       help="directory of lm-eval task YAMLs (dataset_path: json, data_files on this machine)")
-    prune.add_argument("--zero-shot-limit", type=int, default=None, metavar="N",
-                       help="at most N examples per zero-shot task (default: all)")
-    _add_model_data_args(prune, seqlen=2048, calib_samples=128)
+    add_arguments(prune, PruneConfig)
 
     sens = sub.add_parser("sensitivity", help="per-block Shapley values, Fisher traces or OWL outlier ratios")
-    sens.add_argument("--method", required=True, choices=["shapley", "fisher", "owl"])
-    sens.add_argument("--out", type=Path, required=True, help="output directory (sensitivity.json, sensitivity.png)")
-    sens.add_argument("--sparsity", type=float, default=0.7, help="sparsity a pruned block gets in a coalition")
-    sens.add_argument("--estimator", default="sliding", choices=["sliding", "permutation", "exact"])
-    sens.add_argument("--window", type=int, default=3, help="sliding-window size (blocks)")
-    sens.add_argument("--permutations", type=int, default=8, help="sampled orders (even: antithetic pairs)")
-    sens.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold multiplier M")
-    sens.add_argument("--fitness-windows", type=int, default=8, help="validation windows for the KL fitness")
-    sens.add_argument("--fitness-seqlen", type=int, default=128, help="tokens per fitness window")
-    _add_model_data_args(sens, seqlen=512, calib_samples=32)
+    add_arguments(sens, SensitivityConfig)
 
     search = sub.add_parser("search", help="search per-block profiles on Ray, then prune with the winner")
-    search.add_argument("--method", default="all",
-                        choices=["all", *DRIVERS],
-                        help="all (" + ", ".join(f"{n} {s:.0%}" for n, s in all_shares().items()).replace("%", "%%")
-                             + " of the budget) or "
-                             + "; ".join(f"{name}: {d.help}" for name, d in DRIVERS.items()))
-    search.add_argument("--sparsity", type=float, default=0.7, help="target mean sparsity")
-    search.add_argument("--out", type=Path, required=True, help="run directory")
-    search.add_argument("--pruner", default="wanda", choices=list(PRUNERS),
-                        help="final pass")
-    search.add_argument("--budget-evals", type=int, default=None, help="fitness evaluations, shared by the drivers")
-    search.add_argument("--budget-tokens", type=int, default=None,
-                        help="fitness tokens scored (an evaluation on 1024 tokens costs 4 on 256), shared by the "
-                             "drivers: a budget that does not depend on the machine's speed")
-    search.add_argument("--budget-minutes", type=float, default=None,
-                        help="wall clock for the drivers (setup and final passes come on top)")
-    search.add_argument("--deadline-minutes", type=float, default=None,
-                        help="wall clock for the whole run: the drivers get what setup (measured) and the final "
-                             "passes (estimated) leave")
-    search.add_argument("--address", default=None, help="join a cluster: auto or ray://host:10001 (default: local)")
-    search.add_argument("--actors", type=int, default=None,
-                        help="evaluator actors (default: one per GPU; locally without CUDA, one per --threads cores)")
-    search.add_argument("--threads", type=int, default=1, help="torch threads (and CPUs) per CPU actor")
-    search.add_argument("--gpu-actors", action="store_true",
-                        help="GPU actors even if the cluster has no GPU yet (autoscaling clusters)")
-    search.add_argument("--fitness-windows", type=int, default=32,
-                        help="validation windows for the KL fitness (the pool evolution draws minibatches from)")
-    search.add_argument("--fitness-seqlen", type=int, default=128, help="tokens per fitness window")
-    search.add_argument("--fidelities", type=int, nargs="+", default=[256, 1024],
-                        help="evolution's multi-fidelity token counts")
-    search.add_argument("--top-fitness", default="kl-seq", choices=["kl-seq", "kl"],
-                        help="evolution's last stage, on all fitness tokens: kl-seq scores each survivor with the "
-                             "masks of a low-fidelity sequential Wanda pass for it (--sequential-windows calibration "
-                             "windows), kl with the rank tables of the dense activations (no extra stage)")
-    search.add_argument("--sequential-windows", type=int, default=4,
-                        help="calibration windows of kl-seq's low-fidelity sequential pass")
-    search.add_argument("--level-source", default="auto", choices=["auto", "wanda", "sparsegpt-db"],
-                        help="where the evaluator's per-level weights come from: auto = a SparseGPT level database "
-                             "(built once per model, calibration and grid in $SPARSEALLOC_CACHE/level-db, "
-                             "memory-mapped) for --pruner sparsegpt, else Wanda rank tables")
-    search.add_argument("--db-levels", type=float, nargs="+", default=None,
-                        help="the SparseGPT database's levels (default: every 0.05 within 0.2 of --sparsity); "
-                             "evolution searches on them, other profiles are scored at each block's nearest level")
-    search.add_argument("--nm-m", type=int, default=None, help="evolution over the mixed N:M menu 1:M … (M-1):M")
-    search.add_argument("--free-sampler", default="tpe", choices=["tpe", "cmaes"],
-                        help="Optuna sampler of the tune-free search over per-block vectors")
-    search.add_argument("--estimator", default="permutation", choices=["permutation", "sliding"],
-                        help="Shapley driver's estimator: antithetic permutation pairs while the budget lasts, "
-                             "or the sliding window of SV-NUP (both anytime)")
-    search.add_argument("--finalists", type=int, default=None,
-                        help="how many drivers' best profiles (by validation KL) get the real final pass (default: "
-                             "every driver's); the lowest held-out validation perplexity after it wins (the Tune ATP "
-                             "best always runs)")
-    search.add_argument("--selection-windows", type=int, default=8,
-                        help="validation windows, after the fitness tokens, that pick the winner among finalists")
-    search.add_argument("--eval-windows", type=int, default=32,
-                        help="test windows of --seqlen tokens for the final perplexity (the fitness and selection "
-                             "tokens come from the validation split through their own flags)")
-    search.add_argument("--evaluator", default="auto", choices=["auto", "resident", "streamed"],
-                        help="where the evaluator keeps the weights: resident on the actor's GPUs, or streamed "
-                             "block by block from host memory (auto: resident when the memory plan says it fits)")
-    search.add_argument("--device-memory-gb", type=float, default=None,
-                        help="device memory an actor may use per device, GiB (default: the whole device)")
-    search.add_argument("--gpus-per-actor", type=int, default=1,
-                        help="GPUs per evaluator actor; its resident blocks are split over them")
-    search.add_argument("--population", type=int, default=8,
-                        help="candidates an actor advances block by block together (shared prefixes computed once)")
-    search.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    _add_model_data_args(search, seqlen=512, calib_samples=32)
+    add_arguments(search, SearchConfig)
 
     prof = sub.add_parser("profile", help="build a per-block profile from a family and its hyper-parameters")
     prof.add_argument("--family", required=True, choices=list(FAMILIES),
@@ -164,26 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--model", default="default", help="model whose block count to use")
 
     plan = sub.add_parser("plan", help="memory per stage from the model's config alone (no weights are read)")
-    plan.add_argument("--model", default="default",
-                      help="'default', a Hugging Face id, a local HF directory (config.json is enough) or a .gguf file")
-    plan.add_argument("--gpus-per-actor", type=int, default=1, help="devices each evaluator actor spreads over")
-    plan.add_argument("--device-memory-gb", type=float, default=None,
-                      help="memory per device in GiB (default: this machine's CUDA device, else its host memory)")
+    add_arguments(plan, SearchConfig, only=PLAN_OPTIONS)
     plan.add_argument("--host-memory-gb", type=float, default=None,
                       help="host memory in GiB to check host bytes against (default: checked only for CPU actors)")
-    plan.add_argument("--evaluator", default="auto", choices=["auto", "resident", "streamed"],
-                      help="auto: resident when it fits, else streamed")
-    plan.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                      help="auto: bf16, or fp32 when neither --device-memory-gb nor CUDA is there (CPU actors)")
-    plan.add_argument("--fitness-windows", type=int, default=32, help="validation windows for the KL fitness")
-    plan.add_argument("--top-fitness", default="kl-seq", choices=["kl-seq", "kl"],
-                      help="search's --top-fitness: kl-seq holds a second set of rank tables while it scores "
-                           "(not with --pruner sparsegpt, whose search uses the level database)")
-    plan.add_argument("--fitness-seqlen", type=int, default=128, help="tokens per fitness window")
-    plan.add_argument("--calib-samples", type=int, default=32, help="calibration windows")
-    plan.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
-    plan.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
-    plan.add_argument("--pruner", default="wanda", choices=list(PRUNERS), help="final pass")
 
     sweep = sub.add_parser("sweep", help="models x sparsities x pruners x methods as one Ray workload: one table, "
                                           "one report")
@@ -227,21 +105,9 @@ def _cmd_fetch(args) -> None:
 
 
 def _cmd_prune(args) -> None:
-    from orchestrator.passes.prune import PruneConfig, run_prune
+    from orchestrator.passes.prune import run_prune
 
-    config = PruneConfig(
-        out=args.out, model=args.model, data=args.data, text_field=args.text_field, pruner=args.pruner,
-        sparsity=args.sparsity, nm=args.nm, profile=args.profile, seqlen=args.seqlen,
-        calib_samples=args.calib_samples, eval_windows=args.eval_windows, batch_size=args.batch_size,
-        device=args.device, dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
-        progress=not args.no_progress, offload={"auto": None, "on": True, "off": False}[args.offload],
-        dense_cache=not args.no_dense_cache,
-        zero_shot_tasks=[t.strip() for t in args.zero_shot_tasks.split(",") if t.strip()]
-        if args.zero_shot_tasks else None,
-        zero_shot_include=args.zero_shot_include, zero_shot_limit=args.zero_shot_limit,
-    )
-    if args.zero_shot_tasks is not None and not config.zero_shot_tasks:
-        raise SparseAllocError("--zero-shot-tasks needs at least one task name")
+    config = from_args(PruneConfig, args)
     metrics = run_prune(config)
     achieved = metrics["achieved_sparsity"]
     print(f"\n{'model':<22}{metrics['model']}")
@@ -262,14 +128,9 @@ def _cmd_prune(args) -> None:
 
 
 def _cmd_sensitivity(args) -> None:
-    from orchestrator.sensitivity import SensitivityConfig, run_sensitivity
+    from orchestrator.sensitivity import run_sensitivity
 
-    result = run_sensitivity(SensitivityConfig(
-        out=args.out, method=args.method, sparsity=args.sparsity, estimator=args.estimator, window=args.window,
-        permutations=args.permutations, owl_m=args.owl_m, fitness_windows=args.fitness_windows,
-        fitness_seqlen=args.fitness_seqlen, model=args.model, data=args.data, text_field=args.text_field,
-        seqlen=args.seqlen, calib_samples=args.calib_samples, batch_size=args.batch_size, device=args.device,
-        dtype=args.dtype, seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress))
+    result = run_sensitivity(from_args(SensitivityConfig, args))
     print(f"\n{'block':>5}  {args.method}")
     for index, value in enumerate(result.values):
         err = f" ± {result.stderr[index]:.3g}" if result.stderr else ""
@@ -278,23 +139,9 @@ def _cmd_sensitivity(args) -> None:
 
 
 def _cmd_search(args) -> None:
-    from orchestrator.search.run import SearchConfig, run_search
+    from orchestrator.search.run import run_search
 
-    summary = run_search(SearchConfig(
-        out=args.out, method=args.method, sparsity=args.sparsity, pruner=args.pruner, model=args.model,
-        data=args.data, text_field=args.text_field, seqlen=args.seqlen, calib_samples=args.calib_samples,
-        eval_windows=args.eval_windows, fitness_windows=args.fitness_windows, fitness_seqlen=args.fitness_seqlen,
-        fidelities=tuple(args.fidelities), top_fitness=args.top_fitness, sequential_windows=args.sequential_windows,
-        level_source=args.level_source, db_levels=None if args.db_levels is None else tuple(args.db_levels),
-        nm_m=args.nm_m, free_sampler=args.free_sampler,
-        estimator=args.estimator,
-        finalists=args.finalists, selection_windows=args.selection_windows,
-        budget_evals=args.budget_evals, budget_tokens=args.budget_tokens, budget_minutes=args.budget_minutes, deadline_minutes=args.deadline_minutes,
-        actors=args.actors, threads=args.threads,
-        actor_gpus=True if args.gpu_actors else None, address=args.address, batch_size=args.batch_size,
-        device=args.device, dtype=args.dtype, evaluator=args.evaluator, device_memory_gb=args.device_memory_gb,
-        gpus_per_actor=args.gpus_per_actor, population=args.population,
-        seed=args.seed, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress))
+    summary = run_search(from_args(SearchConfig, args))
     passes = summary["final_passes"]
     print(f"\n{'driver':<14}{'validation KL':>14}{'evaluations':>13}{'seconds':>10}{'valid. ppl':>12}{'test ppl':>12}")
     for name, row in summary["drivers"].items():
@@ -359,6 +206,8 @@ def _cmd_profile(args) -> None:
 
 def _cmd_plan(args) -> None:
     from orchestrator.runtime.plan import GIB, check_plan, detect_device_memory, host_memory, make_plan, render_plan, shape_of
+    from pruning.pruners import get_pruner
+    from scoring.level_sources import LEVEL_SOURCES, resolve_level_source
 
     shape = shape_of(args.model)
     host_budget = None if args.host_memory_gb is None else int(args.host_memory_gb * GIB)
@@ -369,12 +218,13 @@ def _cmd_plan(args) -> None:
         if not cuda and host_budget is None:
             host_budget = host_memory()  # CPU actors: the device is the host
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if cuda else "fp32")
+    source = resolve_level_source("auto", get_pruner(args.pruner).level_source, None)
     plan = make_plan(shape, dtype=dtype, device_memory_bytes=budget, gpus_per_actor=args.gpus_per_actor,
                      evaluator=args.evaluator, fitness_tokens=args.fitness_windows * args.fitness_seqlen,
                      fitness_seqlen=args.fitness_seqlen, batch_size=args.batch_size,
                      calib_samples=args.calib_samples, seqlen=args.seqlen, pruner=args.pruner,
                      host_memory_bytes=host_budget,
-                     sequential_fitness=args.top_fitness == "kl-seq" and args.pruner != "sparsegpt")
+                     sequential_fitness=args.top_fitness == "kl-seq" and LEVEL_SOURCES[source].sequential)
     print(render_plan(plan))
     check_plan(plan)
 
@@ -428,7 +278,7 @@ def _cmd_results(args) -> None:
 
 
 def _cmd_report(args) -> None:
-    from orchestrator.report.build import write_report
+    from orchestrator.report import write_report
 
     html_path, md_path = write_report(args.path)
     print(f"html: {html_path}")

@@ -10,9 +10,11 @@ import torch
 
 from core.identity import write_json
 from orchestrator.runtime.rundir import check_output, staged_output
-from pruning.data import DEFAULT_DATA, consecutive_windows, prepare_tokens
+from orchestrator.runtime import options as opt
+from orchestrator.runtime.options import option
+from pruning.data import consecutive_windows, prepare_tokens
 from core.errors import SparseAllocError
-from pruning.load import DEFAULT_MODEL, load_model, pick_device, pick_dtype
+from pruning.load import load_model, pick_device, pick_dtype
 from scoring.evaluator import CandidateEvaluator
 from scoring.sensitivity import (METHODS, Sensitivity, fisher_sensitivity, owl_sensitivity, plot_sensitivity,
                                  shapley_sensitivity)
@@ -22,34 +24,33 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SensitivityConfig:
-    """What ``sparsealloc sensitivity`` needs; flags map one to one."""
+    """What ``sparsealloc sensitivity`` needs; each field is a flag (see :mod:`orchestrator.runtime.options`)."""
 
-    out: Path
-    method: str = "shapley"
-    sparsity: float = 0.7
-    estimator: str = "sliding"
-    window: int = 3
-    permutations: int = 8
-    owl_m: float = 5.0
-    fitness_windows: int = 8
-    fitness_seqlen: int = 128
-    model: str = DEFAULT_MODEL
-    data: str = DEFAULT_DATA
-    text_field: str | None = None
-    seqlen: int = 512
-    calib_samples: int = 32
-    batch_size: int = 4
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: int = 0
-    overwrite: bool = False
-    progress: bool = True
+    out: Path = option(help="output directory (sensitivity.json, sensitivity.png)")
+    method: str = option(help="per-block Shapley values, Fisher traces or OWL outlier ratios", choices=METHODS)
+    sparsity: float = option(0.7, "sparsity a pruned block gets in a coalition")
+    estimator: str = option("sliding", "Shapley estimator", choices=("sliding", "permutation", "exact"))
+    window: int = option(3, "sliding-window size (blocks)", minimum=1)
+    permutations: int = option(8, "sampled orders (even: antithetic pairs)", minimum=1)
+    owl_m: float = option(5.0, "OWL outlier threshold multiplier M", minimum=0)
+    fitness_windows: int = option(8, "validation windows for the KL fitness", minimum=1)
+    fitness_seqlen: int = option(128, "tokens per fitness window", minimum=1)
+    model: str = opt.model_option()
+    data: str = opt.data_option()
+    text_field: str | None = opt.text_field_option()
+    seqlen: int = opt.seqlen_option(512)
+    calib_samples: int = opt.calib_samples_option(32)
+    batch_size: int = opt.batch_size_option()
+    device: str = opt.device_option()
+    dtype: str = opt.dtype_option()
+    seed: int = opt.seed_option()
+    overwrite: bool = opt.overwrite_option()
+    progress: bool = opt.progress_option()
 
 
 def run_sensitivity(config: SensitivityConfig) -> Sensitivity:
     """Compute the sensitivity, write ``sensitivity.json`` and ``sensitivity.png`` to ``config.out``."""
-    if config.method not in METHODS:
-        raise SparseAllocError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
+    opt.check(config)
     if not 0.0 < config.sparsity < 1.0:
         raise SparseAllocError(f"--sparsity must lie in (0, 1) for a sensitivity, got {config.sparsity}")
     check_output(Path(config.out), config.overwrite)

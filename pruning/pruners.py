@@ -126,11 +126,17 @@ def sparsegpt_prune(
 
 @dataclass(frozen=True)
 class Pruner:
-    """How one method prunes a linear layer given its (optional) input statistics."""
+    """How one method prunes a linear layer given its (optional) input statistics, and what its pass
+    costs: ``pass_cost`` forward-pass equivalents per calibration token (observing and solving),
+    ``stats_bytes(columns)`` device bytes of one linear's input statistics, and ``level_source``, the
+    evaluator's level source that reproduces this pruner's weights best (``--level-source auto``)."""
 
     name: str
     new_stats: Callable[[nn.Linear], object] | None
     prune: Callable[[nn.Linear, object, float, NM], None]
+    pass_cost: float
+    stats_bytes: Callable[[int], int]
+    level_source: str = "wanda"
 
     @property
     def needs_inputs(self) -> bool:
@@ -158,9 +164,12 @@ def _input_stats(kind: type) -> Callable[[nn.Linear], object]:
 
 
 PRUNERS: dict[str, Pruner] = {
-    "magnitude": Pruner("magnitude", None, _prune_magnitude),
-    "wanda": Pruner("wanda", _input_stats(InputNorms), _prune_wanda),
-    "sparsegpt": Pruner("sparsegpt", _input_stats(Hessian), _prune_sparsegpt),
+    "magnitude": Pruner("magnitude", None, _prune_magnitude, pass_cost=0.2, stats_bytes=lambda columns: 0),
+    "wanda": Pruner("wanda", _input_stats(InputNorms), _prune_wanda, pass_cost=1.5,
+                    stats_bytes=lambda columns: 4 * columns),  # fp32 squared norms
+    "sparsegpt": Pruner("sparsegpt", _input_stats(Hessian), _prune_sparsegpt, pass_cost=6.0,
+                        stats_bytes=lambda columns: 4 * columns * columns,  # the fp32 Hessian
+                        level_source="sparsegpt-db"),
 }
 
 

@@ -32,7 +32,7 @@ from pruning.capture import block_output, capture_block_inputs, head_logits
 from core.errors import SparseAllocError
 from pruning.load import block_param_counts, find_blocks, find_linears
 from pruning.offload import move_non_blocks, non_block_bytes, onloaded, pin_blocks, split_blocks, tensor_bytes, to_device
-from scoring.level_db import LevelDatabase
+from scoring.level_sources import LevelSource, RankTableLevels
 from scoring.levels import Level, RankTables, build_rank_tables
 from core.profile import Profile
 
@@ -56,12 +56,12 @@ class CandidateEvaluator:
                  device: torch.device | Sequence[torch.device], score_kind: str = "wanda", batch_size: int = 4,
                  progress: bool = True, mode: str = "resident", memory_budget: int | None = None,
                  reference: str = "auto", owl_multipliers: Sequence[float] = (), sequential_windows: int = 4,
-                 level_db: "LevelDatabase | None" = None) -> None:
+                 levels: LevelSource | None = None) -> None:
         """``device``: one device, or the actor's devices (resident blocks are split over them).
         ``memory_budget``: bytes this evaluator may hold on each device (None: no limit).
         ``sequential_windows``: calibration windows of the low-fidelity sequential pass behind ``kl-seq``.
-        ``level_db``: a SparseGPT level database; a block's linears at a level are then its stored weights
-        (every level must be on its grid) instead of the Wanda rank tables' masks."""
+        ``levels``: where a block's linears at a level come from (default: the Wanda rank tables' masks;
+        a SparseGPT level database gives its stored weights, each block at its nearest level)."""
         if mode not in MODES:
             raise SparseAllocError(f"unknown evaluator mode {mode!r}; choose one of {', '.join(MODES)}")
         if reference not in REFERENCES:
@@ -81,9 +81,10 @@ class CandidateEvaluator:
         self._device_ranks: dict[int, dict[str, torch.Tensor]] = {}  # streamed: ranks of the blocks on the device
         self._place()
         self.score_kind = score_kind
-        self.level_db = level_db
-        if level_db is not None and level_db.num_blocks != self.num_blocks:
-            raise SparseAllocError(f"the level database holds {level_db.num_blocks} blocks, the model {self.num_blocks}")
+        self.levels = levels if levels is not None else RankTableLevels()
+        stored = getattr(self.levels, "num_blocks", self.num_blocks)
+        if stored != self.num_blocks:
+            raise SparseAllocError(f"the level source holds {stored} blocks, the model {self.num_blocks}")
         self.sequential_calibration = calibration[: max(1, sequential_windows)].cpu()
         self.ranks: RankTables = build_rank_tables(
             model, calibration, lambda l: self._block_device[l], lambda l: self._home[l], score_kind, batch_size,
@@ -238,8 +239,9 @@ class CandidateEvaluator:
         """The block's linears at ``level``, written into the scratch buffers of its device."""
         device = self._block_device[block]
         out = {}
-        if self.level_db is not None and level[1] is not None:
-            raise SparseAllocError("the SparseGPT level database holds unstructured levels, not N:M patterns")
+        if level[1] is not None and not self.levels.supports_nm:
+            raise SparseAllocError(f"the {type(self.levels).__name__} level source holds unstructured levels, not "
+                                   "N:M patterns")
         for name, layer in self._linears[block].items():
             table = self.ranks.tables[block][name]
             if self.mode == "streamed":
@@ -248,10 +250,7 @@ class CandidateEvaluator:
             key = (device, name, tuple(weight.shape), weight.dtype)
             if key not in self._scratch:
                 self._scratch[key] = torch.empty_like(weight)
-            if self.level_db is not None:
-                out[name] = self._scratch[key].copy_(self.level_db.weight(block, name, level[0]))
-                continue
-            out[name] = table.pruned(weight, *level, out=self._scratch[key])
+            out[name] = self.levels.weight(block, name, level, weight, table, self._scratch[key])
         return out
 
     def _calls_for(self, block: int, batch: int) -> tuple[tuple, dict]:
@@ -347,9 +346,9 @@ class CandidateEvaluator:
         for profile in profiles:
             profile.check_fits(self.num_blocks)
         if metric == "kl-seq":
-            if self.score_kind != "wanda" or self.level_db is not None:
+            if self.score_kind != "wanda" or not self.levels.sequential:
                 raise SparseAllocError("kl-seq needs Wanda rank tables (activation-based masks), not "
-                                       f"{'a level database' if self.level_db is not None else self.score_kind}")
+                                       f"{type(self.levels).__name__} with {self.score_kind} scores")
             dense_ranks, values = self.ranks, []
             try:
                 for profile in profiles:
@@ -390,9 +389,8 @@ class CandidateEvaluator:
         return scores
 
     def _level(self, sparsity: float, pattern) -> Level | None:
-        """A block's level for ``sparsity`` (a database's nearest one), None when that is dense."""
-        if self.level_db is not None:
-            sparsity = self.level_db.nearest(sparsity)
+        """A block's level for ``sparsity`` (as its level source snaps it), None when that is dense."""
+        sparsity = self.levels.snap(sparsity)
         return (sparsity, pattern) if sparsity > 0 else None
 
     def _score(self, ids: torch.Tensor, finals: list[torch.Tensor | None], metric: str) -> list[float]:

@@ -19,6 +19,7 @@ built, and :func:`build_level_database` refuses, naming the numbers, when the di
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -36,8 +37,12 @@ from pruning.load import find_blocks, find_linears
 from pruning.offload import onloaded, to_device
 from pruning.pruners import Hessian, sparsegpt_prune
 
+log = logging.getLogger(__name__)
+
 INDEX = "levels.json"
 FORMAT = 1  # bump when the build changes what is stored: part of every database's identity
+GRID_STEP = 0.05  # the default grid's spacing
+GRID_SPAN = 0.2  # and its reach on either side of the target
 
 
 def _block_file(block: int) -> str:
@@ -148,4 +153,54 @@ class LevelDatabase:
         return self._files[block].get_tensor(f"{name}@{self.level_index(sparsity)}")
 
 
-__all__ = ["LevelDatabase", "build_level_database", "database_bytes"]
+def database_levels(target: float, levels: tuple[float, ...] | None = None) -> list[float]:
+    """The database grid: ``levels`` when given, else every ``GRID_STEP`` within ``GRID_SPAN`` of
+    ``target`` (inside (0, 0.99]); the target itself is always a level (added to ``levels`` when missing)."""
+    if levels:
+        grid = sorted({round(float(level), 6) for level in (*levels, target)})
+        if len(grid) < 2 or grid[0] <= 0 or grid[-1] >= 1:
+            raise SparseAllocError(f"--db-levels needs at least one level besides --sparsity {target}, all in "
+                                   f"(0, 1); got {list(levels)}")
+        return grid
+    steps = round(GRID_SPAN / GRID_STEP)
+    grid = {round(target + i * GRID_STEP, 6) for i in range(-steps, steps + 1)}
+    return sorted(level for level in grid if 0 < level <= 0.99)
+
+
+def ensure_database(model_spec: str, calibration: torch.Tensor, levels: list[float], dtype: str,
+                    device: torch.device, batch_size: int = 4, progress: bool = True) -> Path:
+    """The database of ``model_spec`` at ``levels`` on ``calibration``, in ``dtype``, built on ``device``:
+    reused from ``$SPARSEALLOC_CACHE/level-db/<key>`` when one was built with the same identity (model
+    weights, calibration windows, dtype, the device type it is built on, grid, format, code version),
+    else built now (the blocks visit ``device`` one at a time from the host)."""
+    import gc
+
+    from core.identity import cache_key, fingerprint, package_version
+    from pruning.cache import cache_root
+    from pruning.load import load_model, pick_dtype
+    from pruning.offload import move_non_blocks
+    from scoring.dense_cache import model_identity
+
+    identity = {"model": model_identity(model_spec) or {"spec": model_spec}, "calibration": fingerprint(calibration),
+                "dtype": dtype, "device": device.type, "levels": levels, "batch_size": batch_size, "format": FORMAT,
+                "version": package_version()}
+    path = cache_root() / "level-db" / cache_key(identity)
+    if (path / INDEX).exists():
+        log.info("SparseGPT level database reused from %s", path)
+        return path
+    model, _ = load_model(model_spec, pick_dtype(dtype, device))
+    move_non_blocks(model, device)  # the blocks stay on the host and visit the device one at a time
+    log.info("building the SparseGPT level database: %d levels, %.2f GiB, in %s", len(levels),
+             database_bytes(model, levels) / 2**30, path)
+    try:
+        db = build_level_database(model, calibration, levels, path, device, identity, batch_size, progress)
+    finally:
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    log.info("SparseGPT level database built in %.0f s", db.seconds)
+    return path
+
+
+__all__ = ["LevelDatabase", "build_level_database", "database_bytes", "database_levels", "ensure_database"]

@@ -88,9 +88,10 @@ def owl(outlier_ratios: Sequence[float], target: float, lam: float = 0.08) -> Pr
     return Profile(tuple(sparsities))
 
 
-def owl_space() -> Space:
-    """OWL's hyper-parameters: lam (half the sparsity spread) and M (the outlier threshold multiplier)."""
-    return {"lam": ("uniform", 0.0, 0.2), "M": ("uniform", 3.0, 10.0)}
+def owl_space(multipliers: Sequence[int]) -> Space:
+    """OWL's hyper-parameters: lam (half the sparsity spread) and M, the outlier threshold multiplier, an
+    integer among ``multipliers`` (those whose outlier ratios were counted)."""
+    return {"lam": ("uniform", 0.0, 0.2), "M": ("int", min(multipliers), max(multipliers))}
 
 
 def sensitivity_map(

@@ -113,3 +113,12 @@ def opt_dir(tmp_path_factory) -> Path:
 def _isolated_cache(tmp_path, monkeypatch):
     """Tests never touch the user's asset cache unless they ask for it (the real-model test does)."""
     monkeypatch.setenv("SPARSEALLOC_CACHE", str(tmp_path / "cache"))
+
+
+def settings_of(config, device: str = "cpu", dtype: str = "fp32", level_source: str = "wanda",
+                evaluator: str = "resident", actors: int | None = 1):
+    """The resolved settings of a search ``config`` without Ray or a memory plan (CPU, fp32, rank tables)."""
+    from orchestrator.search.registry import driver_plan
+    from orchestrator.search.settings import Settings
+
+    return Settings(config, device, dtype, level_source, driver_plan(config.method, config.shares), evaluator, actors)

@@ -95,14 +95,22 @@ def test_a_1024_token_evaluation_costs_four_256_token_ones(count, tokens):
     assert both.room(tokens) == 3 and both.room(4 * tokens) == 2  # whichever limit binds first
 
 
-def test_tokens_of_a_batch_and_of_one_evaluation():
+def test_a_charged_pool_charges_every_candidate_its_tokens_in_one_place():
     from types import SimpleNamespace
 
-    from orchestrator.search.budget import eval_tokens, tokens_of
+    from orchestrator.search.budget import Charged, eval_tokens
 
-    batch = [SimpleNamespace(tokens=256), SimpleNamespace(tokens=None), SimpleNamespace(tokens=1024)]
-    assert tokens_of(batch, 4096) == 256 + 4096 + 1024
-    assert tokens_of(batch, None) == 256 + 1024  # all tokens, size unknown: not counted
+    batch = [SimpleNamespace(tokens=256, metric="kl"), SimpleNamespace(tokens=None, metric="kl"),
+             SimpleNamespace(tokens=1024, metric="kl-seq")]
+    budget = Budget()
+    pool = SimpleNamespace(evaluate=lambda candidates: [1.0] * len(candidates), max_tokens=4096, num_blocks=3)
+    charged = Charged(pool, budget, sequential_tokens=100)
+    assert charged.evaluate(batch) == [1.0] * 3 and charged.num_blocks == 3  # the pool's answers and attributes
+    assert budget.used_evals == 3 and budget.used_tokens == 256 + 4096 + 1024 + 100  # kl-seq's calibration too
+    assert charged.cost(None) == 4096 and charged.cost(512, "kl-seq") == 612
+    unknown = Budget()
+    Charged(lambda candidates: [0.0] * len(candidates), unknown).evaluate(batch[:2])
+    assert unknown.used_evals == 2 and unknown.used_tokens == 256  # all tokens, size unknown: not counted
     assert eval_tokens(256, 4096, Budget()) == 256 and eval_tokens(None, 4096, Budget()) == 4096
     assert eval_tokens(None, None, Budget(max_evals=3)) == 0
     with pytest.raises(SparseAllocError, match="token budget"):
@@ -123,7 +131,7 @@ def test_token_allowances_hand_on_what_earlier_drivers_left():
 
 
 def test_progress_line_shows_tokens():
-    from orchestrator.runtime.progress import DriverProgress
+    from orchestrator.search.progress import DriverProgress
 
     budget = Budget(max_tokens=40_000)
     bar = DriverProgress("t", budget, enabled=False)

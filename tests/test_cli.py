@@ -67,12 +67,12 @@ def test_profile_needs_the_right_sensitivity(tmp_path, capsys):
 
 
 def test_choices_come_from_the_registries(monkeypatch):
-    from orchestrator import cli; from orchestrator.search import drivers
-    from orchestrator.search.run import SearchConfig
+    from orchestrator import cli
+    from orchestrator.search import registry
     from pruning import pruners
     from search_spaces import families
 
-    monkeypatch.setitem(drivers.DRIVERS, "planted", drivers.Driver(lambda c, b: None, "a test driver", 0.5))
+    monkeypatch.setitem(registry.DRIVERS, "planted", registry.Driver("planted:run", "a test driver", 0.5))
     monkeypatch.setitem(pruners.PRUNERS, "planted-pruner", pruners.PRUNERS["wanda"])
     monkeypatch.setitem(families.FAMILIES, "planted-family", families.FAMILIES["uniform"])
     parser = cli.build_parser()
@@ -80,4 +80,4 @@ def test_choices_come_from_the_registries(monkeypatch):
     assert (search.method, search.pruner) == ("planted", "planted-pruner")
     profile = parser.parse_args(["profile", "--family", "planted-family", "--sparsity", "0.5", "--out", "p.json"])
     assert profile.family == "planted-family"
-    assert list(SearchConfig(out="x").drivers()) == ["shapley", "evolution", "tune-free", "tune-atp", "planted"]
+    assert list(registry.driver_plan("all")) == ["shapley", "evolution", "tune-free", "tune-atp", "planted"]

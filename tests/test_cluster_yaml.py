@@ -15,7 +15,7 @@ yaml = pytest.importorskip("yaml")
 ray = pytest.importorskip("ray")
 
 CLUSTER_YAML = Path(__file__).resolve().parent.parent / "cluster.yaml"
-README = CLUSTER_YAML.parent / "README.md"
+CLUSTER_DOC = CLUSTER_YAML.parent / "docs" / "cluster.md"
 
 # AWS specs of the instance types the cluster may use: vCPUs, RAM in GiB, GPUs, GiB usable per GPU
 # (nvidia-smi: A10G 23028 MiB, A100/H100 80 GB 81920 MiB / 81559 MiB).
@@ -164,12 +164,11 @@ def test_small_and_large_gpu_worker_types(config):
     assert disk_gb(small) >= 150
 
 
-def _readme_memory_table() -> list[dict]:
-    """Rows of the "model size -> node type" table in README's "Run on a cluster" section."""
-    text = README.read_text()
-    section = text[text.index("## Run on a cluster"):]
-    section = section[:section.index("\n## ", 1)]
-    lines = [line for line in section.splitlines() if line.startswith("|")]
+def _docs_memory_table() -> list[dict]:
+    """Rows of the "model size -> node type" table of docs/cluster.md ("Run on a cluster")."""
+    text = CLUSTER_DOC.read_text()
+    assert text.startswith("# Run on a cluster")
+    lines = [line for line in text.splitlines() if line.startswith("|")]
     header_at = next(i for i, line in enumerate(lines) if "actors per node" in line and "GPUs per actor" in line)
     header = [cell.strip() for cell in lines[header_at].strip("|").split("|")]
     rows = []
@@ -188,9 +187,9 @@ def _max_gib(cell: str) -> float:
     return max(numbers)
 
 
-def test_readme_memory_table_fits_the_node_types(config):
-    """Every row of README's table fits the node type it names: GPUs, memory per GPU, host RAM."""
-    rows = _readme_memory_table()
+def test_docs_memory_table_fits_the_node_types(config):
+    """Every row of docs/cluster.md's table fits the node type it names: GPUs, memory per GPU, host RAM."""
+    rows = _docs_memory_table()
     assert len(rows) >= 5
     sizes = " ".join(row["model (bf16)"] for row in rows)
     for size in ("3B", "7", "13B", "34B", "70B"):
@@ -198,7 +197,7 @@ def test_readme_memory_table_fits_the_node_types(config):
     by_instance = _node_types_by_instance(config)
     for row in rows:
         instance = row["node type"].strip("`")
-        assert instance in by_instance, f"README names {instance}, which cluster.yaml does not have"
+        assert instance in by_instance, f"docs/cluster.md names {instance}, which cluster.yaml does not have"
         name, spec = by_instance[instance]
         known = INSTANCES[instance]
         actors, gpus = int(row["actors per node"]), int(row["GPUs per actor"])

@@ -179,13 +179,13 @@ def test_prune_command_prints_cached(llama_dir, corpus_file, tmp_path, capsys):
 def test_the_search_dense_task_skips_loading_the_model_when_cached(llama_dir, monkeypatch):
     from types import SimpleNamespace
 
-    from orchestrator.passes import finalists
-    from orchestrator.passes.finalists import PassJob, dense_perplexity_task
+    from orchestrator.passes import tasks
+    from orchestrator.passes.tasks import PassJob, dense_perplexity_task
 
-    monkeypatch.setattr(finalists.ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node-1"))
+    monkeypatch.setattr(tasks.ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node-1"))
     loads = []
-    real_load = finalists._load
-    monkeypatch.setattr(finalists, "_load", lambda *args: loads.append(1) or real_load(*args))
+    real_load = tasks._load
+    monkeypatch.setattr(tasks, "_load", lambda *args: loads.append(1) or real_load(*args))
     job = PassJob(model=str(llama_dir), pruner="wanda", device="cpu", dtype="auto", offload=None, batch_size=2,
                   threads=1, out="unused", inputs={"test": "x"})
     test = torch.randint(3, 100, (3, 16), generator=torch.Generator().manual_seed(0))

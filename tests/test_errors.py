@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import build_model, save_model_dir
-from orchestrator.passes import prune as final_pass
+from orchestrator.passes import model_io
 from orchestrator.cli import main
 from orchestrator.passes.prune import PruneConfig, run_prune
 from core.errors import SparseAllocError
@@ -100,7 +100,7 @@ def test_out_never_holds_a_half_result(llama_dir, corpus_file, tmp_path, monkeyp
     def fail(*_args, **_kwargs):
         raise failure
 
-    monkeypatch.setattr(final_pass, "write_profile", fail)
+    monkeypatch.setattr(model_io, "write_profile", fail)
     with pytest.raises(type(failure)):
         _run(llama_dir, corpus_file, out, sparsity=0.5, overwrite=True)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind

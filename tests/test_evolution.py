@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import orchestrator.search.drivers.evolution as evolution
-from orchestrator.search.budget import Budget
+from orchestrator.search.budget import Budget, Charged
 from orchestrator.search.drivers.evolution import EvolutionConfig, crossover, mutate, repair, run_evolution, weighted_mean
 from core.errors import SparseAllocError
 from search_spaces.families import sensitivity_map, uniform
@@ -208,7 +208,7 @@ def run_planted(max_evals=3000, seed=0, noise=0.5, **overrides):
     evaluate = Planted(noise=noise)
     config = EvolutionConfig(target=0.5, seed=seed, **overrides)
     budget = Budget(max_evals=max_evals)
-    result = run_evolution(evaluate, [uniform(BLOCKS, 0.5)], config, budget)
+    result = run_evolution(Charged(evaluate, budget), [uniform(BLOCKS, 0.5)], config)
     return result, evaluate, budget
 
 
@@ -264,7 +264,7 @@ def test_evaluation_budget_is_honoured(fresh):
 def test_budget_already_spent_returns_the_seed():
     evaluate = Planted()
     budget = Budget(max_evals=5, used_evals=5)
-    result = run_evolution(evaluate, [uniform(4, 0.5)], EvolutionConfig(target=0.5), budget)
+    result = run_evolution(Charged(evaluate, budget), [uniform(4, 0.5)], EvolutionConfig(target=0.5))
     assert evaluate.calls == [] and result.evaluations == 0 and result.generations == 0
     assert result.best == uniform(4, 0.5) and result.fitness == float("inf")
 
@@ -273,7 +273,7 @@ def test_wall_clock_budget_stops_it():
     evaluate = Planted(sleep=0.05)
     budget = Budget(max_seconds=0.3)
     start = time.monotonic()
-    result = run_evolution(evaluate, [uniform(BLOCKS, 0.5)], EvolutionConfig(target=0.5), budget)
+    result = run_evolution(Charged(evaluate, budget), [uniform(BLOCKS, 0.5)], EvolutionConfig(target=0.5))
     assert time.monotonic() - start < 1.0
     assert 1 <= len(evaluate.calls) <= 9  # up to 8 stages, then the final choice
     assert result.evaluations == evaluate.scored
@@ -281,7 +281,7 @@ def test_wall_clock_budget_stops_it():
 
 def test_clock_is_checked_before_every_stage():
     evaluate = Planted(sleep=0.15)
-    result = run_evolution(evaluate, [uniform(BLOCKS, 0.5)], EvolutionConfig(target=0.5), Budget(max_seconds=0.1))
+    result = run_evolution(Charged(evaluate, Budget(max_seconds=0.1)), [uniform(BLOCKS, 0.5)], EvolutionConfig(target=0.5))
     assert len(evaluate.calls) == 1  # stage 0 ran past the limit, stage 1 never started
     assert result.generations == 0 and result.history == []
     # The best at the highest stage reached, with that stage's score.
@@ -295,7 +295,7 @@ def test_max_generations_and_progress_callback(fresh):
     seen = []
     evaluate = Planted()
     config = EvolutionConfig(target=0.5, max_generations=5, fresh_tokens=fresh)
-    result = run_evolution(evaluate, [uniform(BLOCKS, 0.5)], config, Budget(),
+    result = run_evolution(Charged(evaluate, Budget()), [uniform(BLOCKS, 0.5)], config,
                            on_generation=lambda g, f, n: seen.append((g, f, n)))
     assert result.generations == 5 == len(seen) and len(evaluate.calls) == 10 + fresh  # + the final choice
     assert [g for g, _, _ in seen] == [0, 1, 2, 3, 4]
@@ -319,8 +319,7 @@ def test_deterministic_with_seed(survivors):
 def test_seeds_are_snapped_and_start_the_population():
     fisher = sensitivity_map([5, 1, 1, 1, 1, 4, 1, 1, 1, 1, 1, 6], 0.5, 1.3)
     evaluate = Planted()
-    run_evolution(evaluate, [fisher, uniform(BLOCKS, 0.5)], EvolutionConfig(target=0.5, max_generations=1),
-                  Budget())
+    run_evolution(Charged(evaluate, Budget()), [fisher, uniform(BLOCKS, 0.5)], EvolutionConfig(target=0.5, max_generations=1))
     first = evaluate.calls[0]
     assert len(first) == 16
     snapped = first[0].sparsities
@@ -332,7 +331,7 @@ def test_seeds_are_snapped_and_start_the_population():
 def test_nm_mode_gives_valid_profiles():
     evaluate = Planted(noise=0.0)
     config = EvolutionConfig(target=0.5, nm_m=4, max_generations=30, survivors=(4, 2))
-    result = run_evolution(evaluate, [uniform(BLOCKS, 0.5)], config, Budget())
+    result = run_evolution(Charged(evaluate, Budget()), [uniform(BLOCKS, 0.5)], config)
     for batch in evaluate.calls:
         for cand in batch:
             profile = cand.profile  # validates nm against the sparsities
@@ -353,7 +352,7 @@ def test_weighted_mean_stays_within_one_level(survivors):
     evaluate = Planted()
     config = EvolutionConfig(target=0.5, weights=weights, max_generations=60, survivors=survivors)
     seeds = [uniform(BLOCKS, 0.5), sensitivity_map(COST.tolist(), 0.5, 1.0, weights)]  # distant parents to cross
-    result = run_evolution(evaluate, seeds, config, Budget())
+    result = run_evolution(Charged(evaluate, Budget()), seeds, config)
     w = np.asarray(weights)
     for batch in evaluate.calls:
         for cand in batch:
@@ -375,7 +374,7 @@ def test_children_come_from_crossover_at_its_rate_and_keep_the_mean(rate, monkey
     seeds = [uniform(BLOCKS, 0.5), sensitivity_map(COST.tolist(), 0.5, 1.0)]
     evaluate = Planted()
     config = EvolutionConfig(target=0.5, survivors=(6, 3), max_generations=20, crossover_rate=rate)
-    run_evolution(evaluate, seeds, config, Budget())
+    run_evolution(Charged(evaluate, Budget()), seeds, config)
     children = sum(len(b) for b in evaluate.calls if b[0].params["stage"] == 0) - 2  # less the two seeds
     assert all(a != b for a, b in made)  # two different parents
     if rate == 0.0:
@@ -423,17 +422,17 @@ def test_crossover_is_inert_with_one_parent(monkeypatch):
 def test_bad_config_raises(kwargs, message):
     kwargs = {"target": 0.5, **kwargs}
     with pytest.raises(SparseAllocError, match=message):
-        run_evolution(Planted(), [uniform(BLOCKS, 0.5)], EvolutionConfig(**kwargs), Budget(max_evals=10))
+        run_evolution(Charged(Planted(), Budget(max_evals=10)), [uniform(BLOCKS, 0.5)], EvolutionConfig(**kwargs))
 
 
 def test_bad_seeds_and_evaluator_raise():
     config = EvolutionConfig(target=0.5)
     with pytest.raises(SparseAllocError, match="at least one seed"):
-        run_evolution(Planted(), [], config, Budget())
+        run_evolution(Charged(Planted(), Budget()), [], config)
     with pytest.raises(SparseAllocError, match="different block counts"):
-        run_evolution(Planted(), [uniform(3, 0.5), uniform(4, 0.5)], config, Budget())
+        run_evolution(Charged(Planted(), Budget()), [uniform(3, 0.5), uniform(4, 0.5)], config)
     with pytest.raises(SparseAllocError, match="returned 1 fitnesses"):
-        run_evolution(lambda batch: [0.0], [uniform(4, 0.5)], config, Budget())
+        run_evolution(Charged(lambda batch: [0.0], Budget()), [uniform(4, 0.5)], config)
 
 
 @pytest.mark.parametrize("fresh", [True, False])
@@ -442,7 +441,7 @@ def test_nan_fitness_never_wins(fresh):
         return [float("nan") if c.sparsities[0] > 0.5 else float(np.square(c.sparsities).sum()) for c in batch]
 
     config = EvolutionConfig(target=0.5, max_generations=20, fresh_tokens=fresh, survivors=(4, 2))
-    result = run_evolution(evaluate, [uniform(4, 0.5)], config, Budget())
+    result = run_evolution(Charged(evaluate, Budget()), [uniform(4, 0.5)], config)
     assert np.isfinite(result.fitness) and all(np.isfinite(result.history))
     assert result.best.sparsities[0] <= 0.5
 
@@ -455,7 +454,7 @@ def test_every_stage_of_every_generation_draws_a_fresh_minibatch(fresh):
     evaluate = Planted()
     config = EvolutionConfig(target=0.5, max_generations=4, fidelities=(512, 2048, 8192), survivors=(4, 2, 1),
                              fresh_tokens=fresh)
-    run_evolution(evaluate, [uniform(BLOCKS, 0.5)], config, Budget())
+    run_evolution(Charged(evaluate, Budget()), [uniform(BLOCKS, 0.5)], config)
     per_stage: dict = {}
     for batch in evaluate.calls:
         assert len({c.draw for c in batch}) == 1  # one minibatch per call
@@ -477,7 +476,7 @@ def test_parents_are_rescored_on_their_childrens_minibatch(fresh):
     evaluate = Planted(noise=2.0)
     config = EvolutionConfig(target=0.5, max_generations=8, survivors=(4, 2), fresh_tokens=fresh,
                              crossover_rate=0.5)
-    result = run_evolution(evaluate, [uniform(BLOCKS, 0.5)], config, Budget())
+    result = run_evolution(Charged(evaluate, Budget()), [uniform(BLOCKS, 0.5)], config)
     tops = [(b, r) for b, r in zip(evaluate.calls, evaluate.returned) if b[0].params["stage"] == 1]
     assert len(tops) == 8
     parents: list = []
@@ -554,7 +553,7 @@ def ablation(max_evals: int, seeds=range(6), **overrides) -> list[float]:
     for seed in seeds:
         problem = Windowed(seed=7 + seed)
         config = EvolutionConfig(target=0.5, seed=seed, fidelities=(512, 4096), **overrides)
-        result = run_evolution(problem, [uniform(problem.cost.size, 0.5)], config, Budget(max_evals=max_evals))
+        result = run_evolution(Charged(problem, Budget(max_evals=max_evals)), [uniform(problem.cost.size, 0.5)], config)
         out.append(problem.regret(result.best.sparsities))
     return out
 
@@ -589,16 +588,19 @@ def tokens_received(evaluate: Planted, full: int = ALL_TOKENS) -> int:
 def test_token_budget_is_honoured_with_two_fidelities(max_tokens, fresh, final_tokens, seed):
     evaluate = Planted()
     config = EvolutionConfig(target=0.5, seed=seed, fidelities=(256, 1024), survivors=(4, 2), offspring=8,
-                             fresh_tokens=fresh, final_tokens=final_tokens, all_tokens=ALL_TOKENS)
+                             fresh_tokens=fresh, final_tokens=final_tokens)
     budget = Budget(max_tokens=max_tokens)
-    result = run_evolution(evaluate, [uniform(BLOCKS, 0.5)], config, budget)
+    result = run_evolution(Charged(evaluate, budget, ALL_TOKENS), [uniform(BLOCKS, 0.5)], config)
     received = tokens_received(evaluate)
     assert received == budget.used_tokens == result.tokens and evaluate.scored == result.evaluations
     assert received <= max_tokens  # a stage is trimmed before it is sent: never over
     # Close to it: what is left is less than one batch (the largest stage: 4 children and 2 parents at 1024
-    # tokens, or the final choice).
-    largest = max(8 * 256, (4 + 2) * 1024, 2 * (final_tokens or ALL_TOKENS) if fresh else 0)
-    assert received >= max_tokens - largest
+    # tokens, or the final choice), plus the final choice's reserve when no parent was ever found to use it.
+    final = 2 * (final_tokens or ALL_TOKENS) if fresh else 0
+    largest = max(8 * 256, (4 + 2) * 1024, final)
+    used = bool(evaluate.calls) and evaluate.calls[-1][0].params["stage"] == "final"
+    unused_reserve = final if fresh and not used else 0
+    assert received >= max_tokens - largest - unused_reserve
     for batch in evaluate.calls:
         stage = batch[0].params["stage"]
         assert {c.tokens for c in batch} == {final_tokens if stage == "final" else (256, 1024)[stage]}
@@ -612,7 +614,7 @@ def test_token_budget_matches_the_evaluation_budget_at_one_fidelity(fresh):
         evaluate = Planted()
         config = EvolutionConfig(target=0.5, fidelities=(fidelity,), survivors=(2,), offspring=8, fresh_tokens=fresh,
                                  final_tokens=fidelity)
-        return run_evolution(evaluate, [uniform(BLOCKS, 0.5)], config, budget), evaluate
+        return run_evolution(Charged(evaluate, budget), [uniform(BLOCKS, 0.5)], config), evaluate
 
     by_evals, evals_calls = run(Budget(max_evals=80), 256)
     by_tokens, tokens_calls = run(Budget(max_tokens=80 * 256), 256)
@@ -628,12 +630,11 @@ def test_token_budget_matches_the_evaluation_budget_at_one_fidelity(fresh):
 
 def test_token_budget_with_all_tokens_unknown_is_refused():
     with pytest.raises(SparseAllocError, match="token budget"):
-        run_evolution(Planted(), [uniform(4, 0.5)], EvolutionConfig(target=0.5), Budget(max_tokens=10_000))
-    with pytest.raises(SparseAllocError, match="all_tokens"):
-        run_evolution(Planted(), [uniform(4, 0.5)], EvolutionConfig(target=0.5, all_tokens=0), Budget())
+        run_evolution(Charged(Planted(), Budget(max_tokens=10_000)), [uniform(4, 0.5)], EvolutionConfig(target=0.5))
+    with pytest.raises(SparseAllocError, match="full_tokens"):
+        run_evolution(Charged(Planted(), Budget(), full_tokens=0), [uniform(4, 0.5)], EvolutionConfig(target=0.5))
     # Fixed tokens never ask for all of them: no need to know how many that is.
-    result = run_evolution(Planted(), [uniform(BLOCKS, 0.5)], EvolutionConfig(target=0.5, fresh_tokens=False),
-                           Budget(max_tokens=100_000))
+    result = run_evolution(Charged(Planted(), Budget(max_tokens=100_000)), [uniform(BLOCKS, 0.5)], EvolutionConfig(target=0.5, fresh_tokens=False))
     assert 100_000 - 4 * 16384 <= result.tokens <= 100_000
 
 
@@ -643,9 +644,9 @@ def test_top_metric_scores_the_last_stage_and_final_choice_and_is_charged():
     last-stage scores instead of being rescored on an identical draw."""
     evaluate = Planted()
     config = EvolutionConfig(target=0.5, max_generations=5, fidelities=(512, 2048, 8192), survivors=(4, 2, 2),
-                             all_tokens=8192, final_tokens=8192, top_metric="kl-seq", sequential_tokens=1000)
+                             final_tokens=8192, top_metric="kl-seq")
     budget = Budget()
-    run_evolution(evaluate, [uniform(BLOCKS, 0.5)], config, budget)
+    run_evolution(Charged(evaluate, budget, 8192, sequential_tokens=1000), [uniform(BLOCKS, 0.5)], config)
     scored = set()
     for batch in evaluate.calls:
         stage = batch[0].params["stage"]
@@ -664,14 +665,14 @@ def test_last_stage_on_all_tokens_is_rescored_when_the_final_choice_needs_other_
     draw 0 with ``top_metric``; with equal fidelities it is skipped (the last stage's scores decide)."""
     evaluate = Planted()
     config = EvolutionConfig(target=0.5, max_generations=3, fidelities=(512, 8192), survivors=(4, 2),
-                             all_tokens=8192, final_tokens=16384, top_metric="kl-seq")
-    run_evolution(evaluate, [uniform(BLOCKS, 0.5)], config, Budget())
+                             final_tokens=16384, top_metric="kl-seq")
+    run_evolution(Charged(evaluate, Budget(), 8192), [uniform(BLOCKS, 0.5)], config)
     final = evaluate.calls[-1]
     assert final[0].params["stage"] == "final" and final[0].tokens == 16384 and final[0].metric == "kl-seq"
     evaluate = Planted()
     config = EvolutionConfig(target=0.5, max_generations=3, fidelities=(512, 8192), survivors=(4, 2),
-                             all_tokens=8192, final_tokens=8192, top_metric="kl-seq")
-    result = run_evolution(evaluate, [uniform(BLOCKS, 0.5)], config, Budget())
+                             final_tokens=8192, top_metric="kl-seq")
+    result = run_evolution(Charged(evaluate, Budget(), 8192), [uniform(BLOCKS, 0.5)], config)
     assert all(b[0].params["stage"] != "final" for b in evaluate.calls)
     last = {c.sparsities: v for b, r in zip(evaluate.calls, evaluate.returned) if b[0].params["stage"] == 1
             for c, v in zip(b, r)}

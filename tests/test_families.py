@@ -188,11 +188,11 @@ def test_nm_profile_hand_example():
 
 
 def test_spaces_are_plain_descriptions():
-    spaces = [atp_space(8, 0.5), owl_space(), sensitivity_space(), free_space(4)]
+    spaces = [atp_space(8, 0.5), owl_space((3, 10)), sensitivity_space(), free_space(4)]
     for space in spaces:
         for kind, low, high in space.values():
             assert kind in {"uniform", "loguniform", "int"} and low <= high
-    assert owl_space() == {"lam": ("uniform", 0.0, 0.2), "M": ("uniform", 3.0, 10.0)}
+    assert owl_space(range(3, 11)) == {"lam": ("uniform", 0.0, 0.2), "M": ("int", 3, 10)}
     assert sensitivity_space() == {"strength": ("uniform", 0.0, 3.0)}
     code = "import sys, search_spaces.families; assert not {'ray', 'optuna', 'torch'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)

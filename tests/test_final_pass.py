@@ -169,11 +169,12 @@ def local_ray():
     ray.shutdown()
 
 
-def _search_config(model_dir, out, **kwargs):
-    from orchestrator.search.run import SearchConfig
+def _search_settings(model_dir, out, **kwargs):
+    from conftest import settings_of
+    from orchestrator.search.config import SearchConfig
 
-    return SearchConfig(out=out, model=str(model_dir), sparsity=0.6, pruner="wanda", batch_size=4, progress=False,
-                        budget_evals=10, **kwargs)
+    return settings_of(SearchConfig(out=out, model=str(model_dir), sparsity=0.6, pruner="wanda", batch_size=4,
+                                    progress=False, budget_evals=10, **kwargs))
 
 
 def _driver_results(profiles: dict):
@@ -191,18 +192,19 @@ def _tokens(tokenizer, corpus_file):
 
 def test_final_passes_run_as_tasks_save_the_winner_and_are_not_redone(local_ray, llama_dir, corpus_file,
                                                                        tmp_path):
-    from orchestrator.passes.finalists import run_final_passes
+    from orchestrator.search.run import final_stage
+    from orchestrator.search.settings import Tokens
     from pruning.load import load_model
     from pruning.pruners import get_pruner
     from pruning.sequential import prune_sequentially
 
     model, tokenizer = load_model(str(llama_dir))
     data = _tokens(tokenizer, corpus_file)
-    selection = data.validation[2:4]
+    tokens = Tokens(data.calibration, data.test, data.validation[:2], data.validation[2:4], data.protocol)
     results = _driver_results({"shapley": (1.0, [0.5, 0.7, 0.6, 0.6]), "evolution": (0.5, [0.6, 0.6, 0.6, 0.6]),
                                "tune-atp": (3.0, [0.45, 0.55, 0.65, 0.75])})
     run = tmp_path / "run"
-    summary = run_final_passes(_search_config(llama_dir, run, finalists=2), data, selection, results, tokenizer)
+    summary = final_stage(_search_settings(llama_dir, run, finalists=2), tokens, results, run)
 
     passes = summary["final_passes"]
     assert summary["selection"]["finalists"] == ["evolution", "shapley", "tune-atp"]  # by KL, then the baseline
@@ -216,7 +218,6 @@ def test_final_passes_run_as_tasks_save_the_winner_and_are_not_redone(local_ray,
     for key in ("winner", "winner_test_perplexity", "dense_test_perplexity", "selection", "drivers",
                 "final_passes", "atp_test_perplexity", "winner_vs_atp", "device", "dtype"):
         assert key in summary
-    assert json.loads((run / "summary.json").read_text())["winner"] == summary["winner"]
 
     # Each finalist's model is the in-memory sequential pass with its profile; the winner's is RUN/model.
     winner = summary["winner"]
@@ -235,7 +236,7 @@ def test_final_passes_run_as_tasks_save_the_winner_and_are_not_redone(local_ray,
     # Resume: finished finalists are reused; a finalist whose profile changed is pruned again.
     stamps = {name: (run / "finalists" / name / "model.safetensors").stat().st_mtime_ns for name in passes}
     results["shapley"] = _driver_results({"shapley": (1.0, [0.7, 0.5, 0.6, 0.6])})["shapley"]
-    again = run_final_passes(_search_config(llama_dir, run, finalists=2), data, selection, results, tokenizer)
+    again = final_stage(_search_settings(llama_dir, run, finalists=2), tokens, results, run)
     assert {name: p["reused"] for name, p in again["final_passes"].items()} == \
         {"evolution": True, "shapley": False, "tune-atp": True}
     for name in ("evolution", "tune-atp"):
@@ -246,7 +247,7 @@ def test_final_passes_run_as_tasks_save_the_winner_and_are_not_redone(local_ray,
 
 
 def test_the_winner_is_read_from_another_node_in_chunks(local_ray, tmp_path):
-    from orchestrator.passes.finalists import fetch_directory
+    from orchestrator.passes.transfer import fetch_directory
 
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)

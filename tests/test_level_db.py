@@ -17,6 +17,7 @@ from pruning.pruners import get_pruner
 from pruning.sequential import prune_sequentially
 from scoring import level_db as level_db_module
 from scoring.level_db import LevelDatabase, build_level_database, database_bytes
+from scoring.level_sources import DatabaseLevels
 
 CPU = torch.device("cpu")
 BATCH = 4
@@ -68,7 +69,7 @@ def test_evaluator_on_the_database_scores_the_sparsegpt_model(tmp_path):
     shipped = perplexity(pruned, fitness, CPU, BATCH, progress=False)
 
     evaluator = CandidateEvaluator(model, calibration, fitness, CPU, batch_size=BATCH, progress=False,
-                                   level_db=LevelDatabase(tmp_path / "db"))
+                                   levels=DatabaseLevels(tmp_path / "db"))
     assert evaluator.fitness(uniform, metric="ppl") == pytest.approx(shipped, rel=1e-5)
     wanda = CandidateEvaluator(model, calibration, fitness, CPU, batch_size=BATCH, progress=False)
     assert abs(wanda.fitness(uniform, metric="ppl") - shipped) > 1e-4 * shipped  # Wanda masks are not it
@@ -77,7 +78,7 @@ def test_evaluator_on_the_database_scores_the_sparsegpt_model(tmp_path):
     # Off the grid: each block scored at its nearest stored level.
     assert evaluator.fitness(Profile((0.34, 0.66, 0.52, 0.48))) == evaluator.fitness(Profile((0.3, 0.7, 0.5, 0.5)))
     with pytest.raises(SparseAllocError, match="not a level"):
-        evaluator.level_db.weight(0, "self_attn.q_proj", 0.4)
+        evaluator.levels.db.weight(0, "self_attn.q_proj", 0.4)
     with pytest.raises(SparseAllocError, match="N:M"):
         evaluator.fitness(Profile((0.5,) * 4, ((2, 4), None, None, None)))
     with pytest.raises(SparseAllocError, match="kl-seq"):
@@ -110,7 +111,7 @@ def test_nearest_level_counts_dense_and_breaks_ties_towards_sparser(tmp_path):
 
 
 def test_database_grid_always_holds_the_target():
-    from orchestrator.search.level_sources import database_levels
+    from scoring.level_db import database_levels
 
     assert database_levels(0.7) == [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9]
     assert database_levels(0.5, (0.4, 0.6)) == [0.4, 0.5, 0.6]

@@ -7,7 +7,7 @@ import ray
 import torch
 
 from conftest import build_model, save_model_dir, tiny_llama_config
-from orchestrator.search.budget import Budget
+from orchestrator.search.budget import Budget, Charged
 from orchestrator.runtime.candidates import Candidate
 from orchestrator.search.drivers.evolution import EvolutionConfig, run_evolution
 from orchestrator.runtime.pool import EvaluatorPool, EvaluatorSpec
@@ -43,7 +43,7 @@ def uniform_fitness(pool):
 
 def test_shapley_driver_beats_uniform_within_budget(pool, uniform_fitness):
     budget = Budget(max_evals=20)
-    result = run_shapley(pool, TARGET, budget, window=2, progress=False)
+    result = run_shapley(Charged(pool, budget), TARGET, window=2, progress=False)
     assert result.fitness < 0.5 * uniform_fitness
     assert result.best.sparsities[0] == min(result.best.sparsities)
     assert budget.used_evals <= 20
@@ -52,8 +52,8 @@ def test_shapley_driver_beats_uniform_within_budget(pool, uniform_fitness):
 
 def test_evolution_driver_beats_uniform_within_budget(pool, uniform_fitness):
     budget = Budget(max_evals=30)
-    result = run_evolution(pool.evaluate, [families.uniform(4, TARGET)],
-                           EvolutionConfig(target=TARGET, offspring=8, survivors=(3, 1), fidelities=(64, 128)), budget)
+    result = run_evolution(Charged(pool.evaluate, budget), [families.uniform(4, TARGET)],
+                           EvolutionConfig(target=TARGET, offspring=8, survivors=(3, 1), fidelities=(64, 128)))
     assert budget.used_evals <= 30
     assert result.fitness < uniform_fitness
     assert result.best.sparsities[0] < TARGET
@@ -61,8 +61,7 @@ def test_evolution_driver_beats_uniform_within_budget(pool, uniform_fitness):
 
 def test_tune_atp_beats_uniform(pool, uniform_fitness, tmp_path):
     budget = Budget(max_evals=6)
-    result = run_tune(pool, "tune-atp", families.atp_space(4, TARGET), lambda c: families.atp(4, TARGET, c["beta"]),
-                      budget, tmp_path, seed=0)
+    result = run_tune(Charged(pool, budget), "tune-atp", families.atp_space(4, TARGET), lambda c: families.atp(4, TARGET, c["beta"]), seed=0)
     assert result.evaluations == 6 and budget.used_evals == 6
     assert result.fitness < uniform_fitness
     assert pool.results.get(Candidate.of(result.best, None, "tune-atp").key) is not None
@@ -88,14 +87,14 @@ def test_tune_interrupted_run_resumes_without_re_evaluating(pool, tmp_path, monk
         pool.results = ResultsTable(run_dir, "first")
         monkeypatch.setattr(pool.results, "append_many", _interrupted_after(pool.results.append_many, 5))
         with pytest.raises(KeyboardInterrupt):  # in the second round of four trials
-            run_tune(pool, "tune-atp", space, build, Budget(max_evals=8), run_dir, seed=1, progress=False)
+            run_tune(Charged(pool, Budget(max_evals=8)), "tune-atp", space, build, seed=1, progress=False)
         stored = {row["key"] for row in ResultsTable(run_dir, "check").read()}
         assert len(stored) == 5
 
         pool.results = ResultsTable(run_dir, "resumed")
         pool.actors = [Counting(actor) for actor in original_actors]
         budget = Budget(max_evals=8)
-        resumed = run_tune(pool, "tune-atp", space, build, budget, run_dir, seed=1, resume=True, progress=False)
+        resumed = run_tune(Charged(pool, budget), "tune-atp", space, build, seed=1, progress=False)
         assert len(sent) == 3 and not set(sent) & stored  # the actors scored only the three unfinished trials
         assert resumed.evaluations == 8 and budget.used_evals == 8  # stored answers are charged too
         keys = {row["key"] for row in ResultsTable(run_dir, "check").read()}
@@ -103,7 +102,7 @@ def test_tune_interrupted_run_resumes_without_re_evaluating(pool, tmp_path, monk
 
         pool.actors = original_actors  # the same seed uninterrupted asks the same trials
         pool.results = ResultsTable(tmp_path / "fresh", "fresh")
-        fresh = run_tune(pool, "tune-atp", space, build, Budget(max_evals=8), tmp_path, seed=1, progress=False)
+        fresh = run_tune(Charged(pool, Budget(max_evals=8)), "tune-atp", space, build, seed=1, progress=False)
         assert {row["key"] for row in pool.results.read()} == keys
         assert fresh.best == resumed.best and fresh.fitness == pytest.approx(resumed.fitness)
     finally:
@@ -114,8 +113,7 @@ def test_tune_spreads_concurrent_trials_over_both_actors(pool, tmp_path):
     original = pool.results
     try:
         pool.results = ResultsTable(tmp_path, "spread")
-        result = run_tune(pool, "tune-atp", families.atp_space(4, 0.55), lambda c: families.atp(4, 0.55, c["beta"]),
-                          Budget(max_evals=8), tmp_path, seed=3, progress=False)
+        result = run_tune(Charged(pool, Budget(max_evals=8)), "tune-atp", families.atp_space(4, 0.55), lambda c: families.atp(4, 0.55, c["beta"]), seed=3, progress=False)
         actors = [row["actor"] for row in pool.results.read()]  # in arrival order: round 1, then round 2
         assert result.details["concurrency"] == 4 and len(actors) == 8
         assert len(set(actors[:4])) == 2 and len(set(actors[4:])) == 2  # every round kept both actors busy
@@ -126,7 +124,7 @@ def test_tune_spreads_concurrent_trials_over_both_actors(pool, tmp_path):
 def test_time_budget_stops_cleanly(pool):
     budget = Budget(max_seconds=0.01)
     time.sleep(0.02)
-    result = run_shapley(pool, 0.55, budget, window=2, progress=False)
+    result = run_shapley(Charged(pool, budget), 0.55, window=2, progress=False)
     assert result.evaluations == 0 and "budget" in result.details["note"]
 
 
@@ -160,7 +158,7 @@ def test_interrupt_then_resume_repeats_no_finished_evaluation(pool, tmp_path, mo
         pool.results = ResultsTable(run_dir, "first")
         monkeypatch.setattr(pool.results, "append_many", _interrupted_after(pool.results.append_many, 5))
         with pytest.raises(KeyboardInterrupt):
-            run_shapley(pool, 0.45, Budget(max_evals=100), window=2, chunk=4, progress=False)
+            run_shapley(Charged(pool, Budget(max_evals=100)), 0.45, window=2, chunk=4, progress=False)
         check = ResultsTable(run_dir, "check")
         assert len(check.read()) == 5 and check.duplicate_keys() == []  # rows, not distinct keys
 
@@ -168,7 +166,7 @@ def test_interrupt_then_resume_repeats_no_finished_evaluation(pool, tmp_path, mo
         new_rows = []
         append_resumed = pool.results.append_many
         monkeypatch.setattr(pool.results, "append_many", lambda rows: new_rows.extend(rows) or append_resumed(rows))
-        result = run_shapley(pool, 0.45, Budget(max_evals=100), window=2, chunk=4, progress=False)
+        result = run_shapley(Charged(pool, Budget(max_evals=100)), 0.45, window=2, chunk=4, progress=False)
         check = ResultsTable(run_dir, "check")
         total = len(check.read())  # rows: a re-evaluated candidate would add one
         assert check.duplicate_keys() == []
@@ -190,7 +188,7 @@ def test_draws_are_separate_evaluations_scored_on_their_own_windows(pool):
 def test_tune_free_vector_with_cma_es(pool, tmp_path):
     keys = families.free_keys(4)
     build = lambda c: families.free_vector([c[k] for k in keys], TARGET, None, 0.35, 0.85)  # noqa: E731
-    result = run_tune(pool, "tune-free", families.free_space(4, 0.35, 0.85), build, Budget(max_evals=6), tmp_path,
+    result = run_tune(Charged(pool, Budget(max_evals=6)), "tune-free", families.free_space(4, 0.35, 0.85), build,
                       seed=0, progress=False, sampler="cmaes")
     assert result.evaluations == 6
     assert result.best.mean() == pytest.approx(TARGET)

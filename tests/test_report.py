@@ -20,7 +20,8 @@ from PIL import Image
 
 from core.errors import SparseAllocError
 from core.profile import Profile, write_profile
-from orchestrator.report import build as report
+from orchestrator import report
+from orchestrator.report.sections import convergence
 from orchestrator.cli import main
 from orchestrator.runtime.results import ResultsTable
 
@@ -295,7 +296,7 @@ def test_convergence_uses_only_comparable_rows():
         {"driver": "setup", "fitness": 0.003, "tokens": 1024, "draw": 0, "metric": "kl", "seconds": 1.0}]
     for i, row in enumerate(rows):
         row["timestamp"] = float(i)
-    curves = report.convergence(rows)
+    curves = convergence(rows)
     assert list(curves) == ["evolution"]
     curve = curves["evolution"]
     assert curve["best"] == [3.0, 2.5, 1.9, 1.9]  # improvements only; the low-fidelity 0.01 never counts
@@ -307,9 +308,9 @@ def test_convergence_counts_all_tokens_as_the_largest_fidelity():
     rows = [{"driver": "evolution", "fitness": f, "tokens": t, "draw": d, "metric": "kl", "seconds": 1.0,
              "timestamp": float(i)} for i, (f, t, d) in enumerate([(2.0, 256, 7), (1.5, 1024, 0), (1.2, -1, 0),
                                                                    (1.1, None, 0)])]
-    assert report.convergence(rows, all_tokens=1024)["evolution"]["best"] == [1.5, 1.2, 1.1, 1.1]
-    assert report.convergence(rows, all_tokens=1024)["evolution"]["tokens"][-1] == 256 + 3 * 1024
-    assert report.convergence(rows)["evolution"]["best"] == [1.2, 1.1, 1.1]  # unknown: "all" is the largest
+    assert convergence(rows, all_tokens=1024)["evolution"]["best"] == [1.5, 1.2, 1.1, 1.1]
+    assert convergence(rows, all_tokens=1024)["evolution"]["tokens"][-1] == 256 + 3 * 1024
+    assert convergence(rows)["evolution"]["best"] == [1.2, 1.1, 1.1]  # unknown: "all" is the largest
 
 
 def test_prune_report(prune_dir):

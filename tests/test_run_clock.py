@@ -6,7 +6,9 @@ import time
 import pytest
 
 from orchestrator.runtime.clock import RunClock
-from orchestrator.search.run import SearchConfig, _budget, _search_seconds
+from conftest import settings_of
+from orchestrator.search.budget import driver_budget, search_seconds
+from orchestrator.search.config import SearchConfig
 from core.errors import SparseAllocError
 
 
@@ -35,11 +37,11 @@ def test_phases_accumulate_across_sessions(tmp_path):
 
 def test_a_resumed_driver_budget_counts_the_time_it_used_before(tmp_path):
     config = SearchConfig(out=tmp_path, budget_minutes=1.0)
-    budget = _budget(config, 60.0, 1.0, 1.0, (0, 0, 0.0), 128, already=45.0)
+    budget = driver_budget(settings_of(config), 60.0, 1.0, 1.0, (0, 0, 0.0), 128, already=45.0)
     assert budget.max_seconds == pytest.approx(60.0) and 45.0 <= budget.elapsed < 46.0
     assert not budget.exhausted()
-    assert _budget(config, 60.0, 1.0, 1.0, (0, 0, 0.0), 128, already=61.0).exhausted()
-    grown = _budget(SearchConfig(out=tmp_path, budget_evals=30), None, 1.0, 1.0, (0, 0, 0.0), 128, already=0.0)
+    assert driver_budget(settings_of(config), 60.0, 1.0, 1.0, (0, 0, 0.0), 128, already=61.0).exhausted()
+    grown = driver_budget(settings_of(SearchConfig(out=tmp_path, budget_evals=30)), None, 1.0, 1.0, (0, 0, 0.0), 128, already=0.0)
     assert grown.max_evals == 30 and grown.max_seconds is None
 
 
@@ -48,9 +50,10 @@ def test_the_deadline_gives_the_search_what_setup_and_final_passes_leave(tmp_pat
     with clock.phase("setup", extra=20.0):
         pass
     deadline = SearchConfig(out=tmp_path, deadline_minutes=2.0)
-    assert _search_seconds(deadline, clock, 30.0) == pytest.approx(120 - 20 - 30, abs=0.5)
+    setup = clock.spent("setup")
+    assert search_seconds(settings_of(deadline), setup, 30.0) == pytest.approx(120 - 20 - 30, abs=0.5)
     both = SearchConfig(out=tmp_path, deadline_minutes=2.0, budget_minutes=0.5)
-    assert _search_seconds(both, clock, 30.0) == pytest.approx(30.0)
+    assert search_seconds(settings_of(both), setup, 30.0) == pytest.approx(30.0)
     with pytest.raises(SparseAllocError, match="leaves no time to search"):
-        _search_seconds(SearchConfig(out=tmp_path, deadline_minutes=0.5), clock, 30.0)
-    assert _search_seconds(SearchConfig(out=tmp_path, budget_evals=3), clock, 30.0) is None
+        search_seconds(settings_of(SearchConfig(out=tmp_path, deadline_minutes=0.5)), setup, 30.0)
+    assert search_seconds(settings_of(SearchConfig(out=tmp_path, budget_evals=3)), setup, 30.0) is None

@@ -10,12 +10,15 @@ from conftest import build_model, save_model_dir, tiny_llama_config
 from orchestrator.runtime.candidates import DriverResult
 from orchestrator.cli import main
 from orchestrator.runtime.results import ResultsTable
-from orchestrator.passes import finalists as finalists_module
-from orchestrator.passes.finalists import finalists, run_final_passes, same_profile_passes, selection_windows
-from orchestrator.search.run import SearchConfig, _prepare_run_dir
+from orchestrator.passes import tasks as tasks_module
+from orchestrator.passes.finalists import finalists, same_profile_passes
+from orchestrator.search.run import final_stage
+from orchestrator.search.settings import Tokens, selection_windows
+from conftest import settings_of
+from orchestrator.runtime.rundir import prepare_run_dir
+from orchestrator.search.config import SearchConfig
 from core.errors import SparseAllocError
-from pruning.data import TokenData
-from pruning.load import find_blocks, find_linears, load_tokenizer
+from pruning.load import find_blocks, find_linears
 from core.profile import Profile
 
 
@@ -103,14 +106,16 @@ def test_token_budget_bounds_the_tokens_each_driver_scores(corpus_file, tmp_path
 
 
 def test_resume_needs_the_same_settings(tmp_path):
-    config = SearchConfig(out=tmp_path / "run", budget_evals=10)
-    _prepare_run_dir(config)
+    def prepare(config):
+        return prepare_run_dir(config.out, settings_of(config).identity(), {}, config.resume, config.overwrite)
+
+    prepare(SearchConfig(out=tmp_path / "run", budget_evals=10))
     with pytest.raises(SparseAllocError, match="sparsity"):
-        _prepare_run_dir(SearchConfig(out=tmp_path / "run", budget_evals=10, sparsity=0.5, resume=True))
+        prepare(SearchConfig(out=tmp_path / "run", budget_evals=10, sparsity=0.5, resume=True))
     with pytest.raises(SparseAllocError, match="--overwrite"):
-        _prepare_run_dir(SearchConfig(out=tmp_path / "run", budget_evals=10))
+        prepare(SearchConfig(out=tmp_path / "run", budget_evals=10))
     with pytest.raises(SparseAllocError, match="no search"):
-        _prepare_run_dir(SearchConfig(out=tmp_path / "other", budget_evals=10, resume=True))
+        prepare(SearchConfig(out=tmp_path / "other", budget_evals=10, resume=True))
 
 
 def test_search_all_runs_every_driver_compares_with_atp_and_hands_on_unspent_budget(corpus_file, tmp_path, capsys):
@@ -195,17 +200,17 @@ def test_the_final_pass_not_the_kl_proxy_picks_the_winner(tmp_path, monkeypatch)
         (out / "metrics.json").write_text(_json.dumps(metrics))
         return metrics
 
-    monkeypatch.setattr(finalists_module, "final_pass_task", fake_pass)
+    monkeypatch.setattr(tasks_module, "final_pass_task", fake_pass)
     results = {"shapley": _result("shapley", 1.0, [0.5, 0.7, 0.6, 0.6]),
                "evolution": _result("evolution", 0.5, [0.6, 0.6, 0.6, 0.6]),
                "tune-free": _result("tune-free", 2.0, [0.7, 0.5, 0.6, 0.6]),
                "tune-atp": _result("tune-atp", 3.0, [0.45, 0.55, 0.65, 0.75])}
     tokens = torch.randint(0, 100, (4, 16))
-    data = TokenData(calibration=tokens, validation=tokens, test=tokens, protocol={})
     config = SearchConfig(out=tmp_path / "run", model=str(model_dir), budget_evals=10, progress=False, finalists=2)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        summary = run_final_passes(config, data, tokens[2:], results, load_tokenizer(str(model_dir)))
+        summary = final_stage(settings_of(config), Tokens(tokens, tokens, tokens[:2], tokens[2:], {}), results,
+                              tmp_path / "run")
     finally:
         ray.shutdown()
     assert summary["selection"]["finalists"] == ["evolution", "shapley", "tune-atp"]
@@ -305,8 +310,9 @@ def test_deadline_bounds_the_whole_run(corpus_file, tmp_path):
 
 def test_evolution_starts_from_the_earlier_drivers_bests(tmp_path):
     """Under --method all, the profiles the drivers before evolution found join its first population."""
-    from orchestrator.search.budget import Budget
-    from orchestrator.search.drivers import DRIVERS, DriverContext
+    from orchestrator.search.budget import Budget, Charged
+    from orchestrator.search.drivers.context import DriverContext
+    from orchestrator.search.registry import DRIVERS
 
     n = 6
 
@@ -329,6 +335,7 @@ def test_evolution_starts_from_the_earlier_drivers_bests(tmp_path):
     calibration = torch.zeros(2, 8, dtype=torch.long)
     for bests, expected in (((earlier,), True), ((), False)):
         pool = Pool()
-        DRIVERS["evolution"].run(DriverContext(pool, config, calibration, 128, None, bests), Budget(max_evals=40))
+        DRIVERS["evolution"].function()(DriverContext(Charged(pool, Budget(max_evals=40)), settings_of(config),
+                                                      calibration, 128, tmp_path, bests))
         first = [tuple(round(s, 6) for s in c.sparsities) for c in pool.batches[0]]
         assert (earlier.sparsities in first) == expected

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import orchestrator.search.budget
-from orchestrator.search.budget import Budget
+from orchestrator.search.budget import Budget, Charged
 from orchestrator.search.drivers.shapley import run_shapley
 from core.errors import SparseAllocError
 from scoring.shapley import exact_plan, exact_shapley, permutation_plan, permutation_shapley
@@ -75,7 +75,7 @@ def clock(monkeypatch):
     """A fake clock for the budget: the fake pool advances it per new evaluation."""
     fake = SimpleNamespace(now=0.0)
     fake.monotonic = lambda: fake.now
-    monkeypatch.setattr(orchestrator.budget, "time", fake)
+    monkeypatch.setattr(orchestrator.search.budget, "time", fake)
     return fake
 
 
@@ -92,7 +92,7 @@ def test_evaluation_budget_ending_mid_way_uses_the_completed_pairs():
     pool = FakePool(damage)
     budget = Budget(max_evals=40)  # first pair 16 coalitions, then at most 14 per pair, 3 kept for the strengths
     estimates = []
-    result = run_shapley(pool, TARGET, budget, seed=1, progress=False,
+    result = run_shapley(Charged(pool, budget), TARGET, seed=1, progress=False,
                          on_estimate=lambda phi, stderr, done: estimates.append((done, phi, stderr)))
     details = result.details
     assert details["estimator"] == "permutation" and details["partial"] is True
@@ -114,7 +114,7 @@ def test_time_budget_ending_mid_way_keeps_room_for_the_strengths(clock):
     damage, _ = planted_game()
     pool = FakePool(damage, clock=clock, seconds_per_eval=1.0)
     budget = Budget(max_seconds=45.0, started=0.0)
-    result = run_shapley(pool, TARGET, budget, seed=2, progress=False)
+    result = run_shapley(Charged(pool, budget), TARGET, seed=2, progress=False)
     assert result.details["partial"] is True and result.details["pairs"] == 2
     assert all(s > 0 for s in result.details["stderr"])
     assert budget.elapsed <= 45.0  # sampling stopped early enough to score the three strengths in time
@@ -125,7 +125,7 @@ def test_time_budget_ending_mid_way_keeps_room_for_the_strengths(clock):
 def test_no_completed_pair_falls_back_to_uniform_and_says_so():
     damage, _ = planted_game()
     pool = FakePool(damage)
-    result = run_shapley(pool, TARGET, Budget(max_evals=10), progress=False)  # one pair needs 16 (+3)
+    result = run_shapley(Charged(pool, Budget(max_evals=10)), TARGET, progress=False)  # one pair needs 16 (+3)
     assert result.best.sparsities == (TARGET,) * N
     assert "budget" in result.details["note"] and result.details["values"] is None
     assert pool.requested == []
@@ -136,7 +136,7 @@ def test_no_completed_pair_falls_back_to_uniform_and_says_so():
 
 def test_additive_game_gives_exact_values_with_zero_error():
     damage, value = planted_game(cubic=0.0)
-    result = run_shapley(FakePool(damage), TARGET, Budget(max_evals=60), progress=False)
+    result = run_shapley(Charged(FakePool(damage), Budget(max_evals=60)), TARGET, progress=False)
     np.testing.assert_allclose(result.details["values"], exact(value), atol=1e-9)
     np.testing.assert_allclose(result.details["stderr"], 0.0, atol=1e-9)
 
@@ -145,7 +145,7 @@ def test_antithetic_pairs_are_exact_on_a_pairwise_game():
     # A reversed order puts before each block exactly the blocks that came after it: with pairwise
     # interactions every pair's mean marginal is the Shapley value (single orders are not).
     damage, value = planted_game(cubic=0.0, pairwise=0.5, seed=3)
-    result = run_shapley(FakePool(damage), TARGET, Budget(max_evals=50), seed=4, progress=False)
+    result = run_shapley(Charged(FakePool(damage), Budget(max_evals=50)), TARGET, seed=4, progress=False)
     assert result.details["pairs"] >= 2
     np.testing.assert_allclose(result.details["values"], exact(value), atol=1e-9)
     np.testing.assert_allclose(result.details["stderr"], 0.0, atol=1e-9)
@@ -154,8 +154,8 @@ def test_antithetic_pairs_are_exact_on_a_pairwise_game():
 def test_values_converge_to_the_exact_shapley_values():
     damage, value = planted_game(cubic=0.2, pairwise=0.3, seed=5)
     truth = exact(value)
-    small = run_shapley(FakePool(damage), TARGET, Budget(max_evals=35), seed=6, progress=False).details
-    large = run_shapley(FakePool(damage), TARGET, Budget(max_evals=10_000), seed=6, progress=False).details
+    small = run_shapley(Charged(FakePool(damage), Budget(max_evals=35)), TARGET, seed=6, progress=False).details
+    large = run_shapley(Charged(FakePool(damage), Budget(max_evals=10_000)), TARGET, seed=6, progress=False).details
     assert large["pairs"] == 64 and large["partial"] is False  # the cap, not the budget, ended it
     error = lambda d: np.abs(np.array(d["values"]) - truth).max()  # noqa: E731
     assert error(large) < 0.5 * error(small)
@@ -170,7 +170,7 @@ def test_sliding_window_partial_plan_gives_a_profile():
     damage, value = planted_game(cubic=0.0, pairwise=0.5, seed=7)
     pool = FakePool(damage)
     budget = Budget(max_evals=20)  # windows of 3: 8 coalitions, then 4 per window; 6 windows in all
-    result = run_shapley(pool, TARGET, budget, estimator="sliding", window=3, progress=False)
+    result = run_shapley(Charged(pool, budget), TARGET, estimator="sliding", window=3, progress=False)
     details = result.details
     assert details["estimator"] == "sliding" and details["partial"] is True and details["stderr"] is None
     assert 1 <= details["windows"] < details["windows_total"] == 6
@@ -185,7 +185,7 @@ def test_sliding_window_partial_plan_gives_a_profile():
 
 def test_sliding_window_complete_plan_is_exact_for_neighbour_interactions():
     damage, value = planted_game(cubic=0.0, pairwise=0.0, seed=8)
-    result = run_shapley(FakePool(damage), TARGET, Budget(max_evals=100), estimator="sliding", window=3,
+    result = run_shapley(Charged(FakePool(damage), Budget(max_evals=100)), TARGET, estimator="sliding", window=3,
                          progress=False)
     assert result.details["partial"] is False and result.details["incomplete"] == []
     np.testing.assert_allclose(result.details["values"], exact(value), atol=1e-9)
@@ -194,7 +194,7 @@ def test_sliding_window_complete_plan_is_exact_for_neighbour_interactions():
 def test_unknown_estimator_is_a_clear_error():
     damage, _ = planted_game()
     with pytest.raises(SparseAllocError, match="estimator"):
-        run_shapley(FakePool(damage), TARGET, Budget(max_evals=10), estimator="exact", progress=False)
+        run_shapley(Charged(FakePool(damage), Budget(max_evals=10)), TARGET, estimator="exact", progress=False)
 
 
 # (d) determinism
@@ -206,7 +206,7 @@ def test_same_seed_same_coalitions_each_evaluated_once():
     for seed in (11, 11, 12):
         pool = FakePool(damage)
         budget = Budget(max_evals=70)
-        result = run_shapley(pool, TARGET, budget, seed=seed, progress=False)
+        result = run_shapley(Charged(pool, budget), TARGET, seed=seed, progress=False)
         runs.append((pool.requested, result))
         assert len(pool.requested) == len(set(pool.requested)) == result.details["evaluations"]  # deduplicated
         assert budget.used_evals == result.evaluations == len(pool.new_keys)
@@ -224,19 +224,19 @@ def test_resumed_run_replays_the_permutations_from_the_table():
     damage, _ = planted_game()
     table: dict = {}
     with pytest.raises(KeyboardInterrupt):  # in the middle of the second batch (a pair half evaluated)
-        run_shapley(FakePool(damage, table=table, interrupt_after=23), TARGET, Budget(max_evals=70), seed=9,
+        run_shapley(Charged(FakePool(damage, table=table, interrupt_after=23), Budget(max_evals=70)), TARGET, seed=9,
                     progress=False)
     stored = set(table)
     assert len(stored) == 23
 
     resumed_pool = FakePool(damage, table=table)
     resumed_budget = Budget(max_evals=70)
-    resumed = run_shapley(resumed_pool, TARGET, resumed_budget, seed=9, progress=False)
+    resumed = run_shapley(Charged(resumed_pool, resumed_budget), TARGET, seed=9, progress=False)
     assert not set(resumed_pool.new_keys) & stored  # nothing finished was evaluated again
 
     fresh_pool = FakePool(damage)
     fresh_budget = Budget(max_evals=70)
-    fresh = run_shapley(fresh_pool, TARGET, fresh_budget, seed=9, progress=False)
+    fresh = run_shapley(Charged(fresh_pool, fresh_budget), TARGET, seed=9, progress=False)
     assert len(resumed_pool.new_keys) == len(fresh_pool.new_keys) - len(stored)
     assert resumed_pool.requested == fresh_pool.requested and set(table) == set(fresh_pool.table)
     assert resumed.details["values"] == fresh.details["values"] and resumed.best == fresh.best
@@ -249,8 +249,10 @@ def test_resumed_run_replays_the_permutations_from_the_table():
 @pytest.mark.parametrize("argv", [[], ["--estimator", "sliding"]])
 def test_search_estimator_flag_reaches_the_shapley_driver(argv, monkeypatch, tmp_path):
     import orchestrator.search.run
+    from conftest import settings_of
     from orchestrator.cli import main
-    from orchestrator.search.drivers import DRIVERS, DriverContext
+    from orchestrator.search.drivers.context import DriverContext
+    from orchestrator.search.registry import DRIVERS
 
     configs = []
 
@@ -258,13 +260,14 @@ def test_search_estimator_flag_reaches_the_shapley_driver(argv, monkeypatch, tmp
         configs.append(config)
         raise SparseAllocError("stop here")
 
-    monkeypatch.setattr(orchestrator.search, "run_search", captured)
+    monkeypatch.setattr(orchestrator.search.run, "run_search", captured)
     assert main(["search", "--out", str(tmp_path), "--budget-evals", "50", "--method", "shapley", "--no-progress", *argv]) == 2
     (config,) = configs
     expected = argv[-1] if argv else "permutation"
-    assert config.estimator == expected and config.identity()["estimator"] == expected
+    assert config.estimator == expected and settings_of(config).identity()["estimator"] == expected
     damage, _ = planted_game()
-    result = DRIVERS["shapley"].run(DriverContext(FakePool(damage), config, None, None), Budget(max_evals=50))
+    context = DriverContext(Charged(FakePool(damage), Budget(max_evals=50)), settings_of(config), None, 4096, tmp_path)
+    result = DRIVERS["shapley"].function()(context)
     assert result.details["estimator"] == expected
 
 
@@ -295,7 +298,7 @@ def test_token_budget_is_honoured(estimator, largest_unit, tokens, max_tokens):
     damage, _ = planted_game()
     pool = TokenPool(damage, max_tokens=1024)
     budget = Budget(max_tokens=max_tokens)
-    result = run_shapley(pool, TARGET, budget, estimator=estimator, tokens=tokens, seed=3, progress=False)
+    result = run_shapley(Charged(pool, budget), TARGET, estimator=estimator, tokens=tokens, seed=3, progress=False)
     cost = tokens or 1024  # None: all the pool's fitness tokens
     received = _tokens_received(pool, 1024)
     assert received == budget.used_tokens == cost * result.evaluations == cost * budget.used_evals
@@ -311,7 +314,7 @@ def test_tokens_buy_the_same_coalitions_as_evaluations(estimator):
 
     def requested(budget, tokens):
         pool = TokenPool(damage, max_tokens=4096)
-        run_shapley(pool, TARGET, budget, estimator=estimator, tokens=tokens, seed=5, progress=False)
+        run_shapley(Charged(pool, budget), TARGET, estimator=estimator, tokens=tokens, seed=5, progress=False)
         return pool.requested, budget
 
     by_evals, _ = requested(Budget(max_evals=45), 256)
@@ -326,28 +329,28 @@ def test_no_unit_fits_the_tokens_and_uniform_is_scored_only_if_it_fits():
     damage, _ = planted_game()
     pool = TokenPool(damage)
     budget = Budget(max_tokens=2 * 1024)  # one pair needs 16 coalitions, 3 strengths: 19 x 1024
-    result = run_shapley(pool, TARGET, budget, progress=False)  # tokens None: the pool's 1024
+    result = run_shapley(Charged(pool, budget), TARGET, progress=False)  # tokens None: the pool's 1024
     assert "budget" in result.details["note"] and pool.tokens == [None] and budget.used_tokens == 1024
     broke = TokenPool(damage)
-    result = run_shapley(broke, TARGET, Budget(max_tokens=1000), tokens=None, progress=False)
+    result = run_shapley(Charged(broke, Budget(max_tokens=1000)), TARGET, tokens=None, progress=False)
     assert broke.tokens == [] and result.fitness == float("inf")  # not even the uniform profile fits
 
 
 def test_token_budget_needs_to_know_all_tokens():
     damage, _ = planted_game()
     with pytest.raises(SparseAllocError, match="token budget"):
-        run_shapley(FakePool(damage), TARGET, Budget(max_tokens=10_000), tokens=None, progress=False)
+        run_shapley(Charged(FakePool(damage), Budget(max_tokens=10_000)), TARGET, tokens=None, progress=False)
 
 
 def test_resumed_run_charges_the_tokens_answered_from_the_table():
     damage, _ = planted_game()
     table: dict = {}
     with pytest.raises(KeyboardInterrupt):
-        run_shapley(TokenPool(damage, table=table, interrupt_after=23), TARGET, Budget(max_tokens=70 * 256),
+        run_shapley(Charged(TokenPool(damage, table=table, interrupt_after=23), Budget(max_tokens=70 * 256)), TARGET,
                     tokens=256, seed=9, progress=False)
     resumed_budget, fresh_budget = Budget(max_tokens=70 * 256), Budget(max_tokens=70 * 256)
     resumed_pool, fresh_pool = TokenPool(damage, table=table), TokenPool(damage)
-    run_shapley(resumed_pool, TARGET, resumed_budget, tokens=256, seed=9, progress=False)
-    run_shapley(fresh_pool, TARGET, fresh_budget, tokens=256, seed=9, progress=False)
+    run_shapley(Charged(resumed_pool, resumed_budget), TARGET, tokens=256, seed=9, progress=False)
+    run_shapley(Charged(fresh_pool, fresh_budget), TARGET, tokens=256, seed=9, progress=False)
     assert resumed_pool.requested == fresh_pool.requested
     assert resumed_budget.used_tokens == fresh_budget.used_tokens <= 70 * 256

@@ -44,7 +44,7 @@ def test_sweep_rows_one_pool_per_model_and_resume(tmp_path, model_dir, corpus_fi
     real_make_pool = sweep_module.make_pool
 
     def counting_make_pool(*args, **kwargs):
-        builds.append(args[0].model)
+        builds.append(args[0].config.model)
         return real_make_pool(*args, **kwargs)
 
     monkeypatch.setattr(sweep_module, "make_pool", counting_make_pool)
@@ -96,7 +96,7 @@ def test_sweep_rows_one_pool_per_model_and_resume(tmp_path, model_dir, corpus_fi
     sized = []
     real_resources = sweep_module.task_resources
     monkeypatch.setattr(sweep_module, "task_resources",
-                        lambda config, tasks: sized.append(tasks) or real_resources(config, tasks))
+                        lambda gpu, threads, tasks: sized.append(tasks) or real_resources(gpu, threads, tasks))
     grown = _write(tmp_path, _spec(tmp_path, model_dir, corpus_file, methods=["uniform", "atp", "evolution",
                                                                              "fisher-map"],
                                    pruners=["wanda", "magnitude"]), "grown.yaml")
@@ -115,7 +115,7 @@ def test_interrupted_search_cell_resumes_from_its_results(tmp_path, model_dir, c
 
     def crash_after_search(*args, **kwargs):
         real_propose(*args, **kwargs)
-        (args[6] / "proposal.json").unlink()  # as if killed before the proposal was written
+        (args[5] / "proposal.json").unlink()  # as if killed before the proposal was written
         raise KeyboardInterrupt
 
     monkeypatch.setattr(sweep_module, "_propose", crash_after_search)

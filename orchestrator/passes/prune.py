@@ -1,120 +1,74 @@
-"""The final pruning pass as one call: load, calibrate, prune by profile, evaluate, save.
-
-Models whose weights (plus the pass's activations) do not fit the device's free memory are pruned
-and evaluated block-offloaded: the blocks stay on the host and visit the device one at a time.
-"""
+"""``sparsealloc prune``: the final pruning pass as one call: load, calibrate, prune by profile,
+evaluate, save (block-offloaded when the model does not fit the device, see :mod:`.model_io`)."""
 
 from __future__ import annotations
 
 import logging
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from core.identity import versions, write_json
-from orchestrator.runtime.rundir import check_output, staged_output
-from pruning.data import DEFAULT_DATA, prepare_tokens
 from core.errors import SparseAllocError
-from pruning.load import (DEFAULT_MODEL, DTYPES, block_param_counts, find_blocks, find_linears, load_model,
-                          pick_device, pick_dtype)
-from pruning.offload import move_non_blocks, tensor_bytes
-from pruning.pruners import get_pruner
+from core.identity import versions
+from core.profile import MEAN_TOLERANCE, Profile, parse_nm, read_profile
+from orchestrator.passes.model_io import (choose_offload, device_free_bytes, device_info, dtype_name,
+                                          pass_reserve_bytes, place_model, save_pruned)
+from orchestrator.runtime import options as opt
+from orchestrator.runtime.options import option
+from orchestrator.runtime.rundir import check_output
+from pruning.data import prepare_tokens
+from pruning.load import block_param_counts, find_blocks, load_model, pick_device, pick_dtype
+from pruning.offload import tensor_bytes
+from pruning.pruners import PRUNERS, get_pruner
 from pruning.sequential import prune_sequentially
 from scoring.dense_cache import cached_dense_perplexity, resolve_model
 from scoring.perplexity import perplexity
 from scoring.sparsity import achieved_sparsity
-from core.profile import MEAN_TOLERANCE, Profile, parse_nm, read_profile, write_profile
 
 log = logging.getLogger(__name__)
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 @dataclass
 class PruneConfig:
-    """Everything a final pass needs; the CLI's ``prune`` flags map one to one."""
+    """Everything a final pass needs; each field is a ``prune`` flag (see :mod:`orchestrator.runtime.options`)."""
 
-    out: Path
-    model: str = DEFAULT_MODEL
-    data: str = DEFAULT_DATA
-    text_field: str | None = None
-    pruner: str = "wanda"
-    sparsity: float | None = None
-    nm: str | None = None
-    profile: Path | None = None
-    seqlen: int = 2048
-    calib_samples: int = 128
-    eval_windows: int | None = None
-    batch_size: int = 4
-    device: str = "auto"
-    dtype: str = "auto"
-    offload: bool | None = None  # None: when the model does not fit the device's free memory
-    seed: int = 0
-    overwrite: bool = False
-    progress: bool = True
-    dense_cache: bool = True  # reuse the dense test perplexity cached by an earlier run (scoring.dense_cache)
-    zero_shot_tasks: list[str] | None = None  # lm-eval task names (optional extra [eval]); local data only
-    zero_shot_include: Path | None = None  # directory of lm-eval task YAMLs
-    zero_shot_limit: int | None = None  # at most this many examples per zero-shot task
-
-
-def device_free_bytes(device: torch.device) -> int | None:
-    """Free memory of a CUDA device in bytes; None for the CPU (the host is never offloaded from)."""
-    if device.type != "cuda":
-        return None
-    free, _total = torch.cuda.mem_get_info(device)
-    return int(free)
-
-
-def pass_reserve_bytes(model, calib_windows: int, seqlen: int, batch_size: int) -> int:
-    """Device bytes the pass needs besides the weights (as ``sparsealloc plan`` counts them): the
-    calibration hidden states (inputs and outputs of a block), one block's SparseGPT Hessians (fp32,
-    the largest statistics of any pruner), a forward chunk's working activations and a mini-batch of
-    fp32 logits (×3: logits, their float copy, the softmax)."""
-    text = getattr(model.config, "text_config", None) or model.config
-    element = next(model.parameters()).element_size()
-    hidden_size = int(text.hidden_size)
-    linears = find_linears(find_blocks(model)[0]).values()
-    calibration = 2 * calib_windows * seqlen * hidden_size * element
-    hessians = sum(layer.in_features ** 2 * 4 for layer in linears)
-    widest = max(layer.out_features for layer in linears)
-    activations = batch_size * seqlen * (4 * hidden_size + 2 * widest) * element * 2
-    head = model.get_output_embeddings()
-    vocab = head.weight.shape[0] if head is not None else int(text.vocab_size)
-    return calibration + hessians + activations + 3 * batch_size * seqlen * vocab * 4
-
-
-def choose_offload(requested: bool | None, model_bytes: int, reserve_bytes: int, free_bytes: int | None) -> bool:
-    """``requested`` when given; else offload when the weights plus the reserve exceed the device's
-    free memory (never on the CPU, ``free_bytes`` None)."""
-    if requested is not None:
-        return requested
-    return free_bytes is not None and model_bytes + reserve_bytes > free_bytes
-
-
-def place_model(model, device: torch.device, offload: bool) -> None:
-    """The whole model on ``device``, or (``offload``) only its non-block parts, the blocks on the host."""
-    if offload:
-        move_non_blocks(model, device)
-    else:
-        model.to(device)
-
-
-def device_info(device: torch.device) -> dict:
-    """``device`` (its type: cuda, cpu …) and ``device_name`` (the GPU's or CPU's model name)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-    return {"device": device.type, "device_name": name}
+    out: Path = option(help="output directory (model, profile.json, metrics.json)")
+    model: str = opt.model_option()
+    data: str = opt.data_option()
+    text_field: str | None = opt.text_field_option()
+    pruner: str = option("wanda", "final pass", choices=lambda: list(PRUNERS))
+    sparsity: float | None = option(None, "target mean sparsity in [0, 1)")
+    nm: str | None = option(None, "uniform N:M pattern, N zeros in every M weights (e.g. 2:4)")
+    profile: Path | None = option(None, "profile.json with one sparsity (and optionally one N:M pattern) per "
+                                        "decoder block")
+    seqlen: int = opt.seqlen_option(2048)
+    calib_samples: int = opt.calib_samples_option(128)
+    eval_windows: int | None = option(None, "cap on test windows (default: whole test split)", minimum=1)
+    batch_size: int = opt.batch_size_option()
+    device: str = opt.device_option()
+    dtype: str = opt.dtype_option()
+    offload: bool | None = option(None, "keep the blocks on the host and move them to the device one at a time "
+                                        "(auto: when the model does not fit the device's free memory)",
+                                  words={"auto": None, "on": True, "off": False})
+    seed: int = opt.seed_option()
+    overwrite: bool = opt.overwrite_option()
+    progress: bool = opt.progress_option()
+    dense_cache: bool = option(True, "recompute the dense perplexity even when an earlier run cached it for the "
+                                     "same model, test windows, dtype and device type (cache: "
+                                     "$SPARSEALLOC_CACHE/dense)", flag="--no-dense-cache", cli="negated")
+    zero_shot_tasks: tuple[str, ...] | None = option(
+        None, "also score the pruned model's zero-shot accuracy on these lm-eval tasks (local data only; needs pip "
+              "install 'sparsealloc[eval]')", metavar="A,B", parse=_names)
+    zero_shot_include: Path | None = option(None, "directory of lm-eval task YAMLs (dataset_path: json, data_files "
+                                                  "on this machine)", metavar="DIR")
+    zero_shot_limit: int | None = option(None, "at most N examples per zero-shot task (default: all)", minimum=1,
+                                         metavar="N")
 
 
 def _check_ratio(value: float, what: str) -> None:
@@ -142,30 +96,14 @@ def resolve_profile(config: PruneConfig, num_blocks: int, weights: list[int]) ->
     return Profile.uniform(num_blocks, config.sparsity), config.sparsity
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """The ``--dtype`` spelling of ``dtype`` (fp32, bf16, fp16)."""
-    return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).removeprefix("torch."))
-
-
-def save_pruned(out: Path, overwrite: bool, model, tokenizer, profile: Profile, target: float, metrics: dict,
-                extra_files: dict | None = None) -> None:
-    """Write model, tokenizer, profile.json, metrics.json (and any extra JSON files) atomically."""
-    start = time.perf_counter()
-    with staged_output(Path(out), overwrite) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        write_profile(staging / "profile.json", profile, target, pruner=metrics["pruner"], model=metrics["model"])
-        metrics["timings"]["save_s"] = time.perf_counter() - start
-        write_json(staging / "metrics.json", metrics)
-        for name, data in (extra_files or {}).items():
-            write_json(staging / name, data)
-
-
 def run_prune(config: PruneConfig) -> dict:
     """Prune ``config.model`` with a per-block profile and save model, profile and metrics to ``config.out``."""
     pruner = get_pruner(config.pruner)
+    opt.check(config)
     if config.sparsity is not None:
         _check_ratio(config.sparsity, "--sparsity")
+    if config.zero_shot_tasks is not None and not config.zero_shot_tasks:
+        raise SparseAllocError("--zero-shot-tasks needs at least one task name")
     check_output(Path(config.out), config.overwrite)
     torch.manual_seed(config.seed)
     device = pick_device(config.device)

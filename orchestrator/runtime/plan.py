@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import SparseAllocError
-from pruning.pruners import PRUNERS
+from pruning.pruners import get_pruner
 
 GIB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -234,8 +234,7 @@ def make_plan(shape: ModelShape, *, dtype: str, device_memory_bytes: int, gpus_p
         raise SparseAllocError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
     if evaluator not in EVALUATOR_MODES:
         raise SparseAllocError(f"unknown evaluator mode {evaluator!r}; choose one of {', '.join(EVALUATOR_MODES)}")
-    if pruner not in PRUNERS:
-        raise SparseAllocError(f"unknown pruner {pruner!r}; choose one of {', '.join(PRUNERS)}")
+    stats_bytes = get_pruner(pruner).stats_bytes
     if gpus_per_actor < 1:
         raise SparseAllocError(f"--gpus-per-actor must be at least 1, not {gpus_per_actor}")
     if device_memory_bytes <= 0:
@@ -295,12 +294,7 @@ def make_plan(shape: ModelShape, *, dtype: str, device_memory_bytes: int, gpus_p
         L * seqlen * H * 4)
     # Statistics of every linear of one block are gathered together (pruning.sequential), so they add up.
     largest_block_shapes = max(shape.block_linear_shapes, key=lambda s: sum(c * c for _, c in s))
-    if pruner == "sparsegpt":
-        stats = sum(c * c * 4 for _, c in largest_block_shapes)
-    elif pruner == "wanda":
-        stats = sum(c * 4 for _, c in largest_block_shapes)
-    else:
-        stats = 0
+    stats = sum(stats_bytes(c) for _, c in largest_block_shapes)
     add(f"final pass ({pruner})", "block by block", N + block + calib + stats, B + N)
     ppl_resident = B + N + _activations(batch_size, seqlen, shape, d) + _logits(batch_size, seqlen, shape)
     if device_ok(ppl_resident):

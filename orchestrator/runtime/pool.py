@@ -50,12 +50,13 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class EvaluatorSpec:
     """How every actor builds its evaluator: model, dtype, device, mode (resident / streamed), device
-    memory budget per device (bytes; None = no limit), GPUs per actor, population size."""
+    memory budget per device (bytes; None = no limit), GPUs per actor, population size, and its level
+    source (a name of ``scoring.level_sources.LEVEL_SOURCES``, opened from ``level_artifact``, what
+    the source's ``prepare`` made, e.g. a database's path)."""
 
     model: str = "default"
     dtype: str = "auto"
     device: str = "auto"
-    score_kind: str = "wanda"
     batch_size: int = 4
     threads: int = 1
     mode: str = "resident"
@@ -64,7 +65,8 @@ class EvaluatorSpec:
     population: int = 8
     owl_multipliers: tuple[float, ...] = ()
     sequential_windows: int = 4  # calibration windows of the kl-seq metric's low-fidelity pass
-    level_db: str | None = None  # a SparseGPT level database every actor memory-maps (None: rank tables)
+    level_source: str = "wanda"
+    level_artifact: str | None = None
     sequential_fitness: bool = False  # kl-seq will be asked for: room for a second set of rank tables
 
 
@@ -98,17 +100,17 @@ class EvaluatorActor:
     def __init__(self, spec: EvaluatorSpec, calibration: torch.Tensor, fitness_windows: torch.Tensor) -> None:
         from pruning.load import load_model, pick_dtype
         from scoring.evaluator import CandidateEvaluator
-        from scoring.level_db import LevelDatabase
+        from scoring.level_sources import LEVEL_SOURCES
 
         torch.set_num_threads(spec.threads)
         devices = actor_devices(spec)
         model, _ = load_model(spec.model, pick_dtype(spec.dtype, devices[0]))  # on the host; placed below
         mode = spec.mode if spec.mode != "auto" else _auto_mode(model, spec, devices, fitness_windows)
-        self.evaluator = CandidateEvaluator(model, calibration, fitness_windows, devices, spec.score_kind,
-                                            spec.batch_size, progress=False, mode=mode,
+        levels = LEVEL_SOURCES[spec.level_source].open(spec.level_artifact)
+        self.evaluator = CandidateEvaluator(model, calibration, fitness_windows, devices,
+                                            batch_size=spec.batch_size, progress=False, mode=mode,
                                             memory_budget=spec.memory_budget, owl_multipliers=spec.owl_multipliers,
-                                            sequential_windows=spec.sequential_windows,
-                                            level_db=None if spec.level_db is None else LevelDatabase(spec.level_db))
+                                            sequential_windows=spec.sequential_windows, levels=levels)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def info(self) -> dict:

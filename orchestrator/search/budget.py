@@ -1,12 +1,21 @@
-"""Budgets: every driver stops cleanly at its evaluation, forward-token or wall-clock limit."""
+"""Budgets: every driver stops cleanly at its evaluation, forward-token or wall-clock limit.
+
+A driver plans with its :class:`Budget` (``room``, ``fits``, ``exhausted``) and evaluates through a
+:class:`Charged` pool, the one place where evaluations are charged: every candidate asked for costs
+one evaluation and its tokens, also when the results table answers it (a resumed run stops where
+the uninterrupted one would).
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import TYPE_CHECKING
 
 from core.errors import SparseAllocError
+
+if TYPE_CHECKING:
+    from orchestrator.search.settings import Settings, Tokens
 
 
 @dataclass
@@ -16,9 +25,8 @@ class Budget:
 
     An evaluation's tokens are its candidate's fidelity (``Candidate.tokens``; all fitness tokens for
     None), so a 1024-token evaluation costs four times a 256-token one and the shares of drivers that
-    score at different fidelities are comparable. Drivers charge every evaluation they request, with its
-    tokens, also those a resumed run answers from its results table, so a resumed search stops where the
-    uninterrupted one would; the clock counts this invocation only.
+    score at different fidelities are comparable (:class:`Charged` charges them); the clock counts this
+    invocation only.
     """
 
     max_evals: int | None = None
@@ -103,10 +111,36 @@ def eval_tokens(tokens: int | None, full: int | None, budget: Budget) -> int:
     return 0
 
 
-def tokens_of(candidates: Iterable, full: int | None) -> int:
-    """The fitness tokens a batch of candidates scores: each one's ``tokens``, ``full`` for None (0 when
-    that is unknown as well)."""
-    return sum(int(c.tokens) if c.tokens is not None else int(full or 0) for c in candidates)
+class Charged:
+    """An evaluator pool (or any ``evaluate`` callable) whose every evaluation is charged to ``budget``.
+
+    An evaluation costs its candidate's fidelity in tokens (``full_tokens``, all fitness tokens, for
+    None) plus ``sequential_tokens`` for a ``kl-seq`` candidate (its sequential pass's calibration
+    forwards). Everything else (``num_blocks``, ``block_weights``, ``call`` …) is the pool's."""
+
+    def __init__(self, pool, budget: Budget, full_tokens: int | None = None, sequential_tokens: int = 0) -> None:
+        self._pool = pool
+        self.budget = budget
+        self.full_tokens = full_tokens if full_tokens is not None else getattr(pool, "max_tokens", None)
+        if self.full_tokens is not None and self.full_tokens < 1:
+            raise SparseAllocError(f"full_tokens={self.full_tokens} must be a positive token count or None")
+        self.sequential_tokens = sequential_tokens
+
+    def cost(self, tokens: int | None, metric: str = "kl") -> int:
+        """The tokens one evaluation at fidelity ``tokens`` with ``metric`` is charged."""
+        extra = self.sequential_tokens if metric == "kl-seq" else 0
+        return eval_tokens(tokens, self.full_tokens, self.budget) + extra
+
+    def evaluate(self, candidates: list) -> list[float]:
+        """The pool's fitnesses of ``candidates``, each charged before it is sent."""
+        self.budget.charge(len(candidates), sum(self.cost(c.tokens, c.metric) for c in candidates))
+        evaluate = getattr(self._pool, "evaluate", self._pool)
+        return list(evaluate(candidates))
+
+    __call__ = evaluate
+
+    def __getattr__(self, name: str):
+        return getattr(self._pool, name)
 
 
 def driver_allowance(total: float | None, spent: float, share: float, shares_left: float) -> float | None:
@@ -122,3 +156,50 @@ def driver_allowance(total: float | None, spent: float, share: float, shares_lef
     if not 0 < share <= shares_left:
         raise SparseAllocError(f"a driver's share must lie in (0, {shares_left}], got {share}")
     return max(total * share, (total - spent) * share / shares_left)
+
+
+def driver_budget(settings: "Settings", search_seconds: float | None, share: float, shares_left: float,
+                  spent: tuple[int, int, float], top_tokens: int, already: float) -> Budget:
+    """The next driver's budget: its share of the search's evaluations, fitness tokens and seconds, plus
+    its part of what earlier drivers left (``spent``: evaluations, tokens, seconds); at least one
+    evaluation on all ``top_tokens``; its clock starts at the ``already`` seconds it used before a resume."""
+    config = settings.config
+    spent_evals, spent_tokens, spent_seconds = spent
+    evals = driver_allowance(config.budget_evals, spent_evals, share, shares_left)
+    tokens = driver_allowance(config.budget_tokens, spent_tokens, share, shares_left)
+    seconds = driver_allowance(search_seconds, spent_seconds, share, shares_left)
+    return Budget(max_evals=None if evals is None else max(1, int(evals)),
+                  max_seconds=None if seconds is None else max(seconds, 1e-3),
+                  max_tokens=None if tokens is None else max(top_tokens, int(tokens)),
+                  started=time.monotonic() - already)
+
+
+def final_passes_estimate(settings: "Settings", tokens: "Tokens", seconds_per_token: float, actors: int) -> float:
+    """Wall-clock estimate of the final stage from the measured cost of one fitness token: each
+    finalist prunes on the calibration tokens (at its pruner's pass cost) and scores selection and test
+    tokens, plus the dense test perplexity; the passes share the cores the actors used."""
+    from pruning.pruners import get_pruner
+
+    config = settings.config
+    drivers = len(settings.drivers)
+    passes = drivers if config.finalists is None else min(drivers, config.finalists + (config.method == "all"))
+    cost = get_pruner(config.pruner).pass_cost
+    scored = passes * (tokens.calibration.numel() * cost + tokens.selection.numel() + tokens.test.numel())
+    scored += tokens.test.numel()
+    return 1.25 * (seconds_per_token * scored / max(1, actors) + 10.0 * passes)
+
+
+def search_seconds(settings: "Settings", setup_seconds: float, final_estimate: float) -> float | None:
+    """Seconds the drivers may use in all: ``--budget-minutes``, and under ``--deadline-minutes`` what
+    setup (spent) and the final stage (estimated) leave of the deadline."""
+    config = settings.config
+    limits = [] if config.budget_minutes is None else [config.budget_minutes * 60]
+    if config.deadline_minutes is not None:
+        left = config.deadline_minutes * 60 - setup_seconds - final_estimate
+        if left <= 0:
+            raise SparseAllocError(
+                f"--deadline-minutes {config.deadline_minutes} leaves no time to search: setup took "
+                f"{setup_seconds:.0f} s and the final passes are estimated at {final_estimate:.0f} s; "
+                "raise the deadline, or lower --finalists, --calib-samples or --eval-windows")
+        limits.append(left)
+    return min(limits) if limits else None

@@ -12,8 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from core.identity import write_json
 from core.profile import Profile
-from orchestrator.search.drivers import DRIVERS
+from orchestrator.passes.finalists import driver_summary, finalists
+from orchestrator.search.drivers.sensitivities import fisher_traces, outlier_ratios
+from orchestrator.search.registry import DRIVERS
+from orchestrator.search.run import run_drivers
 from search_spaces import families
 
 if TYPE_CHECKING:
@@ -21,7 +25,7 @@ if TYPE_CHECKING:
 
     from orchestrator.runtime.clock import RunClock
     from orchestrator.runtime.pool import EvaluatorPool
-    from orchestrator.search.run import SearchConfig
+    from orchestrator.search.settings import Settings
 
 Proposal = list[tuple[str, Profile]]
 
@@ -33,7 +37,7 @@ class CellContext:
     sensitivity directory, the drivers' seconds allowance and the OWL settings."""
 
     pool: "EvaluatorPool"
-    config: "SearchConfig"
+    settings: "Settings"
     calibration: "torch.Tensor"
     top_tokens: int
     clock: "RunClock"
@@ -42,7 +46,10 @@ class CellContext:
     atp_grid: int = 5
     owl_m: float = 5.0
     owl_lambda: float = 0.08
-    finalists: int = 2
+
+    @property
+    def sparsity(self) -> float:
+        return self.settings.config.sparsity
 
 
 @dataclass(frozen=True)
@@ -55,21 +62,18 @@ class Allocation:
 
 
 def _uniform(context: CellContext) -> Proposal:
-    return [("uniform", families.uniform(context.pool.num_blocks, context.config.sparsity))]
+    return [("uniform", families.uniform(context.pool.num_blocks, context.sparsity))]
 
 
 def _owl(context: CellContext) -> Proposal:
-    from orchestrator.search.drivers import DriverContext, outlier_ratios
-
-    driver_context = DriverContext(context.pool, context.config, context.calibration, context.top_tokens,
-                                   context.sensitivity_dir)
-    ratios = outlier_ratios(driver_context, context.owl_m)
+    ratios = outlier_ratios(context.pool, context.settings, context.calibration, context.sensitivity_dir,
+                            context.owl_m)
     return [(f"M={context.owl_m:g},lambda={context.owl_lambda:g}",
-             families.owl(ratios, context.config.sparsity, context.owl_lambda))]
+             families.owl(ratios, context.sparsity, context.owl_lambda))]
 
 
 def _atp_grid(context: CellContext) -> Proposal:
-    n, target = context.pool.num_blocks, context.config.sparsity
+    n, target = context.pool.num_blocks, context.sparsity
     top = families.atp_beta_max(n, target)
     steps = max(1, context.atp_grid - 1)
     betas = [top * i / steps for i in range(context.atp_grid)] if context.atp_grid > 1 else [top / 2]
@@ -77,24 +81,18 @@ def _atp_grid(context: CellContext) -> Proposal:
 
 
 def _fisher_map(context: CellContext) -> Proposal:
-    from orchestrator.search.drivers import DriverContext, fisher_traces
-
-    traces = fisher_traces(DriverContext(context.pool, context.config, context.calibration, context.top_tokens,
-                                         context.sensitivity_dir))
-    return [("strength=1", families.sensitivity_map(traces, context.config.sparsity, 1.0,
+    traces = fisher_traces(context.pool, context.settings, context.calibration, context.sensitivity_dir)
+    return [("strength=1", families.sensitivity_map(traces, context.sparsity, 1.0,
                                                     context.pool.block_weights))]
 
 
 def _drivers(context: CellContext, shares: dict[str, float]) -> dict:
     """Run the drivers in the cell's directory; their results also go to its ``summary.json`` (as a
     search run's ``drivers`` entry, read by the report)."""
-    from orchestrator.passes.finalists import driver_summary
-    from core.identity import write_json
-    from orchestrator.search.run import run_drivers
-
-    results = run_drivers(context.pool, context.config, shares, context.calibration, context.top_tokens,
-                          context.clock, context.search_seconds, context.sensitivity_dir)
-    write_json(Path(context.config.out) / "summary.json", {"drivers": driver_summary(results)})
+    run_dir = Path(context.settings.config.out)
+    results = run_drivers(context.pool, context.settings, shares, context.calibration, context.top_tokens,
+                          context.clock, context.search_seconds, run_dir, context.sensitivity_dir)
+    write_json(run_dir / "summary.json", {"drivers": driver_summary(results)})
     return results
 
 
@@ -103,7 +101,7 @@ def _shapley_map(context: CellContext) -> Proposal:
     values = result.details.get("values")
     if values is None:  # not one unit completed: the driver's uniform fallback
         return [("uniform (no Shapley estimate)", result.best)]
-    return [("strength=1", families.sensitivity_map(values, context.config.sparsity, 1.0,
+    return [("strength=1", families.sensitivity_map(values, context.sparsity, 1.0,
                                                     context.pool.block_weights))]
 
 
@@ -115,10 +113,8 @@ def _one_driver(name: str) -> Callable[[CellContext], Proposal]:
 
 
 def _all(context: CellContext) -> Proposal:
-    from orchestrator.passes.finalists import finalists
-
-    results = _drivers(context, context.config.drivers())  # the cell's config has method "all"
-    return [(name, results[name].best) for name in finalists(results, context.finalists)]
+    results = _drivers(context, context.settings.drivers)  # the cell's method is "all"
+    return [(name, results[name].best) for name in finalists(results, context.settings.config.finalists)]
 
 
 ALLOCATIONS: dict[str, Allocation] = {

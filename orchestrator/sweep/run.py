@@ -31,17 +31,19 @@ import pyarrow.parquet as pq
 import ray
 
 from core.errors import SparseAllocError
-from core.profile import Profile
-from orchestrator.sweep.allocations import ALLOCATIONS, CellContext
-from orchestrator.runtime.clock import RunClock
-from orchestrator.search.drivers import DRIVERS
-from orchestrator.passes.finalists import (PassJob, PassTasks, model_spec, pass_inputs, stored_metrics, task_resources,
-                                    window_digests)
 from core.identity import atomic_file, cache_key, write_json
-from orchestrator.runtime.rundir import check_output
+from core.profile import Profile
+from orchestrator.passes.tasks import (PassTasks, dense_pass_inputs, pass_inputs, stored_metrics, task_resources,
+                                       window_digests)
+from orchestrator.runtime.clock import RunClock
+from orchestrator.runtime.cluster import init_ray
 from orchestrator.runtime.results import ResultsTable
-from orchestrator.search.run import (SearchConfig, actor_count, check_memory, init_ray, make_pool, resolve_device,
-                                 token_sets)
+from orchestrator.runtime.rundir import check_output
+from orchestrator.search.config import SearchConfig
+from orchestrator.search.registry import DRIVERS, driver_plan
+from orchestrator.search.run import make_pool, pass_template
+from orchestrator.search.settings import Settings, Tokens, actor_count, resolve, token_sets
+from orchestrator.sweep.allocations import ALLOCATIONS, CellContext
 from orchestrator.sweep.spec import Cell, SweepSpec, model_slug, read_spec
 from pruning.pruners import PRUNERS
 from search_spaces import families
@@ -83,19 +85,10 @@ def search_allowance(budget: dict, spent: list[dict], searches_left: int) -> dic
 
 
 def _model_config(spec: SweepSpec, model: str, out: Path, progress: bool) -> SearchConfig:
-    """The search settings every cell of ``model`` starts from (the spec's protocol)."""
-    return SearchConfig(
-        out=out, method="all", sparsity=0.5, pruner=spec.pruners[0], model=model, data=spec.data,
-        text_field=spec.text_field, seqlen=spec.seqlen, calib_samples=spec.calib_samples,
-        eval_windows=spec.eval_windows, fitness_windows=spec.fitness_windows, fitness_seqlen=spec.fitness_seqlen,
-        fidelities=tuple(spec.fidelities), top_fitness=spec.top_fitness, sequential_windows=spec.sequential_windows,
-        level_source="wanda",  # one pool per model serves every pruner's cells: Wanda rank tables
-        free_sampler=spec.free_sampler, estimator=spec.estimator,
-        finalists=spec.finalists, selection_windows=spec.selection_windows,
-        actors=spec.actors, threads=spec.threads, address=spec.address,
-        batch_size=spec.batch_size, device=spec.device, dtype=spec.dtype, evaluator=spec.evaluator,
-        device_memory_gb=spec.device_memory_gb, gpus_per_actor=spec.gpus_per_actor, population=spec.population,
-        seed=spec.seed, progress=progress)
+    """The search settings every cell of ``model`` starts from: the spec's protocol, Wanda rank tables
+    (one pool per model serves every pruner's cells); each cell sets its target, method and budget."""
+    return SearchConfig(out=out, method="all", pruner=spec.pruners[0], model=model, level_source="wanda",
+                        progress=progress, **spec.protocol)
 
 
 def _prepare(spec_path: Path, spec: SweepSpec, out: Path, resume: bool, overwrite: bool) -> str:
@@ -108,10 +101,10 @@ def _prepare(spec_path: Path, spec: SweepSpec, out: Path, resume: bool, overwrit
         stored_identity = {k: v for k, v in previous["identity"].items() if k != "budget"}  # older sweeps had it
         # Sweeps from before kl-seq searched with dense-table KL at the top: a spec saying so resumes them.
         stored_identity.setdefault("top_fitness", "kl")
-        stored_identity.setdefault("sequential_windows", spec.sequential_windows)
-        if stored_identity != spec.identity():
-            changed = sorted(k for k in set(stored_identity) | set(spec.identity())
-                             if stored_identity.get(k) != spec.identity().get(k))
+        stored_identity.setdefault("sequential_windows", spec.protocol["sequential_windows"])
+        identity = spec.identity()
+        changed = sorted(k for k in identity if stored_identity.get(k) != identity[k])
+        if changed:
             raise SparseAllocError(f"--resume with a spec whose protocol differs ({', '.join(changed)}); only "
                                    "models, targets, pruners and methods may change")
         return previous["run_id"]
@@ -158,17 +151,19 @@ def _search_cost(cell_dir: Path) -> tuple[int, int]:
     return sum(d.get("tokens", 0) for d in details), sum(d.get("evaluations_charged", 0) for d in details)
 
 
-def _propose(cell: Cell, spec: SweepSpec, base: SearchConfig, pool, data, top_tokens: int, cell_dir: Path,
-             model_dir: Path, run_id: str, budget: dict) -> dict:
+def _propose(cell: Cell, spec: SweepSpec, base: Settings, pool, tokens: Tokens, cell_dir: Path, model_dir: Path,
+             run_id: str, budget: dict) -> dict:
     """Run the cell's method through ``pool`` within ``budget`` (evals / minutes / tokens, for a
     searching method); writes and returns ``cell_dir/proposal.json``."""
     resume = (cell_dir / "results").is_dir()
     cell_dir.mkdir(parents=True, exist_ok=True)
     allocation = ALLOCATIONS[cell.method]
-    config = replace(base, out=cell_dir, method=cell.method if cell.method in DRIVERS else "all",
-                     sparsity=cell.sparsity, pruner=cell.pruner, nm_m=cell.nm[1] if cell.nm else None, resume=resume,
-                     budget_evals=budget.get("evals"), budget_minutes=budget.get("minutes"),
+    method = cell.method if cell.method in DRIVERS else "all"
+    config = replace(base.config, out=cell_dir, method=method, sparsity=cell.sparsity, pruner=cell.pruner,
+                     nm_m=cell.nm[1] if cell.nm else None, resume=resume, budget_evals=budget.get("evals"),
+                     budget_minutes=budget.get("minutes"),
                      budget_tokens=None if budget.get("tokens") is None else int(budget["tokens"]))
+    settings = replace(base, config=config, drivers=driver_plan(method, config.shares))
     # A search keeps its rows in the cell's own table (resume answers from it); others evaluate nothing.
     pool.results = ResultsTable(cell_dir if allocation.searches else model_dir, run_id)
     clock = RunClock(cell_dir)
@@ -177,9 +172,9 @@ def _propose(cell: Cell, spec: SweepSpec, base: SearchConfig, pool, data, top_to
             if cell.sparsity == 0.0:  # dense: every method gives the same profile
                 proposal = [("uniform", families.uniform(pool.num_blocks, 0.0))]
             else:
-                context = CellContext(pool, config, data.calibration, top_tokens, clock, model_dir,
+                context = CellContext(pool, settings, tokens.calibration, tokens.top_tokens, clock, model_dir,
                                       None if config.budget_minutes is None else config.budget_minutes * 60,
-                                      spec.atp_grid, spec.owl_m, spec.owl_lambda, spec.finalists)
+                                      spec.atp_grid, spec.owl_m, spec.owl_lambda)
                 proposal = allocation.propose(context)
         seconds = clock.spent("search")
     finally:
@@ -223,13 +218,13 @@ def _pass_key(inputs: dict) -> str:
     return cache_key(inputs)
 
 
-def _submit_passes(spec: SweepSpec, config: SearchConfig, out: Path, cells: list[Cell], proposals: dict, data,
-                   selection) -> tuple[list[_Pending], object]:
+def _submit_passes(spec: SweepSpec, settings: Settings, out: Path, cells: list[Cell], proposals: dict,
+                   tokens: Tokens) -> tuple[list[_Pending], object]:
     """Final-pass tasks for every candidate of ``cells`` not already done, plus the model's dense
     perplexity; returns the pending passes and the dense task (or stored dense metrics). The tasks'
     threads are sized by how many will run (passes stored by an earlier run are not counted)."""
-    model = model_spec(config.model)
-    windows = window_digests(data.calibration, selection, data.test)
+    template = pass_template(settings)
+    windows = window_digests(tokens.calibration, tokens.selection, tokens.test)
     zero_shot = None if not spec.zero_shot.tasks else {"tasks": list(spec.zero_shot.tasks),
                                                        "include": spec.zero_shot.include,
                                                        "limit": spec.zero_shot.limit}
@@ -238,7 +233,7 @@ def _submit_passes(spec: SweepSpec, config: SearchConfig, out: Path, cells: list
     for cell in cells:
         for candidate in proposals[cell.id]["candidates"]:
             profile = Profile.from_json(candidate["profile"])
-            inputs = pass_inputs(model, config.device, config.dtype, cell.pruner, windows, profile,
+            inputs = pass_inputs(template.model, template.device, template.dtype, cell.pruner, windows, profile,
                                  zero_shot=zero_shot, saved=spec.save_models)
             item = _Pending(cell, candidate["name"], profile, _pass_key(inputs))
             item.metrics = stored_metrics(out / "passes" / item.key / "metrics.json", inputs)
@@ -246,18 +241,18 @@ def _submit_passes(spec: SweepSpec, config: SearchConfig, out: Path, cells: list
             if not item.reused and item.key not in to_run:
                 to_run[item.key] = (item, inputs)
             pending.append(item)
-    dense_inputs = {"model": model, "device": config.device, "dtype": config.dtype, "test": windows["test"]}
-    dense_path = out / "models" / model_slug(config.model) / "dense.json"
+    dense_inputs = dense_pass_inputs(template, windows)
+    dense_path = out / "models" / model_slug(settings.config.model) / "dense.json"
     dense = stored_metrics(dense_path, dense_inputs)
-    tasks = PassTasks(task_resources(config, len(to_run) + (dense is None)), data.calibration, selection, data.test)
-    threads = tasks.resources["num_cpus"]
+    resources = task_resources(settings.device == "cuda", template.threads, len(to_run) + (dense is None))
+    tasks = PassTasks(resources, tokens.calibration, tokens.selection, tokens.test)
+    threads = resources["num_cpus"]
     for key, (item, inputs) in to_run.items():
-        job = PassJob(model, item.cell.pruner, config.device, config.dtype, None, config.batch_size, threads,
-                      str((out / "passes" / key).resolve()), inputs, save=spec.save_models, zero_shot=zero_shot)
+        job = replace(template, pruner=item.cell.pruner, threads=threads, out=str((out / "passes" / key).resolve()),
+                      inputs=inputs, save=spec.save_models, zero_shot=zero_shot)
         item.ref = tasks.submit(job, item.cell.method, item.profile)
     if dense is None:
-        job = PassJob(model, spec.pruners[0], config.device, config.dtype, None, config.batch_size, threads,
-                      str(dense_path.parent.resolve()), dense_inputs)
+        job = replace(template, threads=threads, out=str(dense_path.parent.resolve()), inputs=dense_inputs)
         dense = (tasks.submit_dense(job), dense_path)
     return pending, dense
 
@@ -333,18 +328,17 @@ def _spent_searches(spec: SweepSpec, out: Path) -> list[dict]:
     return list(spent.values())
 
 
-def _sweep_model(model: str, spec: SweepSpec, out: Path, run_id: str, actors: int | None, counts: dict,
-                 progress: bool, spent: list[dict]) -> tuple[list[dict], dict]:
+def _sweep_model(model: str, spec: SweepSpec, out: Path, run_id: str, counts: dict, progress: bool,
+                 spent: list[dict]) -> tuple[list[dict], dict]:
     """One model's cells: proposals through one pool (built only when a cell still needs it), then
     every candidate's final pass; returns the model's table rows and its cells' proposals. ``spent``:
     the costs of the sweep's searches so far (a search done here is appended)."""
     from pruning.load import load_tokenizer
 
     model_dir = out / "models" / model_slug(model)
-    config = resolve_device(_model_config(spec, model, model_dir, progress))
-    mode = check_memory(config)
-    data, fitness, selection = token_sets(config, load_tokenizer(model))
-    top_tokens = int(fitness.numel())
+    config = _model_config(spec, model, model_dir, progress)
+    settings = resolve(config, driver_plan("all"), ray.cluster_resources().get("GPU", 0))
+    tokens = token_sets(settings, load_tokenizer(model))
     cells = [c for c in spec.cells() if c.model == model]
     proposals: dict[str, dict] = {}
     for cell in cells:
@@ -355,7 +349,7 @@ def _sweep_model(model: str, spec: SweepSpec, out: Path, run_id: str, actors: in
     todo = [c for c in cells if c.id not in proposals]
     if todo:
         model_dir.mkdir(parents=True, exist_ok=True)
-        pool = make_pool(config, mode, data.calibration, fitness, ResultsTable(model_dir, run_id), actors,
+        pool = make_pool(settings, tokens.calibration, tokens.fitness, ResultsTable(model_dir, run_id),
                          owl_m=(spec.owl_m,))
         counts["pools_built"] += 1
         searches_total = len(_searches(spec))
@@ -367,16 +361,16 @@ def _sweep_model(model: str, spec: SweepSpec, out: Path, run_id: str, actors: in
                     continue
                 searches = ALLOCATIONS[cell.method].searches
                 budget = search_allowance(spec.budget, spent, searches_total - len(spent)) if searches else {}
-                proposals[cell.id] = _propose(cell, spec, config, pool, data, top_tokens, out / "cells" / cell.id,
+                proposals[cell.id] = _propose(cell, spec, settings, pool, tokens, out / "cells" / cell.id,
                                               model_dir, run_id, budget)
                 counts["cells_proposed"] += 1
                 if searches:
                     spent.append(proposals[cell.id]["search"])
         finally:
             pool.close()  # frees the actors' devices for the final passes
-    protocol = {**data.protocol, "fitness_tokens": top_tokens, "fitness_split": "validation (prefix)",
-                "selection_tokens": int(selection.numel()), "dtype": config.dtype, "device": config.device}
-    pending, dense = _submit_passes(spec, config, out, cells, proposals, data, selection)
+    protocol = {**tokens.protocol, "fitness_tokens": tokens.top_tokens, "fitness_split": "validation (prefix)",
+                "selection_tokens": int(tokens.selection.numel()), "dtype": settings.dtype, "device": settings.device}
+    pending, dense = _submit_passes(spec, settings, out, cells, proposals, tokens)
     # The passes hold the devices the next model's actors would need: they finish first.
     if isinstance(dense, tuple):
         ref, path = dense
@@ -395,8 +389,7 @@ def run_sweep(spec_path: Path, out: Path, resume: bool = False, overwrite: bool 
     out = Path(out)
     counts = {"pools_built": 0, "cells_proposed": 0, "cells_skipped": 0, "passes_run": 0, "passes_reused": 0}
     first = _model_config(spec, spec.models[0], out, progress)
-    actors = actor_count(first)
-    started_ray = init_ray(first, actors)
+    started_ray = init_ray(first.address, actor_count(first), first.threads)
     rows: list[dict] = []
     proposals: dict[str, dict] = {}
     start = time.monotonic()
@@ -404,7 +397,7 @@ def run_sweep(spec_path: Path, out: Path, resume: bool = False, overwrite: bool 
         run_id = _prepare(Path(spec_path), spec, out, resume, overwrite)
         spent = _spent_searches(spec, out)
         for model in spec.models:
-            model_rows, model_proposals = _sweep_model(model, spec, out, run_id, actors, counts, progress, spent)
+            model_rows, model_proposals = _sweep_model(model, spec, out, run_id, counts, progress, spent)
             rows.extend(model_rows)
             proposals.update(model_proposals)
         table = out / TABLE
@@ -422,6 +415,6 @@ def run_sweep(spec_path: Path, out: Path, resume: bool = False, overwrite: bool 
 
 def _report(out: Path) -> list[str]:
     """The sweep's report: paths of its HTML page and markdown twin."""
-    from orchestrator.report.build import write_report
+    from orchestrator.report import write_report
 
     return [str(p) for p in write_report(out)]

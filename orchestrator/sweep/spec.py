@@ -9,12 +9,13 @@ A cell is one (model, target, pruner, method); its id names its directory in the
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from core.errors import SparseAllocError
 from core.profile import parse_nm
+from orchestrator.runtime.options import declared, option, parse_value, sweep_default, sweep_keys
+from orchestrator.runtime.rundir import model_slug, slug
 
 BUDGET_KEYS = ("evals", "minutes", "tokens")
 BUDGET_SCOPES = ("search", "sweep")  # budget.per: each search gets the budget, or all searches share it
@@ -29,9 +30,17 @@ class ZeroShot:
     limit: int | None = None
 
 
+def _search_keys() -> dict:
+    """The search options a spec may set (snake_case, as ``search``'s flags), from their declaration."""
+    from orchestrator.search.config import SearchConfig
+
+    return sweep_keys(SearchConfig)
+
+
 @dataclass(frozen=True)
 class SweepSpec:
-    """A parsed, checked spec. Protocol fields mean what the ``search`` flags of the same name mean."""
+    """A parsed, checked spec. ``protocol`` holds the search options the spec sets or their sweep
+    defaults (they mean what the ``search`` flags of the same name mean)."""
 
     models: tuple[str, ...]
     methods: tuple[str, ...]
@@ -39,35 +48,13 @@ class SweepSpec:
     nm: tuple[str, ...] = ()
     pruners: tuple[str, ...] = ("wanda",)
     budget: dict = field(default_factory=dict)
-    data: str = "default"
-    text_field: str | None = None
-    seqlen: int = 512
-    calib_samples: int = 32
-    eval_windows: int | None = 32
-    fitness_windows: int = 8
-    fitness_seqlen: int = 128
-    selection_windows: int = 8
-    fidelities: tuple[int, ...] = (256, 1024)
-    top_fitness: str = "kl-seq"
-    sequential_windows: int = 4
-    finalists: int = 2
-    estimator: str = "permutation"
-    free_sampler: str = "tpe"
-    atp_grid: int = 5
-    owl_m: float = 5.0
-    owl_lambda: float = 0.08
-    batch_size: int = 4
-    population: int = 8
-    actors: int | None = None
-    threads: int = 1
-    address: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    evaluator: str = "auto"
-    device_memory_gb: float | None = None
-    gpus_per_actor: int = 1
-    seed: int = 0
-    save_models: bool = False
+    protocol: dict = field(default_factory=dict)
+    atp_grid: int = option(5, "ATP: this many slopes beta from 0 to its maximum, the pick chosen on validation",
+                           minimum=1, sweep=True)
+    owl_m: float = option(5.0, "OWL's outlier multiplier M", minimum=0, sweep=True)
+    owl_lambda: float = option(0.08, "OWL's lambda", minimum=0, sweep=True)
+    save_models: bool = option(False, "keep every pruned model (passes/<digest>/), not only its metrics",
+                               sweep=True, identity=False)
     zero_shot: ZeroShot = ZeroShot()
 
     def targets(self) -> list[str]:
@@ -80,16 +67,19 @@ class SweepSpec:
                 for pruner in self.pruners for method in self.methods]
 
     def to_json(self) -> dict:
-        """Every field as plain JSON values."""
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+        """Every field as plain JSON values (the protocol's options at the top level, as in a spec)."""
+        values = {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "protocol"}
+        return {**values, **{k: _plain(v) for k, v in self.protocol.items()}}
 
     def identity(self) -> dict:
-        """What a resumed sweep must share with the original: everything but the cell lists, the
-        budget and the run-time placement (a sweep may grow by models, targets, pruners or methods,
-        and its budget may change for the searches still to run, as a search's may)."""
-        skip = {"models", "methods", "sparsities", "nm", "pruners", "budget", "actors", "threads", "address",
-                "save_models"}
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name not in skip}
+        """What a resumed sweep must share with the original: the protocol options that are part of a
+        search's identity and the sweep's own settings, not the cell lists, the budget or the run-time
+        placement (a sweep may grow by models, targets, pruners or methods, and its budget may change for
+        the searches still to run, as a search's may)."""
+        keys = _search_keys()
+        identity = {k: _plain(v) for k, v in self.protocol.items() if keys[k].option.identity}
+        own = {item.name: _plain(getattr(self, item.name)) for item in declared(SweepSpec) if item.option.identity}
+        return {**identity, **own, "zero_shot": _plain(self.zero_shot)}
 
 
 @dataclass(frozen=True)
@@ -112,37 +102,17 @@ class Cell:
 
     @property
     def id(self) -> str:
-        return "--".join(_slug(part) for part in (self.model, self.target, self.pruner, self.method))
+        return "--".join(slug(part) for part in (self.model, self.target, self.pruner, self.method))
 
 
 def format_sparsity(value: float) -> str:
     return f"{value:g}"
 
 
-def model_slug(model: str) -> str:
-    """A file-name-safe name for ``model`` (a hub id, a path or ``default``)."""
-    return _slug(model)
-
-
-def _slug(text: str) -> str:
-    tail = str(text).rstrip("/").split("/")[-2:] if "/" in str(text) else [str(text)]
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(tail)) or "x"
-
-
 def _plain(value):
     if isinstance(value, ZeroShot):
         return {"tasks": list(value.tasks), "include": value.include, "limit": value.limit}
     return list(value) if isinstance(value, tuple) else value
-
-
-_FIELDS = {f.name: f for f in fields(SweepSpec)}
-_INTS = {"seqlen", "calib_samples", "eval_windows", "fitness_windows", "fitness_seqlen", "selection_windows",
-         "finalists", "sequential_windows", "atp_grid", "batch_size", "population", "actors", "threads", "gpus_per_actor", "seed"}
-_FLOATS = {"owl_m", "owl_lambda", "device_memory_gb"}
-_STRINGS = {"data", "text_field", "estimator", "top_fitness", "free_sampler", "address", "device", "dtype", "evaluator"}
-_CHOICES = {"estimator": ("permutation", "sliding"), "top_fitness": ("kl-seq", "kl"), "free_sampler": ("tpe", "cmaes"),
-            "dtype": ("auto", "fp32", "bf16", "fp16"), "evaluator": ("auto", "resident", "streamed")}
-_NULLABLE = {"eval_windows", "actors", "device_memory_gb", "text_field", "address"}
 
 
 def _as_list(raw: dict, key: str, problems: list[str]) -> list:
@@ -157,39 +127,6 @@ def _as_list(raw: dict, key: str, problems: list[str]) -> list:
     return value
 
 
-def _check_scalar(key: str, value, problems: list[str]):
-    """``value`` converted to the field's type, or None with a problem recorded."""
-    if value is None:
-        if key not in _NULLABLE:
-            problems.append(f"{key}: must not be empty")
-        return None
-    if key in _INTS:
-        if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{key}: expected an integer, got {value!r}")
-            return None
-        if value < (0 if key == "seed" else 1):
-            problems.append(f"{key}: must be at least {0 if key == 'seed' else 1}, got {value}")
-            return None
-        return value
-    if key in _FLOATS:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            problems.append(f"{key}: expected a non-negative number, got {value!r}")
-            return None
-        return float(value)
-    if key in _STRINGS:
-        value = str(value)
-        if key in _CHOICES and value not in _CHOICES[key]:
-            problems.append(f"{key}: {value!r} is not one of {', '.join(_CHOICES[key])}")
-            return None
-        return value
-    if key == "save_models":
-        if not isinstance(value, bool):
-            problems.append(f"save_models: expected true or false, got {value!r}")
-            return None
-        return value
-    return value
-
-
 def parse_spec(raw: dict, methods: dict[str, bool], pruner_names: list[str], can_load=None) -> SweepSpec:
     """Check a spec (a dict, as read from YAML) and build it; raises one error listing every problem.
 
@@ -200,9 +137,12 @@ def parse_spec(raw: dict, methods: dict[str, bool], pruner_names: list[str], can
         raise SparseAllocError(f"a sweep spec is a YAML mapping of keys (models, sparsities, …), got "
                                f"{type(raw).__name__}")
     problems: list[str] = []
-    unknown = sorted(set(raw) - set(_FIELDS))
+    search_keys = _search_keys()
+    own_keys = {item.name: item for item in declared(SweepSpec)}
+    known = [f.name for f in fields(SweepSpec) if f.name != "protocol"] + list(search_keys)
+    unknown = sorted(set(raw) - set(known))
     if unknown:
-        problems.append(f"unknown keys: {', '.join(unknown)} (known: {', '.join(_FIELDS)})")
+        problems.append(f"unknown keys: {', '.join(unknown)} (known: {', '.join(known)})")
     models = [str(m) for m in _as_list(raw, "models", problems)]
     if not models:
         problems.append("models: list at least one model ('default', a Hugging Face id, a directory or a .gguf)")
@@ -236,7 +176,7 @@ def parse_spec(raw: dict, methods: dict[str, bool], pruner_names: list[str], can
         if method not in methods:
             problems.append(f"methods: unknown method {method!r} (choose from {', '.join(method_names)})")
     slugs = [model_slug(m) for m in models]
-    clashing = sorted({m for m, slug in zip(models, slugs) if slugs.count(slug) > 1 and models.count(m) == 1})
+    clashing = sorted({m for m, name in zip(models, slugs) if slugs.count(name) > 1 and models.count(m) == 1})
     if clashing:
         problems.append(f"models: {', '.join(clashing)} would share one directory name; give them distinct last "
                         "path components")
@@ -260,17 +200,19 @@ def parse_spec(raw: dict, methods: dict[str, bool], pruner_names: list[str], can
     searching = [m for m in chosen if methods.get(m)]
     if searching and not set(budget) & set(BUDGET_KEYS):
         problems.append(f"budget: methods {', '.join(searching)} search; give budget: evals, minutes and/or tokens")
+    protocol = {name: sweep_default(item) for name, item in search_keys.items()}
     values: dict = {}
     for key, value in raw.items():
-        if key in _INTS | _FLOATS | _STRINGS | {"save_models"}:
-            checked = _check_scalar(key, value, problems)
-            if checked is not None or (value is None and key in _NULLABLE):
-                values[key] = checked
-    fidelities = _as_list(raw, "fidelities", problems)
-    if fidelities and not all(isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in fidelities):
-        problems.append(f"fidelities: expected positive token counts, got {fidelities!r}")
-    elif fidelities:
-        values["fidelities"] = tuple(fidelities)
+        item = search_keys.get(key) or own_keys.get(key)
+        if item is None:
+            continue
+        checked, problem = parse_value(item, value)
+        if problem:
+            problems.append(f"{key}: {problem}")
+        elif key in search_keys:
+            protocol[key] = checked
+        else:
+            values[key] = checked
     zero_shot = _zero_shot(raw.get("zero_shot"), problems)
     if can_load is not None:
         for model in models:
@@ -281,7 +223,7 @@ def parse_spec(raw: dict, methods: dict[str, bool], pruner_names: list[str], can
         raise SparseAllocError("the sweep spec has " + (f"{len(problems)} problems" if len(problems) > 1 else
                                                         "a problem") + ":\n  - " + "\n  - ".join(problems))
     return SweepSpec(models=tuple(models), methods=tuple(chosen), sparsities=tuple(sparsities), nm=tuple(nm),
-                     pruners=tuple(pruners), budget=dict(budget), zero_shot=zero_shot, **values)
+                     pruners=tuple(pruners), budget=dict(budget), protocol=protocol, zero_shot=zero_shot, **values)
 
 
 def _zero_shot(raw, problems: list[str]) -> ZeroShot:

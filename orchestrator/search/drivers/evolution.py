@@ -48,10 +48,10 @@ mean kept as close to the target as the grid allows) plus children of them (cros
 there are several), up to ``offspring`` in all; it goes through the same stages. ``max_generations``
 counts generation 0.
 
-Budgets count evaluations and tokens: a stage's evaluation costs its fidelity in tokens (the final
-choice ``final_tokens``, or ``all_tokens`` for all fitness windows), plus ``sequential_tokens`` for a
-``kl-seq`` evaluation (its calibration forwards), and a stage is trimmed before it is
-sent so that it fits in both, after the final choice's reserve: a token budget is never overshot.
+Budgets count evaluations and tokens: ``evaluate`` (a :class:`Charged` pool) charges each evaluation its
+cost (its fidelity in tokens, all fitness tokens for None, plus the calibration forwards of a ``kl-seq``
+evaluation), and a stage is trimmed before it is sent so that it fits in both, after the final choice's
+reserve: a token budget is never overshot.
 
 Children are distinct from each other, from the parents and (after generation 0) from every profile
 already scored, so no evaluation is spent twice on one profile at one fidelity and draw; a non-finite
@@ -62,15 +62,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from orchestrator.search.budget import Budget, eval_tokens, tokens_of
-from orchestrator.runtime.candidates import Candidate, EvaluateBatch
+from orchestrator.search.budget import Charged
+from orchestrator.runtime.candidates import Candidate, DriverResult
 from core.errors import SparseAllocError
 from search_spaces.algebra import level_grid, nm_levels, round_to_levels
 from core.profile import Profile
+
+if TYPE_CHECKING:
+    from orchestrator.search.drivers.context import DriverContext
 
 DRIVER = "evolution"
 _MOVE_TRIES = 20  # redraws of one move whose weighted mean would leave the tolerance band
@@ -87,13 +90,11 @@ class EvolutionConfig:
     child comes from crossover of two parents (then mutation) rather than mutation alone; it only applies
     with at least two parents. ``crossover_points``: at most this many cut points per crossover.
     ``final_tokens``: the fidelity of the final choice among the parents under ``fresh_tokens`` (None =
-    all fitness windows). ``all_tokens``: how many tokens all fitness windows hold (what an evaluation on
-    all of them is charged to a token budget; needed with one when ``final_tokens`` is None).
-    ``top_metric``: the fitness of the last stage and of the final choice (``kl-seq``: masks of a
-    low-fidelity sequential pass per profile), each such evaluation charged ``sequential_tokens`` more
-    tokens (its calibration forwards). A stage whose fidelity covers all ``all_tokens`` uses draw 0 even
-    with ``fresh_tokens`` (every draw would hold the same windows), so parents keep its scores; when it is
-    also the final choice's fidelity, the final choice is the best parent by those scores (no rescoring)."""
+    all fitness windows). ``top_metric``: the fitness of the last stage and of the final choice
+    (``kl-seq``: masks of a low-fidelity sequential pass per profile). A stage whose fidelity covers all
+    fitness tokens (the evaluator's ``full_tokens``) uses draw 0 even with ``fresh_tokens`` (every draw
+    would hold the same windows), so parents keep its scores; when it is also the final choice's fidelity,
+    the final choice is the best parent by those scores (no rescoring)."""
 
     target: float
     levels: list[float] | None = None
@@ -109,9 +110,7 @@ class EvolutionConfig:
     crossover_rate: float = 0.5
     crossover_points: int = 2
     final_tokens: int | None = None
-    all_tokens: int | None = None
     top_metric: str = "kl"
-    sequential_tokens: int = 0
 
     def grid(self) -> np.ndarray:
         """The sorted level grid, after validating the config."""
@@ -131,9 +130,8 @@ class EvolutionConfig:
             )
         if self.offspring < 1:
             raise SparseAllocError(f"offspring={self.offspring} must be at least 1")
-        if self.top_metric not in ("kl", "kl-seq", "ppl") or self.sequential_tokens < 0:
-            raise SparseAllocError(f"top_metric {self.top_metric!r} must be kl, kl-seq or ppl and sequential_tokens "
-                                   f"({self.sequential_tokens}) at least 0")
+        if self.top_metric not in ("kl", "kl-seq", "ppl"):
+            raise SparseAllocError(f"top_metric {self.top_metric!r} must be kl, kl-seq or ppl")
         if len(self.survivors) != len(self.fidelities) or not self.fidelities:
             raise SparseAllocError(
                 f"survivors {tuple(self.survivors)} and fidelities {tuple(self.fidelities)} need one entry per "
@@ -163,8 +161,6 @@ class EvolutionConfig:
             raise SparseAllocError(f"crossover_points={self.crossover_points} must be at least 1")
         if self.final_tokens is not None and self.final_tokens < 1:
             raise SparseAllocError(f"final_tokens={self.final_tokens} must be a positive token count or None")
-        if self.all_tokens is not None and self.all_tokens < 1:
-            raise SparseAllocError(f"all_tokens={self.all_tokens} must be a positive token count or None")
         return grid
 
 
@@ -312,10 +308,9 @@ def repair(
 
 
 def run_evolution(
-    evaluate: EvaluateBatch,
+    evaluate: Charged,
     seeds: Sequence[Profile],
     config: EvolutionConfig,
-    budget: Budget,
     on_generation: OnGeneration | None = None,
 ) -> EvolutionResult:
     """Evolve per-block sparsity profiles at mean ``config.target``; lower fitness is better.
@@ -325,9 +320,12 @@ def run_evolution(
     ``fresh_tokens`` the evaluations and tokens the final choice needs), or when no new child can be
     produced.
     ``on_generation(generation, best_fitness, evaluations)`` is called after every completed generation,
-    ``evaluations`` being those charged by this run so far.
+    ``evaluations`` being those charged by this run so far. ``evaluate`` charges every evaluation to its
+    budget, which the stages are planned against.
     """
     grid = config.grid()
+    budget = evaluate.budget
+    all_tokens = evaluate.full_tokens
     rng = np.random.default_rng(config.seed)
     if not seeds:
         raise SparseAllocError("the evolutionary search needs at least one seed profile (e.g. uniform)")
@@ -376,17 +374,16 @@ def run_evolution(
     fresh_mode = config.fresh_tokens
     # A last stage on all fitness windows at the final choice's fidelity already ranks the parents on the
     # final choice's tokens: no final rescoring then.
-    final_from_top = (fresh_mode and config.all_tokens is not None and config.final_tokens is not None
-                      and int(config.fidelities[top]) == config.final_tokens >= config.all_tokens)
+    final_from_top = (fresh_mode and all_tokens is not None and config.final_tokens is not None
+                      and int(config.fidelities[top]) == config.final_tokens >= all_tokens)
     final_choice = fresh_mode and not final_from_top
     reserve = config.survivors[-1] if final_choice else 0  # evaluations kept back for the final choice
     # Tokens of one final-choice evaluation (only fresh mode asks for None tokens, i.e. all windows).
-    final_cost = eval_tokens(config.final_tokens, config.all_tokens, budget) + config.sequential_tokens * (
-        config.top_metric != "kl") if final_choice else 0
+    final_cost = evaluate.cost(config.final_tokens, config.top_metric) if final_choice else 0
     draw_base = 1 + int(np.random.default_rng([config.seed, 0x5EED]).integers(0, 2**31)) * 2**20
 
     def covers_all(stage: int) -> bool:
-        return config.all_tokens is not None and int(config.fidelities[stage]) >= config.all_tokens
+        return all_tokens is not None and int(config.fidelities[stage]) >= all_tokens
 
     def draw_of(generation: int, stage: int) -> int:
         """A positive minibatch number per (generation, stage), never the same twice in one run (0 for a
@@ -395,10 +392,6 @@ def run_evolution(
 
     def metric_of(stage) -> str:
         return config.top_metric if stage in (top, "final") else "kl"
-
-    def surcharge(stage) -> int:
-        """Tokens charged per evaluation beyond those scored (the sequential pass of ``kl-seq``)."""
-        return config.sequential_tokens if metric_of(stage) != "kl" else 0
 
     scores: dict[tuple[int, int], dict[tuple[int, ...], float]] = {}  # (stage, draw) -> profile -> fitness
     evaluations = tokens_used = 0
@@ -411,11 +404,10 @@ def run_evolution(
         if fresh:
             batch = [Candidate.of(make_profile(idx), tokens=tokens, driver=DRIVER, draw=draw,
                                   metric=metric_of(params["stage"]), **params) for idx in fresh]
-            cost = tokens_of(batch, config.all_tokens) + len(batch) * surcharge(params["stage"])
-            budget.charge(len(batch), cost)
+            before = budget.used_tokens
+            fitness = evaluate(batch)
             evaluations += len(batch)
-            tokens_used += cost
-            fitness = list(evaluate(batch))
+            tokens_used += budget.used_tokens - before
             if len(fitness) != len(batch):
                 raise SparseAllocError(
                     f"the evaluator returned {len(fitness)} fitnesses for {len(batch)} candidates"
@@ -438,8 +430,8 @@ def run_evolution(
         if fresh_mode and stage == top:
             pool = list(parents) + [idx for idx in pool if idx not in parents]
         keep = fresh_mode and bool(parents or stage == top)  # the final choice's reserve
-        remaining = budget.room(int(config.fidelities[stage]) + surcharge(stage), reserve if keep else 0,
-                                reserve * final_cost if keep else 0)
+        each = evaluate.cost(int(config.fidelities[stage]), metric_of(stage))
+        remaining = budget.room(each, reserve if keep else 0, reserve * final_cost if keep else 0)
         if remaining is not None:
             fresh = [idx for idx in pool if idx not in cache]
             if fresh_mode and stage == top and remaining < sum(p not in cache for p in parents) + 1:
@@ -533,4 +525,44 @@ def run_evolution(
     return EvolutionResult(make_profile(best), fitness, len(history), evaluations, history, tokens_used)
 
 
-__all__ = ["EvolutionConfig", "EvolutionResult", "crossover", "mutate", "repair", "run_evolution", "weighted_mean"]
+def run(context: "DriverContext") -> DriverResult:
+    """The ``evolution`` driver (MSP's EA): the population starts from the Fisher map, uniform, ATP and what
+    the drivers before it found (under ``--method all``: the Shapley driver's profile), so the search
+    starts from the best known profiles. Two parents, so that crossover takes part. With a kl-seq top
+    stage (``--top-fitness kl-seq`` on rank tables) a last stage on all fitness tokens scores two
+    children per generation with the masks of a low-fidelity sequential pass (it ranked closest to the
+    real pass in bench/results/fidelity-cpu-4k.md); the parents keep their scores there (every draw of
+    all windows is the same) and the answer is the best of them. With kl the parents are rescored on
+    every top-stage minibatch and finally compared on all fitness tokens."""
+    from orchestrator.search.progress import DriverProgress
+    from orchestrator.search.drivers.sensitivities import fisher_traces
+    from scoring.level_sources import LEVEL_SOURCES
+    from search_spaces import families
+
+    settings, pool = context.settings, context.pool
+    config = settings.config
+    n, target, weights = pool.num_blocks, config.sparsity, pool.block_weights
+    fisher = fisher_traces(pool, settings, context.calibration, context.sensitivities)
+    seeds = [families.sensitivity_map(fisher, target, 1.0, weights), families.uniform(n, target),
+             families.atp(n, target, families.atp_beta_max(n, target) / 2), *context.earlier_bests]
+    bar = DriverProgress("evolution", context.budget, config.progress)
+    fidelities = tuple(config.fidelities)
+    sequential = settings.sequential_top
+    survivors = tuple([4] * (len(fidelities) - 1) + [2])
+    if sequential and fidelities[-1] < context.top_tokens:  # two children join the two parents there
+        fidelities += (context.top_tokens,)
+        survivors = survivors[:-1] + (2, 2)
+    result = run_evolution(
+        pool, seeds,
+        EvolutionConfig(target=target, nm_m=config.nm_m, fidelities=fidelities, survivors=survivors,
+                        levels=LEVEL_SOURCES[settings.level_source].grid(target, config.db_levels),
+                        seed=config.seed, weights=weights, final_tokens=context.top_tokens,
+                        top_metric="kl-seq" if sequential else "kl"),
+        on_generation=lambda _g, best, _e: bar.update(best))
+    bar.close()
+    return DriverResult("evolution", result.best, result.fitness, result.evaluations,
+                        {"generations": result.generations, "history": result.history, "fisher": fisher})
+
+
+__all__ = ["EvolutionConfig", "EvolutionResult", "crossover", "mutate", "repair", "run", "run_evolution",
+           "weighted_mean"]

@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from orchestrator.search.budget import Budget, eval_tokens
+from orchestrator.search.budget import Charged
 from orchestrator.runtime.candidates import Candidate, DriverResult
-from orchestrator.runtime.progress import DriverProgress
+from orchestrator.search.progress import DriverProgress
 from core.errors import SparseAllocError
 from scoring import shapley
 from scoring.shapley import Coalition
 from search_spaces import families
 
-if TYPE_CHECKING:  # the driver only needs evaluate, num_blocks and block_weights (tests pass a fake)
-    from orchestrator.runtime.pool import EvaluatorPool
+if TYPE_CHECKING:
+    from orchestrator.search.drivers.context import DriverContext
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,12 @@ def _floats(array: np.ndarray | None) -> list[float | None] | None:
 
 class _Sampler:
     """Evaluates units (lists of coalitions) in batches, each coalition once, while the budget leaves
-    room for them plus ``reserve`` evaluations; each evaluation scores ``cost`` tokens."""
+    room for them plus ``reserve`` evaluations; each evaluation is charged ``cost`` tokens."""
 
-    def __init__(self, pool: "EvaluatorPool", budget: Budget, target: float, tokens: int | None, reserve: int,
+    def __init__(self, pool: Charged, target: float, tokens: int | None, reserve: int,
                  bar: DriverProgress, cost: int = 0) -> None:
         self.pool, self.budget, self.target, self.tokens, self.reserve, self.bar, self.cost = (
-            pool, budget, target, tokens, reserve, bar, cost)
+            pool, pool.budget, target, tokens, reserve, bar, cost)
         self.n = pool.num_blocks
         self.values: dict[Coalition, float] = {}  # every coalition requested, in request order
         self.seconds = 0.0  # wall clock of the batches, and the evaluations they requested (for the time check)
@@ -84,7 +84,6 @@ class _Sampler:
         start = self.budget.elapsed
         fitness = self.pool.evaluate([_coalition_candidate(c, self.n, self.target, self.tokens)
                                       for c in coalitions])
-        self.budget.charge(len(coalitions), len(coalitions) * self.cost)  # table answers (resume) count too
         self.values.update(zip(coalitions, fitness))
         self.seconds += self.budget.elapsed - start
         self.timed += len(coalitions)
@@ -109,7 +108,7 @@ class _Sampler:
         return done
 
 
-def run_shapley(pool: "EvaluatorPool", target: float, budget: Budget, estimator: str = "permutation",
+def run_shapley(pool: Charged, target: float, estimator: str = "permutation",
                 window: int = 3, strengths: tuple[float, ...] = (0.5, 1.0, 2.0), tokens: int | None = None,
                 seed: int = 0, chunk: int = 16, max_pairs: int = MAX_PAIRS, progress: bool = True,
                 on_estimate: OnEstimate | None = None) -> DriverResult:
@@ -122,8 +121,8 @@ def run_shapley(pool: "EvaluatorPool", target: float, budget: Budget, estimator:
     windows of ``window`` adjacent blocks, one after another; with the plan cut short, blocks in no
     completed window get the mean of the others and are listed in ``details["incomplete"]``. About
     ``chunk`` coalitions go to the pool per call. Every evaluation is charged ``tokens`` tokens (None:
-    the pool's ``max_tokens``, all fitness tokens) to the budget, and a batch is only sent when it and
-    the reserve fit, so a token budget is never overshot. A resumed run (same seed, same results table)
+    all fitness tokens) to the pool's budget, and a batch is only sent when it and the reserve fit, so
+    a token budget is never overshot. A resumed run (same seed, same results table)
     requests the same coalitions and the pool answers them from the table. Uniform only when not one
     unit could be completed (``details["note"]`` says so).
     """
@@ -132,9 +131,10 @@ def run_shapley(pool: "EvaluatorPool", target: float, budget: Budget, estimator:
     if max_pairs < 1:
         raise SparseAllocError(f"max_pairs={max_pairs} must be at least 1")
     n = pool.num_blocks
-    cost = eval_tokens(tokens, getattr(pool, "max_tokens", None), budget)  # tokens per evaluation
+    budget = pool.budget
+    cost = pool.cost(tokens)  # tokens per evaluation
     bar = DriverProgress("shapley", budget, progress)
-    sampler = _Sampler(pool, budget, target, tokens, len(strengths), bar, cost)
+    sampler = _Sampler(pool, target, tokens, len(strengths), bar, cost)
     history: list[dict] = []
 
     def record(phi: np.ndarray, stderr: np.ndarray | None, done: int) -> None:
@@ -169,7 +169,7 @@ def run_shapley(pool: "EvaluatorPool", target: float, budget: Budget, estimator:
     done = sampler.run(units, per_batch, lambda d: record(*estimate(d)[:2], d))
     if done == 0:
         what = "one permutation pair" if estimator == "permutation" else "one window"
-        return _uniform(pool, target, budget, tokens, cost, bar, sampler, estimator,
+        return _uniform(pool, target, tokens, cost, bar, sampler, estimator,
                         f"the budget ran out before {what} was complete: uniform profile, no Shapley estimate")
     phi, stderr, counts = estimate(done)
     partial = done < len(units)
@@ -180,7 +180,6 @@ def run_shapley(pool: "EvaluatorPool", target: float, budget: Budget, estimator:
     profiles = {s: families.sensitivity_map(list(phi), target, s, pool.block_weights) for s in strengths}
     scores = dict(zip(strengths, pool.evaluate([Candidate.of(p, tokens, "shapley", strength=s)
                                                 for s, p in profiles.items()])))
-    budget.charge(len(scores), len(scores) * cost)
     best = min(scores, key=scores.get)
     bar.update(scores[best])
     bar.close()
@@ -190,16 +189,24 @@ def run_shapley(pool: "EvaluatorPool", target: float, budget: Budget, estimator:
         "history": history})
 
 
-def _uniform(pool: "EvaluatorPool", target: float, budget: Budget, tokens: int | None, cost: int,
-             bar: DriverProgress, sampler: _Sampler, estimator: str, note: str) -> DriverResult:
+def _uniform(pool: Charged, target: float, tokens: int | None, cost: int, bar: DriverProgress,
+             sampler: _Sampler, estimator: str, note: str) -> DriverResult:
     """Best so far when no unit was completed: the uniform profile (scored only if the budget still allows)."""
     log.warning("shapley: %s", note)
     uniform = families.uniform(pool.num_blocks, target)
     fitness, scored = float("inf"), 0
-    if not budget.exhausted() and budget.fits(1, cost):
+    if not pool.budget.exhausted() and pool.budget.fits(1, cost):
         fitness, scored = pool.evaluate([Candidate.of(uniform, tokens, "shapley")])[0], 1
-        budget.charge(1, cost)
     bar.close()
     return DriverResult("shapley", uniform, fitness, len(sampler.values) + scored, {
         "note": note, "estimator": estimator, "values": None, "stderr": None, "evaluations": len(sampler.values),
         "partial": True})
+
+
+def run(context: "DriverContext") -> DriverResult:
+    """The ``shapley`` driver: coalitions on the top fidelity of the stages (not the whole fitness pool):
+    more permutations, not more tokens per coalition, is what narrows the values' errors."""
+    config = context.settings.config
+    tokens = min(context.top_tokens, max(config.fidelities))
+    return run_shapley(context.pool, config.sparsity, estimator=config.estimator, tokens=tokens, seed=config.seed,
+                       progress=config.progress)

@@ -21,19 +21,21 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import optuna
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 
-from orchestrator.search.budget import Budget, eval_tokens
+from orchestrator.search.budget import Charged
 from orchestrator.runtime.candidates import Candidate, DriverResult
-from orchestrator.runtime.pool import EvaluatorPool
-from orchestrator.runtime.progress import DriverProgress
+from orchestrator.search.progress import DriverProgress
 from core.errors import SparseAllocError
+from search_spaces import families
 from search_spaces.families import Space
 from core.profile import Profile
+
+if TYPE_CHECKING:
+    from orchestrator.search.drivers.context import DriverContext
 
 log = logging.getLogger(__name__)
 DEFAULT_TRIALS = 20  # with no evaluation, token or time budget
@@ -69,20 +71,18 @@ def to_distributions(space: Space) -> dict[str, BaseDistribution]:
     return out
 
 
-def run_tune(pool: EvaluatorPool, driver: str, space: Space, build: Callable[[dict], Profile], budget: Budget,
-             run_dir: Path, tokens: int | None = None, seed: int = 0, max_concurrent: int | None = None,
-             resume: bool = False, progress: bool = True, sampler: str = "tpe") -> DriverResult:
+def run_tune(pool: Charged, driver: str, space: Space, build: Callable[[dict], Profile], tokens: int | None = None,
+             seed: int = 0, max_concurrent: int | None = None, progress: bool = True,
+             sampler: str = "tpe") -> DriverResult:
     """Optuna search (``sampler``: TPE or CMA-ES) over ``space``, ``max_concurrent`` trials per round
-    (default: two per actor), each round one ``pool.evaluate`` batch; stops when ``budget`` is
+    (default: two per actor), each round one ``pool.evaluate`` batch; stops when the pool's budget is
     exhausted (every trial is charged, also those the results table answers) and returns the best.
-    Every trial scores ``tokens`` fitness tokens (None: the pool's ``max_tokens``, all of them); a round
-    is cut to the trials that fit in the evaluation and token budgets, so neither is ever overshot.
-
-    ``run_dir`` and ``resume`` are accepted for the callers' sake and not needed: the driver keeps no
-    state of its own, and rerunning with the same seed against the same results table resumes.
+    Every trial scores ``tokens`` fitness tokens (None: all of them); a round is cut to the trials that
+    fit in the evaluation and token budgets, so neither is ever overshot. The driver keeps no state of
+    its own: rerunning with the same seed against the same results table resumes.
     """
-    del run_dir, resume  # resume is the results table's job (see the module docstring)
-    cost = eval_tokens(tokens, getattr(pool, "max_tokens", None), budget)  # tokens per trial
+    budget = pool.budget
+    cost = pool.cost(tokens)  # tokens per trial
     if budget.exhausted() or budget.room(cost) == 0:
         raise SparseAllocError(f"no budget left for the {driver} search")
     concurrency = max_concurrent if max_concurrent is not None else TRIALS_PER_ACTOR * len(pool.actors)
@@ -112,7 +112,6 @@ def run_tune(pool: EvaluatorPool, driver: str, space: Space, build: Callable[[di
             fitness = pool.evaluate(batch)
             if len(fitness) != len(batch):
                 raise SparseAllocError(f"the pool returned {len(fitness)} fitnesses for {len(batch)} candidates")
-            budget.charge(len(batch), len(batch) * cost)
             trials += len(batch)
             rounds += 1
             for trial, config, value in zip(asked, configs, fitness):  # in ask order: same seed, same asks
@@ -128,3 +127,48 @@ def run_tune(pool: EvaluatorPool, driver: str, space: Space, build: Callable[[di
     return DriverResult(driver, build(best_config), best_fitness, trials,
                         {"trials": trials, "rounds": rounds, "concurrency": concurrency, "sampler": sampler,
                          "best_config": best_config})
+
+
+def _tune(context: "DriverContext", driver: str, space: Space, build: Callable[[dict], Profile],
+          sampler: str = "tpe") -> DriverResult:
+    config = context.settings.config
+    return run_tune(context.pool, driver, space, build, context.top_tokens, config.seed, progress=config.progress,
+                    sampler=sampler)
+
+
+def run_atp(context: "DriverContext") -> DriverResult:
+    """``tune-atp``: ATP's common difference β."""
+    n, target = context.pool.num_blocks, context.settings.config.sparsity
+    return _tune(context, "tune-atp", families.atp_space(n, target), lambda c: families.atp(n, target, c["beta"]))
+
+
+def run_owl(context: "DriverContext") -> DriverResult:
+    """``tune-owl``: OWL's λ and outlier multiplier M (the ratios of every M counted by the actors)."""
+    from orchestrator.search.drivers.sensitivities import OWL_M_CHOICES, outlier_ratios
+
+    settings, target = context.settings, context.settings.config.sparsity
+    ratios = {m: outlier_ratios(context.pool, settings, context.calibration, context.sensitivities, m)
+              for m in OWL_M_CHOICES}
+    space = families.owl_space(OWL_M_CHOICES)
+    return _tune(context, "tune-owl", space, lambda c: families.owl(ratios[int(c["M"])], target, c["lam"]))
+
+
+def run_fisher(context: "DriverContext") -> DriverResult:
+    """``tune-fisher``: the strength of the Fisher map."""
+    from orchestrator.search.drivers.sensitivities import fisher_traces
+
+    settings, pool = context.settings, context.pool
+    fisher = fisher_traces(pool, settings, context.calibration, context.sensitivities)
+    target, weights = settings.config.sparsity, pool.block_weights
+    return _tune(context, "tune-fisher", families.sensitivity_space(),
+                 lambda c: families.sensitivity_map(fisher, target, c["strength"], weights))
+
+
+def run_free(context: "DriverContext") -> DriverResult:
+    """``tune-free``: one key per block, projected onto the target mean and the bounds (TPE or CMA-ES)."""
+    pool, config = context.pool, context.settings.config
+    n, target, weights = pool.num_blocks, config.sparsity, pool.block_weights
+    keys = families.free_keys(n)
+    lo, hi = max(0.0, target - 0.25), min(0.99, target + 0.25)
+    return _tune(context, "tune-free", families.free_space(n, lo, hi),
+                 lambda c: families.free_vector([c[k] for k in keys], target, weights, lo, hi), config.free_sampler)
