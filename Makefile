@@ -19,13 +19,15 @@ venv: $(VENV)/.installed
 fetch: venv
 	$(VENV)/bin/sparsealloc fetch
 
-# Main job on the default model (SmolLM2-135M-Instruct, Wikipedia summaries), CPU-sized protocol:
-# 32 calibration windows and 32 test windows of 512 tokens (16k tokens each). About 3 to 5 minutes
-# on 2 CPU cores the first time; later runs reuse the cached dense perplexity. Ends with the report.
+# Main job on the default model (SmolLM2-135M-Instruct, Wikipedia summaries): a search over per-block
+# profiles with every driver on a small token budget, a CPU-sized protocol (8 calibration windows and
+# 16 test windows of 128 tokens), then the final Wanda pass of the winner, Tune's ATP pick and uniform.
+# Prints the three side by side and ends with the report's path.
+DEMO_FLAGS := --method all --sparsity 0.7 --budget-tokens 16000 --fitness-windows 8 --fidelities 128 512 \
+	--top-fitness kl --estimator sliding --finalists 1 --seqlen 128 --calib-samples 8 --eval-windows 16 \
+	--selection-windows 8
 demo: venv
-	$(VENV)/bin/sparsealloc prune --pruner wanda --sparsity 0.5 \
-		--calib-samples 32 --seqlen 512 --eval-windows 32 --out runs/demo-wanda-50 --overwrite
-	$(VENV)/bin/sparsealloc report runs/demo-wanda-50
+	$(VENV)/bin/sparsealloc search $(DEMO_FLAGS) --out runs/demo --overwrite
 
 test: venv
 	$(VENV)/bin/lint-imports

@@ -110,7 +110,7 @@ def run_seed(args, seed: int) -> dict:
     config = SearchConfig(out=out, method="all", sparsity=args.sparsity, pruner=args.pruner,
                           budget_minutes=args.budget_minutes, budget_tokens=args.budget_tokens, seed=seed,
                           seqlen=args.seqlen, calib_samples=args.calib_samples, eval_windows=args.eval_windows,
-                          sequential_windows=args.sequential_windows, progress=False,
+                          sequential_windows=args.sequential_windows, progress=False, uniform_baseline=False,
                           resume=(out / "config.json").exists())
     started = time.time()
     load_before = os.getloadavg()

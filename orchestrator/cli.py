@@ -149,15 +149,31 @@ def _cmd_search(args) -> None:
             if name in passes else [f"{'-':>12}"] * 2
         twin = f"  (same profile as {passes[name]['same_profile_as']})" if "same_profile_as" in passes.get(name, {}) \
             else ""
-        print(f"{name:<14}{row['validation_kl']:>14.4f}{row['evaluations']:>13}{row['seconds']:>10.0f}{''.join(final)}"
-              f"{twin}")
+        seconds = "-" if row["seconds"] is None else f"{row['seconds']:.0f}"
+        print(f"{name:<14}{row['validation_kl']:>14.4f}{row['evaluations']:>13}{seconds:>10}{''.join(final)}{twin}")
     print(f"\nwinner {summary['winner']} (lowest validation perplexity after the final pass): test perplexity "
           f"{summary['winner_test_perplexity']:.3f} (dense {summary['dense_test_perplexity']:.3f})")
     if "atp_test_perplexity" in summary:
         print(f"best ATP (Tune, chosen on validation): test perplexity {summary['atp_test_perplexity']:.3f}; "
               f"winner vs ATP {summary['winner_vs_atp']:+.1%}")
+    _print_headline(summary)
     print(f"pruned model saved to {args.out}/model")
     print("report: " + " and ".join(summary["report"]))
+
+
+def _print_headline(summary: dict) -> None:
+    """Uniform, the ATP pick and the winner after the final pass, side by side."""
+    passes = summary["final_passes"]  # every driver's row, a profile shared with a finalist included
+    rows = [("uniform", "uniform"), ("ATP pick (tune-atp)", "tune-atp"), (f"winner ({summary['winner']})",
+                                                                        summary["winner"])]
+    rows = [(label, passes[name]) for label, name in rows if name in passes]
+    if len(rows) < 2:
+        return
+    uniform = passes.get("uniform", {}).get("test_perplexity")
+    print(f"\n{'profile':<24}{'valid. ppl':>12}{'test ppl':>12}{'÷ uniform':>12}")
+    for label, row in rows:
+        ratio = f"{row['test_perplexity'] / uniform:>12.3f}" if uniform else f"{'-':>12}"
+        print(f"{label:<24}{row['validation_perplexity']:>12.3f}{row['test_perplexity']:>12.3f}{ratio}")
 
 
 def _read_sensitivity(path: Path | None, family: str) -> list[float]:

@@ -274,7 +274,7 @@ def test_sweep_sections_without_data_are_left_out(sweep_dir):
 
 def test_search_report(search_dir):
     html_path, md_path = report.write_report(search_dir)
-    assert _check_images(html_path, md_path) == 5  # profiles, convergence, Shapley, Fisher, OWL
+    assert _check_images(html_path, md_path) == 6  # winner vs ATP, profiles, convergence, Shapley, Fisher, OWL
     summary = json.loads((search_dir / "summary.json").read_text())
     for tables in (_parse_html(html_path).tables, _md_tables(md_path)):
         finalists = tables["Finalists"]

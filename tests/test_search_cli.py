@@ -128,22 +128,30 @@ def test_search_all_runs_every_driver_compares_with_atp_and_hands_on_unspent_bud
     # The Shapley plan on 4 blocks needs fewer than its 24 evaluations: evolution gets the rest of its part.
     assert drivers["shapley"]["evaluations"] < 24 and drivers["evolution"]["evaluations"] > 32
     passes = summary["final_passes"]
-    # Every driver's best profile went through the final pass (once per distinct profile).
-    assert list(passes) == list(drivers) and set(summary["selection"]["finalists"]) <= set(passes)
+    # Every driver's best profile and the uniform baseline went through the final pass (once per distinct profile).
+    profiles = {**drivers, **summary["baselines"]}
+    assert list(passes) == [*drivers, "uniform"] and set(summary["selection"]["finalists"]) <= set(passes)
+    assert summary["baselines"]["uniform"]["profile"] == pytest.approx([0.6] * 4)
     for name, row in passes.items():
         assert (row.get("same_profile_as") is None) == (name in summary["selection"]["finalists"])
         if "same_profile_as" in row:
-            assert drivers[name]["profile"] == drivers[row["same_profile_as"]]["profile"]
+            assert profiles[name]["profile"] == profiles[row["same_profile_as"]]["profile"]
     assert summary["winner"] == min(passes, key=lambda name: passes[name]["validation_perplexity"])
     assert summary["winner_test_perplexity"] == passes[summary["winner"]]["test_perplexity"]
     assert summary["winner_vs_atp"] == pytest.approx(
         summary["winner_test_perplexity"] / summary["atp_test_perplexity"] - 1)
+    assert summary["winner_vs_uniform"] == pytest.approx(
+        summary["winner_test_perplexity"] / passes["uniform"]["test_perplexity"] - 1)
     assert (out / "model" / "metrics.json").exists()
     printed = capsys.readouterr().out
     lines = {line.split()[0]: line for line in printed.splitlines() if line.split()[:1] and line.split()[0] in drivers}
     for name in drivers:  # each driver's row shows the final-pass perplexities of its best profile
         assert f"{passes[name]['test_perplexity']:.3f}" in lines[name], lines[name]
     assert "winner vs ATP" in printed
+    headline = printed[printed.index("÷ uniform"):].splitlines()  # uniform, the ATP pick and the winner
+    assert headline[1].split()[0] == "uniform" and headline[2].startswith("ATP pick (tune-atp)")
+    assert headline[3].startswith(f"winner ({summary['winner']})")
+    assert f"{passes['uniform']['test_perplexity']:.3f}" in headline[1]
 
 
 def _result(name, fitness, sparsities):
@@ -159,6 +167,10 @@ def test_finalists_are_the_best_distinct_profiles_plus_the_atp_baseline():
     assert finalists(results) == ["evolution", "tune-free", "tune-atp"]  # all, each distinct profile once
     with pytest.raises(SparseAllocError, match="--finalists"):
         finalists(results, 0)
+    # The uniform baseline always gets its pass, unless a finalist's profile is the same (then it shares that one).
+    results["uniform"] = _result("uniform", 3.0, [0.6, 0.6])
+    assert finalists(results, 1) == ["evolution", "tune-atp", "uniform"]
+    assert finalists(results, 2) == ["evolution", "tune-free", "tune-atp"]
 
 
 def test_a_driver_sharing_a_finalists_profile_gets_its_final_pass_row():

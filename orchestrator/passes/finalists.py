@@ -31,10 +31,12 @@ log = logging.getLogger(__name__)
 DENSE_FILE = "dense.json"
 
 
+BASELINES = ("tune-atp", "uniform")  # always get the final pass when present: what a search is compared with
+
+
 def finalists(results: dict[str, DriverResult], count: int | None = None) -> list[str]:
-    """Drivers whose best profiles get the real final pass: the ``count`` best by search fitness
-    (None: every driver; distinct profiles only), then tune-atp when it ran (the baseline every search
-    is compared with)."""
+    """Profiles that get the real final pass: the ``count`` best by search fitness (None: every one;
+    distinct profiles only), then the baselines (tune-atp's best, uniform) when present."""
     if count is not None and count < 1:
         raise SparseAllocError(f"--finalists must be at least 1, got {count}")
     chosen, seen = [], set()
@@ -43,8 +45,11 @@ def finalists(results: dict[str, DriverResult], count: int | None = None) -> lis
         if (count is None or len(chosen) < count) and profile not in seen:
             chosen.append(name)
             seen.add(profile)
-    if "tune-atp" in results and "tune-atp" not in chosen:
-        chosen.append("tune-atp")
+    for name in BASELINES:
+        profile = (results[name].best.sparsities, results[name].best.nm) if name in results else None
+        if profile is not None and profile not in seen:  # a baseline whose profile a finalist has shares its pass
+            chosen.append(name)
+            seen.add(profile)
     return chosen
 
 

@@ -151,14 +151,16 @@ def search_report(path: Path) -> Report:
     sections = []
     settings = config.get("config") or {}
     run_rows = [[k.replace("_", " "), fmt(settings[k], ".4g")] for k in
-                ("model", "data", "method", "sparsity", "pruner", "budget_evals", "budget_minutes", "seed")
+                ("model", "data", "method", "sparsity", "pruner", "budget_evals", "budget_tokens", "budget_minutes", "seed")
                 if settings.get(k) is not None]
     labels = {"winner": ("winner", "s"), "winner_test_perplexity": ("winner test perplexity", ".2f"),
               "dense_test_perplexity": ("dense test perplexity", ".2f"),
               "atp_test_perplexity": ("best ATP test perplexity", ".2f"), "winner_vs_atp": ("winner vs ATP", "+.1%"),
+              "uniform_test_perplexity": ("uniform test perplexity", ".2f"),
+              "winner_vs_uniform": ("winner vs uniform", "+.1%"),
               "device": ("device", "s"), "dtype": ("dtype", "s")}
     run_rows += [[label, fmt(summary[k], spec)] for k, (label, spec) in labels.items() if k in summary]
-    drivers = summary.get("drivers") or {}
+    drivers = {**(summary.get("drivers") or {}), **(summary.get("baselines") or {})}  # baselines: uniform
     passes = summary.get("final_passes") or {}
     tables = [Table("Run", ["setting", "value"], run_rows)] if run_rows else []
     if drivers:
@@ -184,10 +186,17 @@ def search_report(path: Path) -> Report:
     for name, d in drivers.items():
         if name not in profiles and d.get("profile"):
             profiles[name] = d["profile"]
-    if profiles:
-        sections.append(Section("Per-block profiles", [Plot(
-            "Best profile of each driver", lines_figure({"": profiles}, "block", "sparsity"),
-            "Each driver's best per-block sparsities (by validation KL).")]))
+    if profiles:  # the drivers' bests and the uniform baseline
+        winner = summary.get("winner")
+        headline = {f"{label} ({name})" if label != name else name: profiles[name]
+                    for label, name in (("uniform", "uniform"), ("ATP pick", "tune-atp"), ("winner", winner))
+                    if name in profiles}
+        plots = [Plot("Winner against uniform and the ATP pick", lines_figure({"": headline}, "block", "sparsity"),
+                      "The winner's per-block sparsities beside uniform and Tune's ATP pick, all at the target "
+                      "mean.")] if winner in profiles and len(headline) > 1 else []
+        plots.append(Plot("Best profile of each driver", lines_figure({"": profiles}, "block", "sparsity"),
+                          "Each driver's best per-block sparsities (by validation KL)."))
+        sections.append(Section("Per-block profiles", plots))
     plot = convergence_plot(results_rows(path), all_tokens=fitness_tokens(settings))
     if plot:
         sections.append(Section("Search convergence", [plot]))

@@ -73,6 +73,9 @@ class SearchConfig:
                                    sweep=True, sweep_default=2)
     selection_windows: int = option(8, "validation windows, after the fitness tokens, that pick the winner among "
                                        "finalists", minimum=1, sweep=True)
+    uniform_baseline: bool = option(True, "skip the final pass of the uniform profile (the baseline the search is "
+                                          "compared with; it may win)", flag="--no-uniform", cli="negated",
+                                    identity=False)
     budget_evals: int | None = option(None, "fitness evaluations, shared by the drivers", identity=False)
     budget_tokens: int | None = option(None, "fitness tokens scored (an evaluation on 1024 tokens costs 4 on 256), "
                                              "shared by the drivers: a budget that does not depend on the machine's "

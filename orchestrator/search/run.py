@@ -141,7 +141,8 @@ def run_search(config: SearchConfig) -> dict:
             artifact = prepare_levels(settings, tokens.calibration)
             pool = make_pool(settings, tokens.calibration, tokens.fitness, ResultsTable(run_dir, run_id),
                              level_artifact=artifact)
-            probe = Candidate.of(families.uniform(pool.num_blocks, config.sparsity), tokens.top_tokens, "setup")
+            uniform = families.uniform(pool.num_blocks, config.sparsity)
+            probe = Candidate.of(uniform, tokens.top_tokens, "setup")
             pool.evaluate([probe])
             per_token = pool.results.get(probe.key)["seconds"] / tokens.top_tokens  # an actor's compute time
         estimate = final_passes_estimate(settings, tokens, per_token, len(pool.actors))
@@ -150,10 +151,13 @@ def run_search(config: SearchConfig) -> dict:
                  "unbounded in time" if seconds is None else f"{seconds:.0f} s", estimate)
         results = run_drivers(pool, settings, drivers, tokens.calibration, tokens.top_tokens, clock, seconds,
                               run_dir)
+        # The setup's probe scored the uniform profile on all fitness tokens.
+        baselines = {"uniform": DriverResult("uniform", uniform, pool.results.get(probe.key)["fitness"], 0)} \
+            if config.uniform_baseline else {}
         pool.close()  # frees the actors' GPUs for the final-pass tasks
         pool = None
         with clock.phase("final passes"):
-            summary = final_stage(settings, tokens, results, run_dir)
+            summary = final_stage(settings, tokens, results, run_dir, baselines)
         summary["timings"] = {**{k: round(v, 3) for k, v in clock.seconds.items()},
                               "final_passes_estimate": round(estimate, 3), "search_seconds_allowed": seconds}
         write_json(run_dir / "summary.json", summary)
@@ -170,17 +174,20 @@ def run_search(config: SearchConfig) -> dict:
             ray.shutdown()
 
 
-def final_stage(settings: Settings, tokens: Tokens, results: dict[str, DriverResult], run_dir: Path) -> dict:
-    """The finalists' final passes (Ray tasks); the lowest validation perplexity wins and its model is
-    saved to ``RUN/model``; returns the summary (``summary.json`` without the run's timings)."""
-    names = finalists(results, settings.config.finalists)
+def final_stage(settings: Settings, tokens: Tokens, results: dict[str, DriverResult], run_dir: Path,
+                baselines: dict[str, DriverResult] | None = None) -> dict:
+    """The finalists' final passes (Ray tasks), with the ``baselines`` (the uniform profile) beside them;
+    the lowest validation perplexity wins (a baseline may) and its model is saved to ``RUN/model``;
+    returns the summary (``summary.json`` without the run's timings)."""
+    candidates = {**results, **(baselines or {})}
+    names = finalists(candidates, settings.config.finalists)
     passes, dense = run_final_passes(run_dir, pass_template(settings), tokens.calibration, tokens.selection,
-                                     tokens.test, {name: results[name].best for name in names},
+                                     tokens.test, {name: candidates[name].best for name in names},
                                      gpu=settings.device == "cuda")
     best = min(names, key=lambda name: passes[name]["validation_perplexity"])
-    summary = _summary(settings, tokens, results, names, passes, dense, best)
+    summary = _summary(settings, tokens, results, baselines or {}, names, passes, dense, best)
     save_model(run_dir, best, passes[best],
-               _model_metrics(settings, tokens, results[best], passes[best], dense, summary["selection"]))
+               _model_metrics(settings, tokens, candidates[best], passes[best], dense, summary["selection"]))
     return summary
 
 
@@ -189,25 +196,30 @@ def _record(config: SearchConfig) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
 
 
-def _summary(settings: Settings, tokens: Tokens, results: dict[str, DriverResult], names: list[str],
-             passes: dict[str, dict], dense: dict, best: str) -> dict:
-    """``summary.json``: the winner, every driver's search cost and final-pass row, the ATP baseline."""
+def _summary(settings: Settings, tokens: Tokens, results: dict[str, DriverResult], baselines: dict[str, DriverResult],
+             names: list[str], passes: dict[str, dict], dense: dict, best: str) -> dict:
+    """``summary.json``: the winner, every driver's search cost, the baselines, every final-pass row, and
+    the winner against Tune's ATP pick and uniform."""
     final = passes[best]
     summary = {
-        "winner": results[best].driver, "winner_test_perplexity": final["test_perplexity"],
+        "winner": best, "winner_test_perplexity": final["test_perplexity"],
         "dense_test_perplexity": dense["test_perplexity"],
         "selection": {"finalists": names,
                       "criterion": f"validation perplexity after the {settings.config.pruner} pass",
                       "tokens": int(tokens.selection.numel())},
         "drivers": driver_summary(results),
+        "baselines": {name: {"validation_kl": b.fitness, "profile": list(b.best.sparsities)}
+                      for name, b in baselines.items()},
         "final_passes": {name: {**pass_row(row), **({"same_profile_as": row["same_profile_as"]}
                                                     if "same_profile_as" in row else {})}
-                         for name, row in same_profile_passes(results, passes).items()},
+                         for name, row in same_profile_passes({**results, **baselines}, passes).items()},
         "device": final.get("device"), "dtype": final.get("dtype"),
     }
-    if "tune-atp" in passes:
-        summary["atp_test_perplexity"] = passes["tune-atp"]["test_perplexity"]
-        summary["winner_vs_atp"] = final["test_perplexity"] / summary["atp_test_perplexity"] - 1
+    for name, key in (("tune-atp", "atp"), ("uniform", "uniform")):
+        if name in summary["final_passes"]:
+            test = summary["final_passes"][name]["test_perplexity"]
+            summary[f"{key}_test_perplexity"] = test
+            summary[f"winner_vs_{key}"] = final["test_perplexity"] / test - 1
     return summary
 
 
