@@ -121,7 +121,7 @@ def run_seed(args, seed: int) -> dict:
     search_s = time.time() - started
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        settings = resolve(config, driver_plan(config.method), ray.cluster_resources().get("GPU", 0))
+        settings = resolve(config, driver_plan(config.method), ray.cluster_resources().get("GPU", 0), None)
         tokens = token_sets(settings, load_tokenizer(config.model))
         profiles = baseline_profiles(config, summary, tokens.calibration, args.atp_grid)
         baselines = baseline_passes(settings, profiles, tokens)

@@ -20,6 +20,13 @@ from search_spaces.families import FAMILIES
 
 PLAN_OPTIONS = ("model", "pruner", "seqlen", "calib_samples", "fitness_windows", "fitness_seqlen", "top_fitness",
                 "batch_size", "dtype", "evaluator", "device_memory_gb", "gpus_per_actor")
+PLAN_HELP = {  # plan reads these search flags for a machine it may not run on
+    "model": "'default', a Hugging Face id, a local HF directory (config.json is enough) or a .gguf file",
+    "device_memory_gb": "memory per device in GiB (default: this machine's CUDA device, else its host memory)",
+    "dtype": "auto: bf16, or fp32 when neither --device-memory-gb nor CUDA is there (CPU actors)",
+    "top_fitness": "search's --top-fitness: kl-seq holds a second set of rank tables while it scores (not with "
+                   "--pruner sparsegpt, whose search uses the level database)",
+}
 
 
 
@@ -59,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--model", default="default", help="model whose block count to use")
 
     plan = sub.add_parser("plan", help="memory per stage from the model's config alone (no weights are read)")
-    add_arguments(plan, SearchConfig, only=PLAN_OPTIONS)
+    add_arguments(plan, SearchConfig, only=PLAN_OPTIONS, helps=PLAN_HELP)
     plan.add_argument("--host-memory-gb", type=float, default=None,
                       help="host memory in GiB to check host bytes against (default: checked only for CPU actors)")
 
@@ -149,8 +156,8 @@ def _cmd_search(args) -> None:
             if name in passes else [f"{'-':>12}"] * 2
         twin = f"  (same profile as {passes[name]['same_profile_as']})" if "same_profile_as" in passes.get(name, {}) \
             else ""
-        seconds = "-" if row["seconds"] is None else f"{row['seconds']:.0f}"
-        print(f"{name:<14}{row['validation_kl']:>14.4f}{row['evaluations']:>13}{seconds:>10}{''.join(final)}{twin}")
+        print(f"{name:<14}{row['validation_kl']:>14.4f}{row['evaluations']:>13}{row['seconds']:>10.0f}{''.join(final)}"
+              f"{twin}")
     print(f"\nwinner {summary['winner']} (lowest validation perplexity after the final pass): test perplexity "
           f"{summary['winner_test_perplexity']:.3f} (dense {summary['dense_test_perplexity']:.3f})")
     if "atp_test_perplexity" in summary:
@@ -315,9 +322,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; nothing was written to --out", file=sys.stderr)
+        print(f"interrupted; {_kept(args)}", file=sys.stderr)
         return 130
     return 0
+
+
+def _kept(args) -> str:
+    """What an interrupted command left behind, and how to continue it."""
+    if args.command == "search":
+        from orchestrator.runtime.results import part_files, resume_hint
+
+        if not (Path(args.out) / "config.json").exists():
+            return "nothing was written to --out yet"
+        parts = len(part_files(Path(args.out) / "results"))
+        return (f"{args.out} is kept for --resume ({parts} results part(s) written); continue with "
+                f"{resume_hint(Path(args.out))}")
+    if args.command == "sweep":
+        if not (Path(args.out) / "sweep.json").exists():
+            return "nothing was written to --out yet"
+        return (f"{args.out} keeps its finished cells and passes; continue with `sparsealloc sweep {args.spec} "
+                f"--out {args.out} --resume`")
+    return "nothing was written to --out (outputs are written aside and moved into place only when complete)"
 
 
 if __name__ == "__main__":

@@ -62,13 +62,34 @@ def _default_corpus() -> list[tuple[str, str]]:
     return [(title, entry.get("extract", "")) for title, entry in articles.items()]
 
 
+def _read_text(path: Path) -> str:
+    """A local data file as UTF-8 text; bytes that are not are an error naming the file and the offset."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start : exc.start + 4]
+        raise SparseAllocError(f"{path} is not UTF-8 text: the byte at offset {exc.start} ({bad!r}…) cannot be "
+                               "decoded; convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def _json_lines(path: Path) -> list[dict]:
+    rows = []
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as exc:
+                raise SparseAllocError(f"{path} line {number} is not JSON ({exc}); fix or remove it") from None
+    return rows
+
+
 def _local_file(path: Path, text_field: str | None) -> list[tuple[str, str]]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        docs = [d for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+        docs = [d for d in _read_text(path).split("\n\n") if d.strip()]
         return [(doc, doc) for doc in docs]
     if suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = _json_lines(path)
         if not rows:
             return []
         field = _pick_field(rows[0].keys(), text_field, str(path))

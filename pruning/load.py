@@ -21,6 +21,11 @@ SUPPORTED_MODEL_TYPES = (
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The ``--dtype`` spelling of ``dtype`` (fp32, bf16, fp16)."""
+    return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).removeprefix("torch."))
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     """``auto`` means CUDA when present, else CPU."""
     if requested == "auto":

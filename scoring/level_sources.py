@@ -22,8 +22,7 @@ import torch
 
 from core.errors import SparseAllocError
 from scoring.level_db import LevelDatabase, database_levels, ensure_database
-
-Level = tuple  # (sparsity, N:M pattern or None), as scoring.levels has it
+from scoring.levels import Level
 
 
 class LevelSource(Protocol):

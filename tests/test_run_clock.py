@@ -37,11 +37,11 @@ def test_phases_accumulate_across_sessions(tmp_path):
 
 def test_a_resumed_driver_budget_counts_the_time_it_used_before(tmp_path):
     config = SearchConfig(out=tmp_path, budget_minutes=1.0)
-    budget = driver_budget(settings_of(config), 60.0, 1.0, 1.0, (0, 0, 0.0), 128, already=45.0)
+    budget = driver_budget(settings_of(config), 60.0, 1.0, 1.0, (0, 0, 0.0), already=45.0)
     assert budget.max_seconds == pytest.approx(60.0) and 45.0 <= budget.elapsed < 46.0
     assert not budget.exhausted()
-    assert driver_budget(settings_of(config), 60.0, 1.0, 1.0, (0, 0, 0.0), 128, already=61.0).exhausted()
-    grown = driver_budget(settings_of(SearchConfig(out=tmp_path, budget_evals=30)), None, 1.0, 1.0, (0, 0, 0.0), 128, already=0.0)
+    assert driver_budget(settings_of(config), 60.0, 1.0, 1.0, (0, 0, 0.0), already=61.0).exhausted()
+    grown = driver_budget(settings_of(SearchConfig(out=tmp_path, budget_evals=30)), None, 1.0, 1.0, (0, 0, 0.0), already=0.0)
     assert grown.max_evals == 30 and grown.max_seconds is None
 
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import orchestrator.search.budget
+import orchestrator.runtime.clock
 from orchestrator.search.budget import Budget, Charged
 from orchestrator.search.drivers.shapley import run_shapley
 from core.errors import SparseAllocError
@@ -75,7 +75,7 @@ def clock(monkeypatch):
     """A fake clock for the budget: the fake pool advances it per new evaluation."""
     fake = SimpleNamespace(now=0.0)
     fake.monotonic = lambda: fake.now
-    monkeypatch.setattr(orchestrator.search.budget, "time", fake)
+    monkeypatch.setattr(orchestrator.runtime.clock, "monotonic", fake.monotonic)
     return fake
 
 

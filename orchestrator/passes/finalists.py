@@ -31,12 +31,11 @@ log = logging.getLogger(__name__)
 DENSE_FILE = "dense.json"
 
 
-BASELINES = ("tune-atp", "uniform")  # always get the final pass when present: what a search is compared with
-
-
-def finalists(results: dict[str, DriverResult], count: int | None = None) -> list[str]:
-    """Profiles that get the real final pass: the ``count`` best by search fitness (None: every one;
-    distinct profiles only), then the baselines (tune-atp's best, uniform) when present."""
+def finalists(results: dict[str, DriverResult], count: int | None = None,
+              baselines: dict[str, DriverResult] | None = None) -> list[str]:
+    """Profiles that get the real final pass: the ``count`` best drivers by search fitness (None: every
+    driver; distinct profiles only), then tune-atp when it ran (the ATP pick every search is compared
+    with), then each of ``baselines`` (the uniform profile) unless a finalist already has its profile."""
     if count is not None and count < 1:
         raise SparseAllocError(f"--finalists must be at least 1, got {count}")
     chosen, seen = [], set()
@@ -45,9 +44,11 @@ def finalists(results: dict[str, DriverResult], count: int | None = None) -> lis
         if (count is None or len(chosen) < count) and profile not in seen:
             chosen.append(name)
             seen.add(profile)
-    for name in BASELINES:
-        profile = (results[name].best.sparsities, results[name].best.nm) if name in results else None
-        if profile is not None and profile not in seen:  # a baseline whose profile a finalist has shares its pass
+    if "tune-atp" in results and "tune-atp" not in chosen:
+        chosen.append("tune-atp")
+    for name, baseline in (baselines or {}).items():
+        profile = (baseline.best.sparsities, baseline.best.nm)
+        if profile not in seen:  # a baseline whose profile a finalist has shares that finalist's pass
             chosen.append(name)
             seen.add(profile)
     return chosen

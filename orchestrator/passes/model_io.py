@@ -16,7 +16,7 @@ import torch
 from core.identity import write_json
 from core.profile import Profile, write_profile
 from orchestrator.runtime.rundir import staged_output
-from pruning.load import DTYPES, find_blocks, find_linears
+from pruning.load import find_blocks, find_linears
 from pruning.offload import move_non_blocks
 
 
@@ -76,11 +76,6 @@ def device_info(device: torch.device) -> dict:
         except OSError:
             pass
     return {"device": device.type, "device_name": name}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The ``--dtype`` spelling of ``dtype`` (fp32, bf16, fp16)."""
-    return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def save_pruned(out: Path, overwrite: bool, model, tokenizer, profile: Profile, target: float, metrics: dict,

@@ -13,13 +13,14 @@ import torch
 from core.errors import SparseAllocError
 from core.identity import versions
 from core.profile import MEAN_TOLERANCE, Profile, parse_nm, read_profile
-from orchestrator.passes.model_io import (choose_offload, device_free_bytes, device_info, dtype_name,
+from orchestrator.passes.model_io import (choose_offload, device_free_bytes, device_info,
                                           pass_reserve_bytes, place_model, save_pruned)
 from orchestrator.runtime import options as opt
 from orchestrator.runtime.options import option
-from orchestrator.runtime.rundir import check_output
+from orchestrator.runtime.lock import RunLock
+from orchestrator.runtime.rundir import check_free_space, check_output, check_writable
 from pruning.data import prepare_tokens
-from pruning.load import block_param_counts, find_blocks, load_model, pick_device, pick_dtype
+from pruning.load import block_param_counts, dtype_name, find_blocks, load_model, pick_device, pick_dtype
 from pruning.offload import tensor_bytes
 from pruning.pruners import PRUNERS, get_pruner
 from pruning.sequential import prune_sequentially
@@ -104,7 +105,19 @@ def run_prune(config: PruneConfig) -> dict:
         _check_ratio(config.sparsity, "--sparsity")
     if config.zero_shot_tasks is not None and not config.zero_shot_tasks:
         raise SparseAllocError("--zero-shot-tasks needs at least one task name")
-    check_output(Path(config.out), config.overwrite)
+    out = Path(config.out)
+    check_output(out, config.overwrite)
+    check_writable(out)
+    # The lock sits beside --out: the output directory itself is replaced when the pass ends.
+    lock = RunLock(out.parent / f".{out.name}.lock", f"--out {out}").acquire()
+    try:
+        return _prune(config, pruner)
+    finally:
+        lock.release()
+
+
+def _prune(config: PruneConfig, pruner) -> dict:
+    """:func:`run_prune` once its checks passed and ``--out`` is locked."""
     torch.manual_seed(config.seed)
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
@@ -118,6 +131,7 @@ def run_prune(config: PruneConfig) -> dict:
     start = time.perf_counter()
     model_spec = resolve_model(config.model)  # resolved once: ``default`` re-hashes its weights
     model, tokenizer = load_model(model_spec, dtype)
+    check_free_space(Path(config.out), tensor_bytes(model), "the pruned model")
     weights = block_param_counts(model)
     profile, target = resolve_profile(config, len(find_blocks(model)), weights)
     offload = choose_offload(config.offload, tensor_bytes(model),

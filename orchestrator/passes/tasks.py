@@ -21,9 +21,10 @@ import torch
 
 from core.identity import fingerprint, versions, write_json
 from core.profile import Profile
-from orchestrator.passes.model_io import (choose_offload, device_free_bytes, device_info, dtype_name,
+from orchestrator.passes.model_io import (choose_offload, device_free_bytes, device_info,
                                           pass_reserve_bytes, place_model, save_pruned)
 from orchestrator.runtime.rundir import staged_output
+from pruning.load import dtype_name
 
 
 @dataclass(frozen=True)

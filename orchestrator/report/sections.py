@@ -11,7 +11,7 @@ from pathlib import Path
 from core.errors import SparseAllocError
 from orchestrator.report.figures import bars_figure, lines_figure
 from orchestrator.report.model import Plot, json_value
-from orchestrator.runtime.results import load_run_results
+from orchestrator.runtime.results import UnreadablePart, load_run_results
 
 
 def read_json(path: Path):
@@ -31,9 +31,12 @@ def shapley_details(run: Path) -> dict | None:
 
 
 def results_rows(run: Path) -> list[dict]:
-    """Every row of a run's results table (none when it has no results)."""
+    """Every row of a run's results table (none when it has no results; an unreadable part is an error
+    naming it)."""
     try:
         return load_run_results(run).to_pylist()
+    except UnreadablePart:
+        raise
     except SparseAllocError:
         return []
 

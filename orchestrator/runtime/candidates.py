@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Callable
 
 from core.profile import NM, Profile
 
@@ -41,9 +40,6 @@ class Candidate:
         fields = [[round(s, 9) for s in self.sparsities], nm, self.tokens, self.metric]
         return json.dumps(fields + [self.draw] if self.draw else fields)
 
-
-# A driver's only view of the evaluator pool: candidates in, fitnesses out (same order; lower is better).
-EvaluateBatch = Callable[[list[Candidate]], list[float]]
 
 
 @dataclass

@@ -34,6 +34,7 @@ class Option:
     minimum: float | None = None  # smallest allowed value (numbers; each element of a tuple)
     identity: bool = True  # a resumed run must have the same value
     sweep: bool = False  # a sweep spec key (snake_case, as the field)
+    sweep_identity: bool | None = None  # part of a resumed sweep's identity (None: as ``identity``)
     sweep_default: Any = SAME  # the sweep's default when it differs from the field's
     cli: str = "value"  # value | switch (store_true) | negated (--no-x sets False) | none (not a flag)
     metavar: str | None = None
@@ -112,15 +113,15 @@ def declared(cls: type) -> Iterator[Declared]:
 # --- the command line ------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, only: Sequence[str] | None = None,
-                  **defaults) -> None:
-    """A flag for every declared field of ``cls`` (``only`` those named, when given); ``defaults``
-    override the fields' defaults for this parser only."""
+                  helps: dict[str, str] | None = None) -> None:
+    """A flag for every declared field of ``cls`` (``only`` those named, when given); ``helps`` replace
+    the fields' help for this parser only (a command that reads a flag differently)."""
     for item in declared(cls):
         if (only is not None and item.name not in only) or item.option.cli == "none":
             continue
         opt = item.option
-        default = defaults.get(item.name, item.default)
-        kwargs: dict[str, Any] = {"dest": item.name, "help": _help(item, default)}
+        default = item.default
+        kwargs: dict[str, Any] = {"dest": item.name, "help": _help(item, default, (helps or {}).get(item.name))}
         if opt.cli == "switch":
             kwargs.update(action="store_const", const=True, default=default)
         elif opt.cli == "negated":
@@ -147,8 +148,8 @@ def _cli_type(base: Any) -> Callable[[str], Any]:
     return base if base in (int, float, str, Path) else str
 
 
-def _help(item: Declared, default: Any) -> str:
-    text = item.option.help() if callable(item.option.help) else item.option.help
+def _help(item: Declared, default: Any, override: str | None = None) -> str:
+    text = override or (item.option.help() if callable(item.option.help) else item.option.help)
     text = text.replace("%", "%%")
     if item.option.cli == "value" and default not in (MISSING, None) and "default" not in text:
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
@@ -207,6 +208,12 @@ def sweep_keys(cls: type) -> dict[str, Declared]:
     return {item.name: item for item in declared(cls) if item.option.sweep}
 
 
+def in_sweep_identity(item: Declared) -> bool:
+    """Whether a resumed sweep must have the same value of this key."""
+    flag = item.option.sweep_identity
+    return item.option.identity if flag is None else flag
+
+
 def sweep_default(item: Declared) -> Any:
     return item.default if item.option.sweep_default is SAME else item.option.sweep_default
 
@@ -214,10 +221,14 @@ def sweep_default(item: Declared) -> Any:
 def parse_value(item: Declared, value: Any) -> tuple[Any, str | None]:
     """A sweep spec's (YAML) value for ``item`` converted to its type: (value, None) or (None, problem)."""
     if value is None:
-        return (None, None) if item.nullable else (None, "must not be empty")
+        if item.nullable:
+            return None, None
+        return (sweep_default(item), None) if item.element is not None else (None, "must not be empty")
     base, element = item.base, item.element
     if element is not None:
         values = value if isinstance(value, list) else [value]
+        if not values:
+            return None, "expected at least one value"
         converted = []
         for v in values:
             one, problem = _scalar(element, v)
@@ -286,7 +297,7 @@ def dtype_option() -> Any:
 
 
 def seed_option() -> Any:
-    return option(0, "random seed (calibration windows, search)", minimum=0, sweep=True)
+    return option(0, "random seed", minimum=0, sweep=True)
 
 
 def overwrite_option() -> Any:
@@ -295,3 +306,25 @@ def overwrite_option() -> Any:
 
 def progress_option() -> Any:
     return option(True, "hide progress bars", flag="--no-progress", cli="negated", identity=False)
+
+
+def command_line(prog: str, config: Any, **changes) -> str:
+    """The command that runs ``config`` again (``changes`` applied): ``prog`` and a flag for every
+    declared field that differs from its default."""
+    import shlex
+
+    words = prog.split()
+    for item in declared(type(config)):
+        value = changes.get(item.name, getattr(config, item.name))
+        opt = item.option
+        if opt.cli == "none" or value == item.default:
+            continue
+        if opt.cli in ("switch", "negated"):
+            words.append(item.flag)
+        elif opt.words is not None:
+            words += [item.flag, next(w for w, v in opt.words.items() if v == value)]
+        elif isinstance(value, tuple):
+            words += [item.flag, ",".join(value)] if opt.parse is not None else [item.flag, *map(str, value)]
+        else:
+            words += [item.flag, str(value)]
+    return " ".join(shlex.quote(w) for w in words)

@@ -83,9 +83,10 @@ def actor_devices(spec: EvaluatorSpec) -> list[torch.device]:
 def _auto_mode(model, spec: EvaluatorSpec, devices: list[torch.device], fitness_windows: torch.Tensor) -> str:
     """``--evaluator auto`` decided on the actor, from the memory plan for its own devices."""
     from orchestrator.runtime.plan import check_plan, detect_device_memory, make_plan, ModelShape
+    from pruning.load import dtype_name
 
     budget = spec.memory_budget if spec.memory_budget is not None else detect_device_memory()[0]
-    dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[next(model.parameters()).dtype]
+    dtype = dtype_name(next(model.parameters()).dtype)
     plan = make_plan(ModelShape.from_model(model), dtype=dtype, device_memory_bytes=budget,
                      gpus_per_actor=len(devices), fitness_tokens=int(fitness_windows.numel()),
                      fitness_seqlen=int(fitness_windows.shape[1]), batch_size=spec.batch_size,

@@ -9,6 +9,11 @@ only ``part-*.parquet`` files, and a plain ``pyarrow.dataset.dataset(RUN_DIR / "
 hidden temporaries too. A resumed run reads the table back and answers repeated requests from it
 instead of re-evaluating. A key is meant to be evaluated exactly once; a duplicate (a bug) is kept in
 the files and reported by ``duplicate_keys`` rather than hidden.
+
+Every part records the run's identity key in its metadata, so a run whose ``config.json`` was lost
+can be recognised from its rows. A part that cannot be read (a crash mid-write on a filesystem
+without atomic renames, a disk error) is named: readers refuse it, and the writer of a resumed run
+sets it aside into ``results/quarantine/`` and evaluates its keys again.
 """
 
 from __future__ import annotations
@@ -23,10 +28,10 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from core.errors import SparseAllocError
+from core.identity import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,12 @@ SCHEMA = pa.schema([
 
 PART_GLOB = "part-*.parquet"
 TEMP_PREFIX = ".tmp-"  # leading dot: ignored by pyarrow.dataset's default ignore_prefixes
+QUARANTINE = "quarantine"
+IDENTITY_KEY = b"sparsealloc.identity"  # the run identity's cache key, in every part's metadata
+
+
+class UnreadablePart(SparseAllocError):
+    """A results part that cannot be read."""
 
 
 def part_files(results_dir: Path) -> list[Path]:
@@ -49,29 +60,66 @@ def part_files(results_dir: Path) -> list[Path]:
     return sorted(p for p in results_dir.glob(PART_GLOB) if p.is_file())
 
 
-def read_results_dir(results_dir: Path, columns: list[str] | None = None) -> pa.Table:
-    """Every row of a results directory as one Arrow table, sorted by timestamp (stable), read with
-    ``pyarrow.dataset``. Creates nothing; an absent or empty directory gives an empty table."""
-    parts = part_files(results_dir)
+def read_part(path: Path) -> pa.Table:
+    """One part, or :class:`UnreadablePart` naming it and the cause."""
+    try:
+        table = pq.read_table(path)
+        if table.schema.remove_metadata() != SCHEMA:
+            raise ValueError(f"columns {table.schema.names}, expected {SCHEMA.names}")
+        return table
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise UnreadablePart(f"results part {path} is unreadable ({_first_line(exc)}); `sparsealloc search "
+                             f"--resume` sets it aside into {path.parent / QUARANTINE}/ and evaluates its rows "
+                             "again") from exc
+
+
+def read_parts(results_dir: Path, quarantine: bool = False) -> list[pa.Table]:
+    """Every part of a results directory; an unreadable one raises (``quarantine``: is moved into
+    ``quarantine/`` with a warning instead)."""
+    tables = []
+    for part in part_files(results_dir):
+        try:
+            tables.append(read_part(part))
+        except UnreadablePart as exc:
+            if not quarantine:
+                raise
+            aside = Path(results_dir) / QUARANTINE / part.name
+            aside.parent.mkdir(exist_ok=True)
+            os.replace(part, aside)
+            log.warning("%s; moved to %s, its rows will be evaluated again", str(exc).split("; ")[0], aside)
+    return tables
+
+
+def read_results_dir(results_dir: Path, columns: list[str] | None = None, quarantine: bool = False) -> pa.Table:
+    """Every row of a results directory as one Arrow table, sorted by timestamp (stable). Creates
+    nothing; an absent or empty directory gives an empty table. Unreadable parts: see :func:`read_parts`."""
     schema = SCHEMA if columns is None else pa.schema([SCHEMA.field(c) for c in columns])
-    if not parts:
+    tables = [table.replace_schema_metadata(None) for table in read_parts(results_dir, quarantine)]
+    if not tables:
         return schema.empty_table()
-    dataset = ds.dataset([str(p) for p in parts], schema=SCHEMA, format="parquet")
     wanted = list(schema.names) if "timestamp" in schema.names else [*schema.names, "timestamp"]
-    table = dataset.to_table(columns=wanted).sort_by("timestamp")
+    table = pa.concat_tables(tables).select(wanted).sort_by("timestamp")
     return table.select(schema.names)
+
+
+def identity_keys(results_dir: Path) -> set[str]:
+    """The run identity keys the parts record (``""`` for a part from before they did)."""
+    return {(pq.read_schema(p).metadata or {}).get(IDENTITY_KEY, b"").decode() for p in part_files(results_dir)}
 
 
 class ResultsTable:
     """Rows of one run directory, keyed by the evaluation key (profile, fidelity, metric)."""
 
-    def __init__(self, run_dir: Path, run_id: str) -> None:
+    def __init__(self, run_dir: Path, run_id: str, identity_key: str = "") -> None:
+        """The table of ``run_dir``; rows it writes record ``run_id`` and, in their part's metadata,
+        ``identity_key``. Parts that cannot be read are set aside (see :func:`read_parts`)."""
         self.dir = Path(run_dir) / "results"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.run_id = run_id
+        self.identity_key = identity_key
         self._tag = re.sub(r"[^A-Za-z0-9_-]", "_", run_id) or "run"
         self._rows: dict[str, dict] = {}
-        for row in self.read():
+        for row in read_results_dir(self.dir, quarantine=True).to_pylist():
             self._rows.setdefault(row["key"], row)  # a duplicate (a bug) keeps the first answer
 
     def read_table(self) -> pa.Table:
@@ -86,6 +134,10 @@ class ResultsTable:
         """Keys written more than once (read from the files; always empty unless something re-evaluated)."""
         keys = read_results_dir(self.dir, ["key"]).column("key").to_pylist()
         return sorted(key for key, count in Counter(keys).items() if count > 1)
+
+    def rows(self):
+        """The rows read back and written so far, one per key."""
+        return self._rows.values()
 
     def __len__(self) -> int:
         """Distinct keys (``len(read())`` counts rows, duplicates included)."""
@@ -104,15 +156,10 @@ class ResultsTable:
             return []
         now = time.time()
         rows = [self._normalize(row, now) for row in rows]
-        table = pa.Table.from_pylist(rows, schema=SCHEMA)
-        name = f"part-{self._tag}-{time.time_ns()}-{uuid.uuid4().hex}.parquet"
-        final = self.dir / name
-        temp = self.dir / f"{TEMP_PREFIX}{name}"
-        pq.write_table(table, temp)
-        if final.exists():  # never replace a written part (unique names make this unreachable)
-            temp.unlink()
-            raise FileExistsError(f"results part {final} already exists; refusing to overwrite it")
-        os.replace(temp, final)
+        table = pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata({IDENTITY_KEY: self.identity_key.encode()}))
+        name = f"part-{self._tag}-{time.time_ns()}-{uuid.uuid4().hex}.parquet"  # unique: never replaces a part
+        with atomic_file(self.dir / name) as temp:
+            pq.write_table(table, temp)
         for row in rows:
             if row["key"] in self._rows:
                 log.warning("results key written twice (a re-evaluation): %s", row["key"])
@@ -138,10 +185,27 @@ def load_run_results(run: Path) -> pa.Table:
     results_dir = run if run.name == "results" and part_files(run) else run / "results"
     table = read_results_dir(results_dir)
     if table.num_rows == 0:
-        where = "does not exist" if not run.exists() else f"holds no results ({results_dir}/{PART_GLOB})"
-        raise SparseAllocError(f"{run} {where}; run `sparsealloc search --out {run}` first, then point "
-                               f"`sparsealloc results` at that directory")
+        if not run.exists():
+            raise SparseAllocError(f"{run} does not exist; run `sparsealloc search --out {run}` first, then point "
+                                   "`sparsealloc results` at that directory")
+        raise SparseAllocError(f"{run} holds no results yet ({results_dir}/{PART_GLOB}): the search stopped before "
+                               f"its first evaluation; continue it with {resume_hint(run)}")
     return table
+
+
+def resume_hint(run: Path) -> str:
+    """How to continue the search in ``run``: its command with ``--resume``, as ``config.json`` records
+    it, else a generic one."""
+    try:
+        command = json.loads((Path(run) / "config.json").read_text())["resume_command"]
+    except (OSError, ValueError, KeyError, TypeError):
+        command = f"sparsealloc search --out {run} --resume (with the flags it was started with)"
+    return f"`{command}`"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines() or [type(exc).__name__])[0]
 
 
 def key_summary(row: dict) -> str:

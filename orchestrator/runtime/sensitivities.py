@@ -4,8 +4,8 @@
 dtype, device type, windows … whatever the caller passes) and the seconds they took. A resumed run
 reuses them when the identity matches, and refuses, naming the fields, when it does not: values
 computed under other settings are never silently mixed into a run nor silently recomputed.
-Files are written atomically (a temporary file beside it, then ``os.replace``), so a crash mid-write
-leaves either the old file or none, never a half-written one.
+Files are written atomically (:func:`core.identity.write_atomic`), so a crash mid-write leaves either
+the old file or none, never a half-written one.
 """
 
 from __future__ import annotations

@@ -8,13 +8,15 @@ the uninterrupted one would).
 
 from __future__ import annotations
 
-import time
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from core.errors import SparseAllocError
+from orchestrator.runtime import clock
 
 if TYPE_CHECKING:
+    from orchestrator.search.config import SearchConfig
     from orchestrator.search.settings import Settings, Tokens
 
 
@@ -34,7 +36,7 @@ class Budget:
     max_tokens: int | None = None
     used_evals: int = 0
     used_tokens: int = 0
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=lambda: clock.monotonic())
 
     def __post_init__(self) -> None:
         if self.max_evals is not None and self.max_evals < 1:
@@ -46,7 +48,7 @@ class Budget:
 
     @property
     def elapsed(self) -> float:
-        return time.monotonic() - self.started
+        return clock.monotonic() - self.started
 
     def remaining_evals(self) -> int | None:
         return None if self.max_evals is None else max(0, self.max_evals - self.used_evals)
@@ -159,19 +161,20 @@ def driver_allowance(total: float | None, spent: float, share: float, shares_lef
 
 
 def driver_budget(settings: "Settings", search_seconds: float | None, share: float, shares_left: float,
-                  spent: tuple[int, int, float], top_tokens: int, already: float) -> Budget:
+                  spent: tuple[int, int, float], already: float) -> Budget:
     """The next driver's budget: its share of the search's evaluations, fitness tokens and seconds, plus
-    its part of what earlier drivers left (``spent``: evaluations, tokens, seconds); at least one
-    evaluation on all ``top_tokens``; its clock starts at the ``already`` seconds it used before a resume."""
+    its part of what earlier drivers left (``spent``: evaluations, tokens, seconds; :func:`check_budgets`
+    made sure a share holds at least one evaluation on all fitness tokens); its clock starts at the
+    ``already`` seconds it used before a resume."""
     config = settings.config
     spent_evals, spent_tokens, spent_seconds = spent
     evals = driver_allowance(config.budget_evals, spent_evals, share, shares_left)
     tokens = driver_allowance(config.budget_tokens, spent_tokens, share, shares_left)
     seconds = driver_allowance(search_seconds, spent_seconds, share, shares_left)
-    return Budget(max_evals=None if evals is None else max(1, int(evals)),
+    return Budget(max_evals=None if evals is None else int(evals + 1e-9),
                   max_seconds=None if seconds is None else max(seconds, 1e-3),
-                  max_tokens=None if tokens is None else max(top_tokens, int(tokens)),
-                  started=time.monotonic() - already)
+                  max_tokens=None if tokens is None else int(tokens + 1e-9),
+                  started=clock.monotonic() - already)
 
 
 def final_passes_estimate(settings: "Settings", tokens: "Tokens", seconds_per_token: float, actors: int) -> float:
@@ -183,6 +186,7 @@ def final_passes_estimate(settings: "Settings", tokens: "Tokens", seconds_per_to
     config = settings.config
     drivers = len(settings.drivers)
     passes = drivers if config.finalists is None else min(drivers, config.finalists + (config.method == "all"))
+    passes += config.uniform_baseline
     cost = get_pruner(config.pruner).pass_cost
     scored = passes * (tokens.calibration.numel() * cost + tokens.selection.numel() + tokens.test.numel())
     scored += tokens.test.numel()
@@ -203,3 +207,17 @@ def search_seconds(settings: "Settings", setup_seconds: float, final_estimate: f
                 "raise the deadline, or lower --finalists, --calib-samples or --eval-windows")
         limits.append(left)
     return min(limits) if limits else None
+
+
+def check_budgets(config: "SearchConfig", drivers: dict[str, float]) -> None:
+    """Refuse, before any work, a budget below one evaluation on all fitness tokens for some driver of
+    ``drivers`` (name -> share), naming the smallest that works (a driver can do nothing with less)."""
+    smallest, fitness_tokens = min(drivers.values()), config.fitness_windows * config.fitness_seqlen
+    needs = (("--budget-evals", config.budget_evals, math.ceil(1 / smallest - 1e-9), "evaluation"),
+             ("--budget-tokens", config.budget_tokens, math.ceil(fitness_tokens / smallest - 1e-9),
+              f"evaluation on the {fitness_tokens} fitness tokens"))
+    for flag, value, least, what in needs:
+        if value is not None and value < least:
+            shares = ", ".join(f"{name} {share:.0%}" for name, share in drivers.items())
+            raise SparseAllocError(f"{flag} {value} leaves some driver less than one {what} (shares: {shares}); "
+                                   f"the smallest that works is {flag} {least}")

@@ -69,8 +69,8 @@ class SearchConfig:
                             choices=ESTIMATORS, sweep=True)
     finalists: int | None = option(None, "how many drivers' best profiles (by validation KL) get the real final pass "
                                          "(default: every driver's); the lowest held-out validation perplexity after "
-                                         "it wins (the Tune ATP best always runs)", minimum=1, identity=False,
-                                   sweep=True, sweep_default=2)
+                                         "it wins (the Tune ATP best and uniform always run too)", minimum=1,
+                                   identity=False, sweep=True, sweep_default=2, sweep_identity=True)
     selection_windows: int = option(8, "validation windows, after the fitness tokens, that pick the winner among "
                                        "finalists", minimum=1, sweep=True)
     uniform_baseline: bool = option(True, "skip the final pass of the uniform profile (the baseline the search is "
@@ -83,7 +83,8 @@ class SearchConfig:
     budget_minutes: float | None = option(None, "wall clock for the drivers (setup and final passes come on top)",
                                           identity=False)
     deadline_minutes: float | None = option(None, "wall clock for the whole run: the drivers get what setup "
-                                                  "(measured) and the final passes (estimated) leave", identity=False)
+                                                  "(measured) and the final passes (estimated) leave; at least 0.5 "
+                                                  "(the setup alone takes that long)", minimum=0.5, identity=False)
     actors: int | None = option(None, "evaluator actors (default: one per GPU; locally without CUDA, one per "
                                       "--threads cores)", minimum=1, identity=False, sweep=True)
     threads: int = option(1, "torch threads (and CPUs) per CPU actor", minimum=1, identity=False, sweep=True)
@@ -98,7 +99,7 @@ class SearchConfig:
                                     "streamed block by block from host memory (auto: resident when the memory plan "
                                     "says it fits)", choices=EVALUATOR_MODES, identity=False, sweep=True)
     device_memory_gb: float | None = option(None, "device memory an actor may use per device, GiB (default: the "
-                                                  "whole device)", identity=False, sweep=True)
+                                                  "whole device)", minimum=0, identity=False, sweep=True)
     gpus_per_actor: int = option(1, "GPUs per evaluator actor; its resident blocks are split over them", minimum=1,
                                  identity=False, sweep=True)
     population: int = option(8, "candidates an actor advances block by block together (shared prefixes computed "
@@ -111,14 +112,24 @@ class SearchConfig:
                                  cli="none")
 
 
-def check_config(config: SearchConfig) -> None:
-    """Refuse, before any work, settings no search can run with (each message names the flag)."""
+def check_protocol(config: SearchConfig) -> None:
+    """Refuse settings no search or sweep cell can run with (each message names the flag)."""
     opt.check(config)
     if not 0.0 < config.sparsity < 1.0:
         raise SparseAllocError(f"--sparsity must lie in (0, 1), got {config.sparsity}")
     if not config.sequential_windows <= config.calib_samples:
         raise SparseAllocError(f"--sequential-windows must lie in [1, --calib-samples {config.calib_samples}], "
                                f"got {config.sequential_windows}")
+    fitness_tokens = config.fitness_windows * config.fitness_seqlen
+    if max(config.fidelities) > fitness_tokens:
+        raise SparseAllocError(f"--fidelities asks for {max(config.fidelities)} tokens but the fitness set holds "
+                               f"{fitness_tokens} (--fitness-windows {config.fitness_windows} x --fitness-seqlen "
+                               f"{config.fitness_seqlen}); lower --fidelities or raise those")
+
+
+def check_config(config: SearchConfig) -> None:
+    """Refuse, before any work, a search that cannot run: its protocol, and a budget to run within."""
+    check_protocol(config)
     budgets = (("--budget-evals", config.budget_evals), ("--budget-tokens", config.budget_tokens),
                ("--budget-minutes", config.budget_minutes), ("--deadline-minutes", config.deadline_minutes))
     for flag, value in budgets:
@@ -127,8 +138,3 @@ def check_config(config: SearchConfig) -> None:
     if all(value is None for _, value in budgets):
         raise SparseAllocError("give a budget: --budget-evals N, --budget-tokens T, --budget-minutes M and/or "
                                "--deadline-minutes D")
-    fitness_tokens = config.fitness_windows * config.fitness_seqlen
-    if max(config.fidelities) > fitness_tokens:
-        raise SparseAllocError(f"--fidelities asks for {max(config.fidelities)} tokens but the fitness set holds "
-                               f"{fitness_tokens} (--fitness-windows {config.fitness_windows} x --fitness-seqlen "
-                               f"{config.fitness_seqlen}); lower --fidelities or raise those")

@@ -17,25 +17,25 @@ it stopped.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import ray
 import torch
 
-from core.identity import versions, write_json
+from core.identity import cache_key, versions, write_json
 from core.profile import write_profile
 from orchestrator.passes.finalists import (driver_summary, finalists, pass_row, run_final_passes,
                                            same_profile_passes, save_model)
 from orchestrator.passes.tasks import PassJob, model_spec
 from orchestrator.runtime.candidates import Candidate, DriverResult
-from orchestrator.runtime.clock import RunClock
+from orchestrator.runtime.clock import RunClock, monotonic
 from orchestrator.runtime.cluster import init_ray
 from orchestrator.runtime.pool import EvaluatorPool, EvaluatorSpec
+from orchestrator.runtime.options import command_line
 from orchestrator.runtime.results import ResultsTable
-from orchestrator.runtime.rundir import prepare_run_dir
-from orchestrator.search.budget import Charged, driver_budget, final_passes_estimate, search_seconds
+from orchestrator.runtime.rundir import check_free_space, check_writable, lock_run_dir, open_run_dir
+from orchestrator.search.budget import Charged, check_budgets, driver_budget, final_passes_estimate, search_seconds
 from orchestrator.search.config import SearchConfig, check_config
 from orchestrator.search.drivers.context import DriverContext
 from orchestrator.search.drivers.sensitivities import OWL_M_CHOICES
@@ -93,7 +93,7 @@ def run_drivers(pool: EvaluatorPool, settings: Settings, drivers: dict[str, floa
     for index, (name, share) in enumerate(drivers.items()):
         with clock.phase(f"driver:{name}") as already:
             budget = driver_budget(settings, seconds, share, sum(shares[index:]),
-                                   (spent_evals, spent_tokens, spent_seconds), top_tokens, already)
+                                   (spent_evals, spent_tokens, spent_seconds), already)
             charged = Charged(pool, budget, top_tokens, settings.sequential_tokens)
             context = DriverContext(charged, settings, calibration, top_tokens, sensitivities or run_dir,
                                     tuple(r.best for r in results.values()))
@@ -123,24 +123,36 @@ def pass_template(settings: Settings) -> PassJob:
 
 
 def run_search(config: SearchConfig) -> dict:
-    """Run the configured drivers, then the final pass of the finalists; returns the summary."""
+    """Run the configured drivers, then the final pass of the finalists; returns the summary.
+
+    Every check that needs no model comes first (flags, budgets, a writable ``--out`` with room for the
+    models): a refused run leaves nothing. The run directory is then locked for this process."""
     check_config(config)
     drivers = driver_plan(config.method, config.shares)
+    check_budgets(config, drivers)
+    check_writable(Path(config.out))
     torch.manual_seed(config.seed)
-    wall_start = time.monotonic()
-    started_ray = init_ray(config.address, actor_count(config), config.threads)
+    wall_start = monotonic()
+    lock = lock_run_dir(Path(config.out), "run directory", config.resume, config.overwrite)
     pool: EvaluatorPool | None = None
     clock: RunClock | None = None
+    started_ray = False
+    actors = actor_count(config)
     try:
-        settings = resolve(config, drivers, ray.cluster_resources().get("GPU", 0))
+        started_ray = init_ray(config.address, actors, config.threads)
+        settings = resolve(config, drivers, ray.cluster_resources().get("GPU", 0), actors)
+        passes = len(drivers) + config.uniform_baseline
+        check_free_space(Path(config.out), passes * settings.model_bytes,
+                         f"the final passes' models ({passes} x {settings.model_bytes / 2**30:.2f} GiB)")
         tokens = token_sets(settings, load_tokenizer(config.model))
         run_dir = Path(config.out)
-        run_id = prepare_run_dir(run_dir, settings.identity(), _record(config), config.resume, config.overwrite)
-        clock = RunClock(run_dir)
-        with clock.phase("setup", extra=time.monotonic() - wall_start):
+        identity = settings.identity()
+        run_id = open_run_dir(run_dir, identity, _record(config), config.resume, config.overwrite)
+        results_table = ResultsTable(run_dir, run_id, cache_key(identity))
+        clock = RunClock(run_dir, rows=list(results_table.rows()))
+        with clock.phase("setup", extra=monotonic() - wall_start):
             artifact = prepare_levels(settings, tokens.calibration)
-            pool = make_pool(settings, tokens.calibration, tokens.fitness, ResultsTable(run_dir, run_id),
-                             level_artifact=artifact)
+            pool = make_pool(settings, tokens.calibration, tokens.fitness, results_table, level_artifact=artifact)
             uniform = families.uniform(pool.num_blocks, config.sparsity)
             probe = Candidate.of(uniform, tokens.top_tokens, "setup")
             pool.evaluate([probe])
@@ -170,6 +182,7 @@ def run_search(config: SearchConfig) -> dict:
             clock.close()
         if pool is not None:
             pool.close()
+        lock.release()
         if started_ray:
             ray.shutdown()
 
@@ -180,7 +193,7 @@ def final_stage(settings: Settings, tokens: Tokens, results: dict[str, DriverRes
     the lowest validation perplexity wins (a baseline may) and its model is saved to ``RUN/model``;
     returns the summary (``summary.json`` without the run's timings)."""
     candidates = {**results, **(baselines or {})}
-    names = finalists(candidates, settings.config.finalists)
+    names = finalists(results, settings.config.finalists, baselines)
     passes, dense = run_final_passes(run_dir, pass_template(settings), tokens.calibration, tokens.selection,
                                      tokens.test, {name: candidates[name].best for name in names},
                                      gpu=settings.device == "cuda")
@@ -192,8 +205,10 @@ def final_stage(settings: Settings, tokens: Tokens, results: dict[str, DriverRes
 
 
 def _record(config: SearchConfig) -> dict:
-    """The config as ``config.json`` keeps it (paths as strings)."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+    """What ``config.json`` keeps besides the identity: the config (paths as strings) and the command
+    that continues this run."""
+    return {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+            "resume_command": command_line("sparsealloc search", config, resume=True, overwrite=False)}
 
 
 def _summary(settings: Settings, tokens: Tokens, results: dict[str, DriverResult], baselines: dict[str, DriverResult],

@@ -16,17 +16,16 @@ import torch
 from core.errors import SparseAllocError
 from core.identity import package_version, plain
 from orchestrator.runtime.options import identity_of
-from orchestrator.runtime.plan import check_plan, detect_device_memory, make_plan, shape_of
-from orchestrator.search.config import SearchConfig
+from orchestrator.runtime.plan import DTYPE_BYTES, ModelShape, check_plan, detect_device_memory, make_plan, shape_of
+from orchestrator.search.config import SearchConfig, check_protocol
 from orchestrator.search.registry import all_shares
 from pruning.data import consecutive_windows, prepare_tokens
-from pruning.load import pick_device, pick_dtype
+from pruning.load import dtype_name, pick_device, pick_dtype
 from pruning.pruners import get_pruner
 from scoring.level_sources import LEVEL_SOURCES, resolve_level_source
 
 log = logging.getLogger(__name__)
 
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +39,7 @@ class Settings:
     drivers: dict  # driver -> its fraction of the budget, in the order they run
     evaluator: str  # resident, streamed, or auto (each actor decides from its own device)
     actors: int | None  # evaluator actors (None: one per GPU)
+    model_bytes: int = 0  # the model's tensors in ``dtype``: what one saved pruned model takes on disk
 
     @property
     def sequential_top(self) -> bool:
@@ -77,27 +77,31 @@ def actor_count(config: SearchConfig) -> int | None:
     return max(1, (os.cpu_count() or 1) // config.threads)
 
 
-def resolve(config: SearchConfig, drivers: dict[str, float], cluster_gpus: float) -> Settings:
+def resolve(config: SearchConfig, drivers: dict[str, float], cluster_gpus: float, actors: int | None) -> Settings:
     """The settings of ``config``: ``auto`` device is CUDA with bf16 when the actors get GPUs
     (``--gpu-actors`` or ``cluster_gpus``), else CPU with fp32; ``auto`` level source the pruner's own;
+    ``actors``: :func:`actor_count`'s, as Ray was started for;
     the evaluator mode from the memory plan (checked here: a run that cannot fit is refused)."""
+    check_protocol(config)
     if config.device == "auto":
         gpus = config.actor_gpus if config.actor_gpus is not None else cluster_gpus > 0
         device = "cuda" if gpus else "cpu"
     else:
         device = pick_device(config.device).type
-    dtype = DTYPE_NAMES[pick_dtype(config.dtype, torch.device(device))]
+    dtype = dtype_name(pick_dtype(config.dtype, torch.device(device)))
     level_source = resolve_level_source(config.level_source, get_pruner(config.pruner).level_source, config.nm_m)
     if config.db_levels and LEVEL_SOURCES[level_source].prepare is None:
         raise SparseAllocError("--db-levels sets the SparseGPT level database's grid; it needs --level-source "
                                "sparsegpt-db (or auto with --pruner sparsegpt)")
     grid = LEVEL_SOURCES[level_source].grid
     grid(config.sparsity, config.db_levels)  # a bad grid is refused before any work
-    settings = Settings(config, device, dtype, level_source, drivers, config.evaluator, actor_count(config))
-    return replace(settings, evaluator=evaluator_mode(settings))
+    shape = shape_of(config.model)
+    settings = Settings(config, device, dtype, level_source, drivers, config.evaluator, actors,
+                        shape.total_elements * DTYPE_BYTES[dtype])
+    return replace(settings, evaluator=evaluator_mode(settings, shape))
 
 
-def evaluator_mode(settings: Settings) -> str:
+def evaluator_mode(settings: Settings, shape: ModelShape) -> str:
     """The memory plan for this search (``sparsealloc plan``), checked before any work; returns the
     evaluator mode. Without ``--device-memory-gb`` the budget is the device this process sees, or,
     for GPU actors seen from a GPU-less driver, unknown: each actor then plans with its own device."""
@@ -108,7 +112,7 @@ def evaluator_mode(settings: Settings) -> str:
         budget, is_cuda = detect_device_memory()
         if (settings.device == "cuda") != is_cuda:
             return config.evaluator
-    plan = make_plan(shape_of(config.model), dtype=settings.dtype, device_memory_bytes=budget,
+    plan = make_plan(shape, dtype=settings.dtype, device_memory_bytes=budget,
                      gpus_per_actor=config.gpus_per_actor, evaluator=config.evaluator,
                      fitness_tokens=settings.fitness_tokens, fitness_seqlen=config.fitness_seqlen,
                      batch_size=config.batch_size, calib_samples=config.calib_samples, seqlen=config.seqlen,

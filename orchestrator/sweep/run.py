@@ -38,8 +38,8 @@ from orchestrator.passes.tasks import (PassTasks, dense_pass_inputs, pass_inputs
 from orchestrator.runtime.clock import RunClock
 from orchestrator.runtime.cluster import init_ray
 from orchestrator.runtime.results import ResultsTable
-from orchestrator.runtime.rundir import check_output
-from orchestrator.search.config import SearchConfig
+from orchestrator.runtime.rundir import check_writable, clear_run_dir, lock_run_dir, read_record
+from orchestrator.search.config import SearchConfig, check_protocol
 from orchestrator.search.registry import DRIVERS, driver_plan
 from orchestrator.search.run import make_pool, pass_template
 from orchestrator.search.settings import Settings, Tokens, actor_count, resolve, token_sets
@@ -92,12 +92,13 @@ def _model_config(spec: SweepSpec, model: str, out: Path, progress: bool) -> Sea
 
 
 def _prepare(spec_path: Path, spec: SweepSpec, out: Path, resume: bool, overwrite: bool) -> str:
-    """Create (or, ``resume``, check) the sweep directory; returns the sweep's run id."""
+    """Create (or, ``resume``, check) the locked sweep directory; returns the sweep's run id."""
     stored = out / "sweep.json"
     if resume:
         if not stored.exists():
             raise SparseAllocError(f"--resume: {out} holds no sweep (no sweep.json); run without --resume first")
-        previous = json.loads(stored.read_text())
+        previous = read_record(stored, "restore it from a backup, or start the sweep anew in another --out (the "
+                                       "passes already made there are not reused)")
         stored_identity = {k: v for k, v in previous["identity"].items() if k != "budget"}  # older sweeps had it
         # Sweeps from before kl-seq searched with dense-table KL at the top: a spec saying so resumes them.
         stored_identity.setdefault("top_fitness", "kl")
@@ -108,14 +109,16 @@ def _prepare(spec_path: Path, spec: SweepSpec, out: Path, resume: bool, overwrit
             raise SparseAllocError(f"--resume with a spec whose protocol differs ({', '.join(changed)}); only "
                                    "models, targets, pruners and methods may change")
         return previous["run_id"]
-    check_output(out, overwrite)
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        clear_run_dir(out)
     shutil.copyfile(spec_path, out / "spec.yaml")
     run_id = uuid.uuid4().hex[:12]
     write_json(stored, {"run_id": run_id, "identity": spec.identity()})
     return run_id
+
+
+_PROPOSAL_FIX = ("delete it and rerun with --resume: the cell's candidates are proposed again (a search from its "
+                 "results table, without evaluating anything twice)")
 
 
 @dataclass
@@ -147,7 +150,9 @@ def _search_cost(cell_dir: Path) -> tuple[int, int]:
     summary = cell_dir / "summary.json"
     if not summary.exists():
         return 0, 0
-    details = [d["details"] for d in json.loads(summary.read_text())["drivers"].values()]
+    record = read_record(summary, f"delete it and rerun with --resume: the cell's search is answered from "
+                                  f"{cell_dir / 'results'}")
+    details = [d["details"] for d in record["drivers"].values()]
     return sum(d.get("tokens", 0) for d in details), sum(d.get("evaluations_charged", 0) for d in details)
 
 
@@ -214,10 +219,6 @@ def _search_dir(out: Path, cell: Cell, proposals: dict) -> str | None:
     return f"cells/{source}" if (out / "cells" / source / "results").is_dir() else None
 
 
-def _pass_key(inputs: dict) -> str:
-    return cache_key(inputs)
-
-
 def _submit_passes(spec: SweepSpec, settings: Settings, out: Path, cells: list[Cell], proposals: dict,
                    tokens: Tokens) -> tuple[list[_Pending], object]:
     """Final-pass tasks for every candidate of ``cells`` not already done, plus the model's dense
@@ -235,7 +236,7 @@ def _submit_passes(spec: SweepSpec, settings: Settings, out: Path, cells: list[C
             profile = Profile.from_json(candidate["profile"])
             inputs = pass_inputs(template.model, template.device, template.dtype, cell.pruner, windows, profile,
                                  zero_shot=zero_shot, saved=spec.save_models)
-            item = _Pending(cell, candidate["name"], profile, _pass_key(inputs))
+            item = _Pending(cell, candidate["name"], profile, cache_key(inputs))
             item.metrics = stored_metrics(out / "passes" / item.key / "metrics.json", inputs)
             item.reused = item.metrics is not None
             if not item.reused and item.key not in to_run:
@@ -324,7 +325,7 @@ def _spent_searches(spec: SweepSpec, out: Path) -> list[dict]:
     for cell in spec.cells():
         stored = out / "cells" / cell.id / "proposal.json"
         if ALLOCATIONS[cell.method].searches and stored.exists():
-            spent[(cell.model, cell.target, cell.method)] = json.loads(stored.read_text())["search"]
+            spent[(cell.model, cell.target, cell.method)] = read_record(stored, _PROPOSAL_FIX)["search"]
     return list(spent.values())
 
 
@@ -337,14 +338,14 @@ def _sweep_model(model: str, spec: SweepSpec, out: Path, run_id: str, counts: di
 
     model_dir = out / "models" / model_slug(model)
     config = _model_config(spec, model, model_dir, progress)
-    settings = resolve(config, driver_plan("all"), ray.cluster_resources().get("GPU", 0))
+    settings = resolve(config, driver_plan("all"), ray.cluster_resources().get("GPU", 0), actor_count(config))
     tokens = token_sets(settings, load_tokenizer(model))
     cells = [c for c in spec.cells() if c.model == model]
     proposals: dict[str, dict] = {}
     for cell in cells:
         stored = out / "cells" / cell.id / "proposal.json"
         if stored.exists():
-            proposals[cell.id] = json.loads(stored.read_text())
+            proposals[cell.id] = read_record(stored, _PROPOSAL_FIX)
             counts["cells_skipped"] += 1
     todo = [c for c in cells if c.id not in proposals]
     if todo:
@@ -387,13 +388,17 @@ def run_sweep(spec_path: Path, out: Path, resume: bool = False, overwrite: bool 
     path, report paths)."""
     spec = load_sweep_spec(spec_path)
     out = Path(out)
+    check_writable(out)
     counts = {"pools_built": 0, "cells_proposed": 0, "cells_skipped": 0, "passes_run": 0, "passes_reused": 0}
     first = _model_config(spec, spec.models[0], out, progress)
-    started_ray = init_ray(first.address, actor_count(first), first.threads)
+    check_protocol(first)  # one protocol for every model: refused before any work
     rows: list[dict] = []
     proposals: dict[str, dict] = {}
     start = time.monotonic()
+    lock = lock_run_dir(out, "sweep directory", resume, overwrite)
+    started_ray = False
     try:
+        started_ray = init_ray(first.address, actor_count(first), first.threads)
         run_id = _prepare(Path(spec_path), spec, out, resume, overwrite)
         spent = _spent_searches(spec, out)
         for model in spec.models:
@@ -403,12 +408,13 @@ def run_sweep(spec_path: Path, out: Path, resume: bool = False, overwrite: bool 
         table = out / TABLE
         write_table(rows, table)
         summary = {"table": str(table), "rows": len(rows), "seconds": time.monotonic() - start, **counts}
-        stored = json.loads((out / "sweep.json").read_text())
+        stored = read_record(out / "sweep.json", "")
         cells = [{"id": c.id, **c.__dict__, "dir": _search_dir(out, c, proposals)} for c in spec.cells()]
         write_json(out / "sweep.json", {**stored, "spec": spec.to_json(), "cells": cells, "last_run": summary})
         summary["report"] = _report(out)
         return summary
     finally:
+        lock.release()
         if started_ray:
             ray.shutdown()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from core.errors import SparseAllocError
 from core.profile import parse_nm
-from orchestrator.runtime.options import declared, option, parse_value, sweep_default, sweep_keys
+from orchestrator.runtime.options import declared, in_sweep_identity, option, parse_value, sweep_default, sweep_keys
 from orchestrator.runtime.rundir import model_slug, slug
 
 BUDGET_KEYS = ("evals", "minutes", "tokens")
@@ -77,7 +77,7 @@ class SweepSpec:
         placement (a sweep may grow by models, targets, pruners or methods, and its budget may change for
         the searches still to run, as a search's may)."""
         keys = _search_keys()
-        identity = {k: _plain(v) for k, v in self.protocol.items() if keys[k].option.identity}
+        identity = {k: _plain(v) for k, v in self.protocol.items() if in_sweep_identity(keys[k])}
         own = {item.name: _plain(getattr(self, item.name)) for item in declared(SweepSpec) if item.option.identity}
         return {**identity, **own, "zero_shot": _plain(self.zero_shot)}
 
