@@ -109,7 +109,7 @@ def run_prune(config: PruneConfig) -> dict:
     check_output(out, config.overwrite)
     check_writable(out)
     # The lock sits beside --out: the output directory itself is replaced when the pass ends.
-    lock = RunLock(out.parent / f".{out.name}.lock", f"--out {out}").acquire()
+    lock = RunLock(out.parent / f".{out.name}.lock", f"--out {out}", remove=True).acquire()
     try:
         return _prune(config, pruner)
     finally:

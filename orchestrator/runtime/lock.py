@@ -32,9 +32,12 @@ class RunLock:
     """The lock on ``path`` (the lock file), held from :meth:`acquire` until :meth:`release` (or the
     process ends)."""
 
-    def __init__(self, path: Path, what: str) -> None:
+    def __init__(self, path: Path, what: str, remove: bool = False) -> None:
+        """``remove``: delete the lock file on release (a lock beside the directory it guards, which should
+        leave nothing behind; removed before it is unlocked, so a process that opens it later makes a new one)."""
         self.path = Path(path)
         self.what = what  # the directory it guards, as messages name it
+        self.remove = remove
         self._handle = None
 
     def acquire(self) -> "RunLock":
@@ -66,6 +69,8 @@ class RunLock:
         """Empty the lock file (no holder) and unlock it."""
         if self._handle is None:
             return
+        if self.remove:
+            self.path.unlink(missing_ok=True)
         self._handle.seek(0)
         self._handle.truncate()
         self._handle.flush()

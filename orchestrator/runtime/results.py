@@ -31,7 +31,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.errors import SparseAllocError
-from core.identity import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +156,14 @@ class ResultsTable:
         now = time.time()
         rows = [self._normalize(row, now) for row in rows]
         table = pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata({IDENTITY_KEY: self.identity_key.encode()}))
-        name = f"part-{self._tag}-{time.time_ns()}-{uuid.uuid4().hex}.parquet"  # unique: never replaces a part
-        with atomic_file(self.dir / name) as temp:
-            pq.write_table(table, temp)
+        name = f"part-{self._tag}-{time.time_ns()}-{uuid.uuid4().hex}.parquet"
+        final = self.dir / name
+        temp = self.dir / f"{TEMP_PREFIX}{name}"  # not core.identity's writer: a part must never replace another
+        pq.write_table(table, temp)
+        if final.exists():  # never replace a written part (unique names make this unreachable)
+            temp.unlink()
+            raise FileExistsError(f"results part {final} already exists; refusing to overwrite it")
+        os.replace(temp, final)
         for row in rows:
             if row["key"] in self._rows:
                 log.warning("results key written twice (a re-evaluation): %s", row["key"])

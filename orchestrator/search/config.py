@@ -14,7 +14,7 @@ from orchestrator.runtime.options import option
 from orchestrator.runtime.plan import EVALUATOR_MODES
 from orchestrator.search.registry import DRIVERS, all_shares, method_names
 from pruning.pruners import PRUNERS
-from scoring.level_sources import source_names
+from scoring.level_sources import LEVEL_SOURCES, resolve_level_source, source_names
 
 TOP_FITNESS = ("kl-seq", "kl")
 SAMPLERS = ("tpe", "cmaes")
@@ -125,6 +125,18 @@ def check_protocol(config: SearchConfig) -> None:
         raise SparseAllocError(f"--fidelities asks for {max(config.fidelities)} tokens but the fitness set holds "
                                f"{fitness_tokens} (--fitness-windows {config.fitness_windows} x --fitness-seqlen "
                                f"{config.fitness_seqlen}); lower --fidelities or raise those")
+    level_source_of(config)
+
+
+def level_source_of(config: SearchConfig) -> str:
+    """The level source ``config`` searches with (``auto``: the pruner's own), its grid checked."""
+    source = resolve_level_source(config.level_source, PRUNERS[config.pruner].level_source, config.nm_m)
+    kind = LEVEL_SOURCES[source]
+    if config.db_levels and kind.prepare is None:
+        raise SparseAllocError(f"--db-levels sets a level database's grid; the {source} level source has none (use "
+                               "--level-source sparsegpt-db, or auto with --pruner sparsegpt)")
+    kind.grid(config.sparsity, config.db_levels)  # a bad grid is refused here
+    return source
 
 
 def check_config(config: SearchConfig) -> None:

@@ -17,12 +17,11 @@ from core.errors import SparseAllocError
 from core.identity import package_version, plain
 from orchestrator.runtime.options import identity_of
 from orchestrator.runtime.plan import DTYPE_BYTES, ModelShape, check_plan, detect_device_memory, make_plan, shape_of
-from orchestrator.search.config import SearchConfig, check_protocol
+from orchestrator.search.config import SearchConfig, check_protocol, level_source_of
 from orchestrator.search.registry import all_shares
 from pruning.data import consecutive_windows, prepare_tokens
 from pruning.load import dtype_name, pick_device, pick_dtype
-from pruning.pruners import get_pruner
-from scoring.level_sources import LEVEL_SOURCES, resolve_level_source
+from scoring.level_sources import LEVEL_SOURCES
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +88,7 @@ def resolve(config: SearchConfig, drivers: dict[str, float], cluster_gpus: float
     else:
         device = pick_device(config.device).type
     dtype = dtype_name(pick_dtype(config.dtype, torch.device(device)))
-    level_source = resolve_level_source(config.level_source, get_pruner(config.pruner).level_source, config.nm_m)
-    if config.db_levels and LEVEL_SOURCES[level_source].prepare is None:
-        raise SparseAllocError("--db-levels sets the SparseGPT level database's grid; it needs --level-source "
-                               "sparsegpt-db (or auto with --pruner sparsegpt)")
-    grid = LEVEL_SOURCES[level_source].grid
-    grid(config.sparsity, config.db_levels)  # a bad grid is refused before any work
+    level_source = level_source_of(config)
     shape = shape_of(config.model)
     settings = Settings(config, device, dtype, level_source, drivers, config.evaluator, actors,
                         shape.total_elements * DTYPE_BYTES[dtype])
