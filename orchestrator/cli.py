@@ -18,8 +18,8 @@ from orchestrator.search.config import SearchConfig
 from orchestrator.sensitivity import SensitivityConfig
 from search_spaces.families import FAMILIES
 
-PLAN_OPTIONS = ("model", "pruner", "seqlen", "calib_samples", "fitness_windows", "fitness_seqlen", "top_fitness",
-                "batch_size", "dtype", "evaluator", "device_memory_gb", "gpus_per_actor")
+PLAN_OPTIONS = ("model", "sparsity", "pruner", "seqlen", "calib_samples", "fitness_windows", "fitness_seqlen",
+                "top_fitness", "db_levels", "batch_size", "dtype", "evaluator", "device_memory_gb", "gpus_per_actor")
 PLAN_HELP = {  # plan reads these search flags for a machine it may not run on
     "model": "'default', a Hugging Face id, a local HF directory (config.json is enough) or a .gguf file",
     "device_memory_gb": "memory per device in GiB (default: this machine's CUDA device, else its host memory)",
@@ -228,7 +228,8 @@ def _cmd_profile(args) -> None:
 
 
 def _cmd_plan(args) -> None:
-    from orchestrator.runtime.plan import GIB, check_plan, detect_device_memory, host_memory, make_plan, render_plan, shape_of
+    from orchestrator.runtime.plan import (DTYPE_BYTES, GIB, check_plan, detect_device_memory, host_memory, make_plan,
+                                           render_plan, shape_of)
     from pruning.pruners import get_pruner
     from scoring.level_sources import LEVEL_SOURCES, resolve_level_source
 
@@ -242,13 +243,19 @@ def _cmd_plan(args) -> None:
             host_budget = host_memory()  # CPU actors: the device is the host
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if cuda else "fp32")
     source = resolve_level_source("auto", get_pruner(args.pruner).level_source, None)
-    plan = make_plan(shape, dtype=dtype, device_memory_bytes=budget, gpus_per_actor=args.gpus_per_actor,
+    kind = LEVEL_SOURCES[source]
+    print(render_plan(plan := make_plan(shape, dtype=dtype, device_memory_bytes=budget, gpus_per_actor=args.gpus_per_actor,
                      evaluator=args.evaluator, fitness_tokens=args.fitness_windows * args.fitness_seqlen,
                      fitness_seqlen=args.fitness_seqlen, batch_size=args.batch_size,
                      calib_samples=args.calib_samples, seqlen=args.seqlen, pruner=args.pruner,
                      host_memory_bytes=host_budget,
-                     sequential_fitness=args.top_fitness == "kl-seq" and LEVEL_SOURCES[source].sequential)
-    print(render_plan(plan))
+                     sequential_fitness=args.top_fitness == "kl-seq" and kind.sequential)))
+    disk = kind.disk_bytes(shape.linear_weights, DTYPE_BYTES[dtype], args.sparsity, args.db_levels)
+    if disk:
+        levels = sum(level > 0 for level in kind.grid(args.sparsity, args.db_levels))
+        print(f"\ndisk        the {source} level source: {disk / GIB:.2f} GiB in the cache of every node that hosts "
+              f"actors; built once on one worker (its GPU when the actors have GPUs: about {levels} "
+              f"{args.pruner} passes over the calibration tokens), then copied to each other node through Ray")
     check_plan(plan)
 
 

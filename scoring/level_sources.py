@@ -91,6 +91,15 @@ class LevelSourceKind:
     prepare: Prepare | None = None
     grid: Callable[[float, "tuple[float, ...] | None"], list[float] | None] = lambda target, levels: None
 
+    def disk_bytes(self, linear_weights: int, element_bytes: int, target: float,
+                   levels: "tuple[float, ...] | None" = None) -> int:
+        """Bytes what ``prepare`` builds takes on each node's disk: every linear weight at each level of the
+        grid above 0 (nothing for a source that prepares nothing)."""
+        if self.prepare is None:
+            return 0
+        grid = self.grid(target, levels) or []
+        return sum(level > 0 for level in grid) * linear_weights * element_bytes
+
     @property
     def supports_nm(self) -> bool:
         return self.source.supports_nm

@@ -247,7 +247,7 @@ def test_final_passes_run_as_tasks_save_the_winner_and_are_not_redone(local_ray,
 
 
 def test_the_winner_is_read_from_another_node_in_chunks(local_ray, tmp_path):
-    from orchestrator.passes.transfer import fetch_directory
+    from orchestrator.runtime.transfer import fetch_directory
 
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)

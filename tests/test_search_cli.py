@@ -62,13 +62,9 @@ def test_search_saves_winner_and_resume_reuses_results(corpus_file, tmp_path, ca
 def test_sparsegpt_search_scores_the_level_database_built_once(corpus_file, tmp_path, monkeypatch):
     """``--pruner sparsegpt``: the evaluator's levels come from a SparseGPT database, built once in the
     cache and reused by the next search of the same model and calibration; evolution searches its grid."""
-    monkeypatch.setenv("SPARSEALLOC_CACHE", str(tmp_path / "cache"))
-    built = []
-    from scoring import level_db
-
-    real_build = level_db.build_level_database
-    monkeypatch.setattr(level_db, "build_level_database", lambda *a, **k: built.append(1) or real_build(*a, **k))
+    monkeypatch.setenv("SPARSEALLOC_CACHE", str(tmp_path / "cache"))  # the Ray workers' cache too (one node)
     model_dir = _fragile_model_dir(tmp_path)
+    built = []
     for run in ("first", "second"):
         out = tmp_path / run
         assert main(_args(model_dir, corpus_file, out, "--pruner", "sparsegpt", "--db-levels", "0.4", "0.5", "0.6",
@@ -77,7 +73,8 @@ def test_sparsegpt_search_scores_the_level_database_built_once(corpus_file, tmp_
         assert identity["level_source"] == "sparsegpt-db" and identity["evaluator"]["levels"] == "sparsegpt-db"
         best = json.loads((out / "best-evolution.json").read_text())["sparsities"]
         assert set(best) <= {0.4, 0.5, 0.6, 0.7, 0.8} and len(set(best)) > 1
-    assert built == [1]  # the second search reused the database
+        built += [index.stat().st_mtime_ns for index in (tmp_path / "cache" / "level-db").glob("*/levels.json")]
+    assert len(built) == 2 and built[0] == built[1]  # built by the first search (a Ray task), reused by the second
     databases = list((tmp_path / "cache" / "level-db").iterdir())
     assert len(databases) == 1 and json.loads((databases[0] / "levels.json").read_text())["levels"] == \
         [0.4, 0.5, 0.6, 0.7, 0.8]

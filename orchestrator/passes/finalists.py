@@ -5,7 +5,7 @@ they run side by side on different workers; the dense test perplexity is one mor
 its model to ``RUN/finalists/<driver>/`` on its node; its metrics come back to the driver and are
 kept in ``RUN/finalists/<driver>/metrics.json`` here, so a finalist whose stored metrics record the
 same inputs (profile, pruner, model, dtype, token windows) is not pruned again on ``--resume``.
-The winner's files are copied to ``RUN/model`` (:mod:`orchestrator.passes.transfer`).
+The winner's files are copied to ``RUN/model`` (:mod:`orchestrator.runtime.transfer`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from core.identity import write_json
 from core.profile import Profile
 from orchestrator.passes.tasks import (PassJob, PassTasks, as_completed, dense_pass_inputs, pass_inputs, stored_metrics,
                                        task_resources, window_digests)
-from orchestrator.passes.transfer import copy_local, fetch_directory
+from orchestrator.runtime.transfer import copy_local, fetch_directory
 from orchestrator.runtime.candidates import DriverResult
+from orchestrator.runtime.cluster import alive_nodes
 from orchestrator.runtime.rundir import staged_output
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,11 @@ def run_final_passes(run: Path, template: PassJob, calibration: torch.Tensor, se
         inputs = pass_inputs(template.model, template.device, template.dtype, template.pruner, windows, profile)
         job = replace(template, out=str(run / "finalists" / name), inputs=inputs)
         stored = stored_metrics(run / "finalists" / name / "metrics.json", inputs)
-        if stored is None:
+        if stored is None or not _reachable(run / "finalists" / name, stored):
             jobs[name] = job
         else:
             log.info("%s: final pass found in %s, not redone", name, job.out)
-            passes[name] = {**stored, "node": ray.get_runtime_context().get_node_id(), "reused": True}
+            passes[name] = {**stored, "reused": True}
     dense_inputs = dense_pass_inputs(template, windows)
     dense = stored_metrics(run / "finalists" / DENSE_FILE, dense_inputs)
 
@@ -95,22 +96,46 @@ def run_final_passes(run: Path, template: PassJob, calibration: torch.Tensor, se
             log.info("dense test perplexity %.3f", dense["test_perplexity"])
             continue
         passes[name] = {**outcome, "reused": False}
+        keep_metrics(run / "finalists" / name, outcome)
         log.info("%s: validation perplexity %.3f, test perplexity %.3f after the %s pass (%s%s)", name,
                  outcome["validation_perplexity"], outcome["test_perplexity"], template.pruner, outcome["device"],
                  ", offloaded" if outcome["offload"] else "")
     return {name: passes[name] for name in profiles}, dense
 
 
+def keep_metrics(folder: Path, metrics: dict) -> None:
+    """A pass's metrics in ``folder`` on this (the driver's) node: a task that ran on another node wrote
+    them on that node's disk only."""
+    if not (folder / "metrics.json").exists():
+        write_json(folder / "metrics.json", metrics)
+
+
+def _has_model(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
+
+
+def _reachable(folder: Path, stored: dict) -> bool:
+    """Whether a stored pass's model can still be read: on this node's disk, or on its node, alive."""
+    return _has_model(folder) or stored.get("node") in alive_nodes()
+
+
 def save_model(run: Path, name: str, row: dict, metrics: dict) -> None:
-    """``RUN/model``: finalist ``name``'s files (``row`` its pass's metrics, saying which node holds them)
-    with ``metrics`` as its ``metrics.json``."""
-    source = Path(run).resolve() / "finalists" / name
-    with staged_output(Path(run) / "model", True) as staging:
-        if row["node"] == ray.get_runtime_context().get_node_id():
+    """``RUN/model``: finalist ``name``'s files with ``metrics`` as its ``metrics.json``, copied from this
+    node's disk or read from the node ``row`` (its pass's metrics) names; kept as it is when it already
+    holds this pass (a resumed run)."""
+    run = Path(run).resolve()
+    if _has_model(run / "model") and stored_metrics(run / "model" / "metrics.json", metrics["inputs"]) is not None:
+        return
+    source = run / "finalists" / name
+    with staged_output(run / "model", True) as staging:
+        if _has_model(source):
             copy_local(source, staging, skip=("metrics.json",))
-        else:
+        elif row["node"] in alive_nodes():
             log.info("copying the winner's files from node %s", row["node"])
             fetch_directory(row["node"], source, staging, skip=("metrics.json",))
+        else:
+            raise SparseAllocError(f"the winner's pruned model ({name}) was on node {row['node']}, which is gone; "
+                                   "rerun the same command with --resume: its pass is made again")
         write_json(staging / "metrics.json", metrics)
 
 

@@ -19,3 +19,79 @@ def init_ray(address: str | None, actors: int | None, threads: int) -> bool:
     # One logical CPU more than the CPU actors use, so the dense-perplexity task runs beside a final pass.
     ray.init(num_cpus=actors * threads + 1, include_dashboard=False, log_to_driver=False)
     return True
+
+
+def alive_nodes() -> set[str]:
+    """The ids of the cluster's nodes that are alive now."""
+    return {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
+
+
+def check_model_on_nodes(model: str) -> None:
+    """Refuse, before any work, a local ``model`` path that some node able to run actors or passes lacks
+    (no node shares a disk with another: a local path must exist at the same place on every node)."""
+    from pathlib import Path
+
+    from core.errors import SparseAllocError
+
+    if not Path(model).is_absolute():
+        return  # 'default' and hub ids are fetched by each node into its own cache
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0)(Path.exists)
+    nodes = [n for n in ray.nodes() if n.get("Alive") and (n["Resources"].get("CPU") or n["Resources"].get("GPU"))]
+    refs = {n["NodeManagerAddress"] + " (" + n["NodeID"][:12] + ")": probe.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(Path(model))
+        for n in nodes}
+    missing = [name for name, ref in refs.items() if not ray.get(ref)]
+    if missing:
+        raise SparseAllocError(f"--model {model} is a local path, and node(s) {', '.join(missing)} do not have it: no "
+                               "node shares a disk with another, so copy it to the same path on every node, put it "
+                               "on a filesystem they all mount, or give a Hugging Face id (each node fetches it)")
+
+
+def _cache_free_bytes() -> int:
+    import shutil
+
+    from pruning.cache import cache_root
+
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    return shutil.disk_usage(root).free
+
+
+def check_node_disks(need: int, what: str) -> None:
+    """Refuse, before the work that fills them, node caches with less than ``need`` bytes free (``what``
+    names the fill): every node able to run actors keeps its own copy."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from core.errors import SparseAllocError
+
+    probe = ray.remote(num_cpus=0)(_cache_free_bytes)
+    nodes = [n for n in ray.nodes() if n.get("Alive") and (n["Resources"].get("CPU") or n["Resources"].get("GPU"))]
+    free = {n["NodeManagerAddress"] + " (" + n["NodeID"][:12] + ")": ray.get(probe.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()) for n in nodes}
+    short = {name: bytes_ for name, bytes_ in free.items() if bytes_ < need}
+    if short:
+        listed = ", ".join(f"{name}: {bytes_ / 2**30:.2f} GiB free" for name, bytes_ in short.items())
+        raise SparseAllocError(f"{what} needs {need / 2**30:.2f} GiB in the cache ($SPARSEALLOC_CACHE) of every node "
+                               f"that hosts actors, and {listed}; free space there, point SPARSEALLOC_CACHE at a larger "
+                               "disk, or use fewer --db-levels")
+
+
+def local_copy(node: str | None, path: str | None) -> str | None:
+    """``path`` (a directory on node ``node``) as this node sees it: itself when built here, else a copy in
+    this node's cache (``cache_root()/<parent>/<name>``), made once per node through Ray (no disk is shared)."""
+    from pathlib import Path
+
+    from orchestrator.runtime.rundir import staged_output
+    from orchestrator.runtime.transfer import fetch_directory
+    from pruning.cache import cache_lock, cache_root
+
+    if path is None or node is None or node == ray.get_runtime_context().get_node_id():
+        return path
+    local = cache_root() / Path(path).parent.name / Path(path).name
+    with cache_lock(f"copy-{local.parent.name}-{local.name}"):
+        if not local.exists():  # a copy is renamed into place only when complete
+            with staged_output(local, False) as staging:
+                fetch_directory(node, Path(path), staging)
+    return str(local)

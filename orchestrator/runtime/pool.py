@@ -41,6 +41,7 @@ import ray
 import torch
 
 from orchestrator.runtime.candidates import Candidate
+from orchestrator.runtime.cluster import local_copy
 from orchestrator.runtime.results import ResultsTable
 from core.errors import SparseAllocError
 
@@ -67,6 +68,7 @@ class EvaluatorSpec:
     sequential_windows: int = 4  # calibration windows of the kl-seq metric's low-fidelity pass
     level_source: str = "wanda"
     level_artifact: str | None = None
+    level_node: str | None = None  # the node that built the artifact (others copy it into their cache)
     sequential_fitness: bool = False  # kl-seq will be asked for: room for a second set of rank tables
 
 
@@ -107,7 +109,7 @@ class EvaluatorActor:
         devices = actor_devices(spec)
         model, _ = load_model(spec.model, pick_dtype(spec.dtype, devices[0]))  # on the host; placed below
         mode = spec.mode if spec.mode != "auto" else _auto_mode(model, spec, devices, fitness_windows)
-        levels = LEVEL_SOURCES[spec.level_source].open(spec.level_artifact)
+        levels = LEVEL_SOURCES[spec.level_source].open(local_copy(spec.level_node, spec.level_artifact))
         self.evaluator = CandidateEvaluator(model, calibration, fitness_windows, devices,
                                             batch_size=spec.batch_size, progress=False, mode=mode,
                                             memory_budget=spec.memory_budget, owl_multipliers=spec.owl_multipliers,

@@ -30,7 +30,8 @@ from orchestrator.passes.finalists import (driver_summary, finalists, pass_row, 
 from orchestrator.passes.tasks import PassJob, model_spec
 from orchestrator.runtime.candidates import Candidate, DriverResult
 from orchestrator.runtime.clock import RunClock, monotonic
-from orchestrator.runtime.cluster import init_ray
+from orchestrator.runtime.cluster import check_model_on_nodes, check_node_disks, init_ray
+from orchestrator.runtime.plan import DTYPE_BYTES
 from orchestrator.runtime.pool import EvaluatorPool, EvaluatorSpec
 from orchestrator.runtime.options import command_line
 from orchestrator.runtime.results import ResultsTable
@@ -48,26 +49,39 @@ from search_spaces import families
 log = logging.getLogger(__name__)
 
 
-def prepare_levels(settings: Settings, calibration: torch.Tensor) -> str | None:
-    """What the level source needs built before the actors start (a SparseGPT database's path), or None."""
-    prepare = LEVEL_SOURCES[settings.level_source].prepare
-    if prepare is None:
+def prepare_levels(settings: Settings, calibration: torch.Tensor) -> tuple[str, str] | None:
+    """(node, path) of what the level source needs built before the actors start (a SparseGPT database),
+    or None. It is built once, as a Ray task on a worker with a GPU when the actors get GPUs (never on a
+    CPU head), after every node that may host an actor was checked to have room for its copy."""
+    config, kind = settings.config, LEVEL_SOURCES[settings.level_source]
+    if kind.prepare is None:
         return None
+    need = kind.disk_bytes(settings.linear_weights, DTYPE_BYTES[settings.dtype], config.sparsity, config.db_levels)
+    check_node_disks(need, f"the {settings.level_source} level source")
+    resources = {"num_gpus": 1, "num_cpus": 1} if settings.device == "cuda" else {"num_cpus": config.threads}
+    task = ray.remote(_prepare_on_node).options(**resources)
+    return ray.get(task.remote(settings.level_source, model_spec(config.model), calibration, config.sparsity,
+                               config.db_levels, settings.dtype, settings.device, config.batch_size, config.progress))
+
+
+def _prepare_on_node(source: str, model: str, calibration: torch.Tensor, target: float,
+                     levels: tuple[float, ...] | None, dtype: str, device: str, batch_size: int,
+                     progress: bool) -> tuple[str, str]:
+    """The level source built on this worker (its GPU for ``cuda``); (this node, the artifact's path)."""
     from pruning.load import pick_device
 
-    config = settings.config
-    device = pick_device("cpu" if settings.device == "cpu" else "auto")
-    if settings.device == "cuda" and device.type != "cuda":
-        log.warning("the %s level source is built in this process, which sees no GPU: building on the CPU (slow for "
-                    "large models); run the search from a GPU node to build it there", settings.level_source)
-    return prepare(config.model, calibration, config.sparsity, config.db_levels, settings.dtype, device,
-                   config.batch_size, config.progress)
+    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    place = pick_device("cpu" if device == "cpu" else "auto")
+    path = LEVEL_SOURCES[source].prepare(model, calibration, target, levels, dtype, place, batch_size, progress)
+    return ray.get_runtime_context().get_node_id(), path
 
 
 def make_pool(settings: Settings, calibration: torch.Tensor, fitness: torch.Tensor, results: ResultsTable,
-              owl_m: tuple[float, ...] = (), level_artifact: str | None = None) -> EvaluatorPool:
+              owl_m: tuple[float, ...] = (), level_artifact: tuple[str, str] | None = None) -> EvaluatorPool:
     """The evaluator pool for ``settings``, writing its rows to ``results``; its actors count OWL ratios
-    for tune-owl's M choices and ``owl_m``, and open the level source from ``level_artifact``."""
+    for tune-owl's M choices and ``owl_m``, and open the level source from ``level_artifact`` (the node
+    that built it and its path there)."""
+    node, path = level_artifact or (None, None)
     config = settings.config
     memory = None if config.device_memory_gb is None else int(config.device_memory_gb * 2**30)
     spec = EvaluatorSpec(config.model, dtype=settings.dtype, device="auto" if settings.device == "cuda" else "cpu",
@@ -75,7 +89,7 @@ def make_pool(settings: Settings, calibration: torch.Tensor, fitness: torch.Tens
                          memory_budget=memory, gpus_per_actor=config.gpus_per_actor, population=config.population,
                          owl_multipliers=tuple(sorted({float(m) for m in (*OWL_M_CHOICES, *owl_m)})),
                          sequential_windows=config.sequential_windows, level_source=settings.level_source,
-                         level_artifact=level_artifact, sequential_fitness=settings.sequential_fitness)
+                         level_artifact=path, level_node=node, sequential_fitness=settings.sequential_fitness)
     return EvaluatorPool(spec, calibration, fitness, results, settings.actors, gpu=settings.device == "cuda")
 
 
@@ -141,6 +155,7 @@ def run_search(config: SearchConfig) -> dict:
     try:
         started_ray = init_ray(config.address, actors, config.threads)
         settings = resolve(config, drivers, ray.cluster_resources().get("GPU", 0), actors)
+        check_model_on_nodes(model_spec(config.model))
         passes = len(drivers) + config.uniform_baseline
         check_free_space(Path(config.out), passes * settings.model_bytes,
                          f"the final passes' models ({passes} x {settings.model_bytes / 2**30:.2f} GiB)")
@@ -251,4 +266,5 @@ def _model_metrics(settings: Settings, tokens: Tokens, winner: DriverResult, fin
             "device": final.get("device"), "device_name": final.get("device_name"), "dtype": final.get("dtype"),
             "offload": final.get("offload"), "seed": config.seed,
             "timings": {"prune_s": final["prune_s"]}, "versions": versions(),
-            "search": {"winner": winner.driver, "run_dir": str(config.out)}}
+            "search": {"winner": winner.driver, "run_dir": str(config.out)},
+            "inputs": final.get("inputs")}  # its pass's: a resumed run keeps RUN/model when they are the same

@@ -39,6 +39,7 @@ class Settings:
     evaluator: str  # resident, streamed, or auto (each actor decides from its own device)
     actors: int | None  # evaluator actors (None: one per GPU)
     model_bytes: int = 0  # the model's tensors in ``dtype``: what one saved pruned model takes on disk
+    linear_weights: int = 0  # prunable weights in the blocks (what a level database stores per level)
 
     @property
     def sequential_top(self) -> bool:
@@ -91,7 +92,7 @@ def resolve(config: SearchConfig, drivers: dict[str, float], cluster_gpus: float
     level_source = level_source_of(config)
     shape = shape_of(config.model)
     settings = Settings(config, device, dtype, level_source, drivers, config.evaluator, actors,
-                        shape.total_elements * DTYPE_BYTES[dtype])
+                        shape.total_elements * DTYPE_BYTES[dtype], shape.linear_weights)
     return replace(settings, evaluator=evaluator_mode(settings, shape))
 
 

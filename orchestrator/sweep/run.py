@@ -33,12 +33,14 @@ import ray
 from core.errors import SparseAllocError
 from core.identity import atomic_file, cache_key, write_json
 from core.profile import Profile
-from orchestrator.passes.tasks import (PassTasks, dense_pass_inputs, pass_inputs, stored_metrics, task_resources,
-                                       window_digests)
+from orchestrator.passes.finalists import keep_metrics
+from orchestrator.passes.tasks import (PassTasks, dense_pass_inputs, model_spec, pass_inputs, stored_metrics,
+                                       task_resources, window_digests)
+from orchestrator.runtime.transfer import fetch_directory
 from orchestrator.runtime.clock import RunClock
-from orchestrator.runtime.cluster import init_ray
+from orchestrator.runtime.cluster import check_model_on_nodes, init_ray
 from orchestrator.runtime.results import ResultsTable
-from orchestrator.runtime.rundir import check_writable, clear_run_dir, lock_run_dir, read_record
+from orchestrator.runtime.rundir import check_writable, clear_run_dir, lock_run_dir, read_record, staged_output
 from orchestrator.search.config import SearchConfig, check_protocol
 from orchestrator.search.registry import DRIVERS, driver_plan
 from orchestrator.search.run import make_pool, pass_template
@@ -237,7 +239,10 @@ def _submit_passes(spec: SweepSpec, settings: Settings, out: Path, cells: list[C
             inputs = pass_inputs(template.model, template.device, template.dtype, cell.pruner, windows, profile,
                                  zero_shot=zero_shot, saved=spec.save_models)
             item = _Pending(cell, candidate["name"], profile, cache_key(inputs))
-            item.metrics = stored_metrics(out / "passes" / item.key / "metrics.json", inputs)
+            folder = out / "passes" / item.key
+            item.metrics = stored_metrics(folder / "metrics.json", inputs)
+            if spec.save_models and not (folder / "config.json").exists():
+                item.metrics = None  # its model never reached this node: the pass is made again
             item.reused = item.metrics is not None
             if not item.reused and item.key not in to_run:
                 to_run[item.key] = (item, inputs)
@@ -258,17 +263,20 @@ def _submit_passes(spec: SweepSpec, settings: Settings, out: Path, cells: list[C
     return pending, dense
 
 
-def _collect(pending: list[_Pending], out: Path) -> int:
-    """Wait for the submitted passes (candidates with one key share one task, which writes its
-    ``passes/<key>/metrics.json``); returns how many ran."""
+def _collect(pending: list[_Pending], out: Path, save_models: bool) -> int:
+    """Wait for the submitted passes (candidates with one key share one task) and keep each one's
+    ``passes/<key>/metrics.json`` here, with its pruned model when ``save_models`` (read from the node
+    the task ran on); returns how many ran."""
     by_key = {p.key: p for p in pending if p.ref is not None}
     ran = 0
     for key, item in by_key.items():
         metrics = item.metrics = ray.get(item.ref)
-        local = out / "passes" / key / "metrics.json"
-        if not local.exists():  # the task ran on another node: keep its metrics here for --resume
-            local.parent.mkdir(parents=True, exist_ok=True)
-            write_json(local, metrics)
+        folder = (out / "passes" / key).resolve()
+        if save_models and not (folder / "config.json").exists():  # the task ran on another node
+            log.info("%s %s: copying the pruned model from node %s", item.cell.id, item.candidate, metrics["node"])
+            with staged_output(folder, True) as staging:  # complete, or not there at all
+                fetch_directory(metrics["node"], folder, staging, skip=("metrics.json",))
+        keep_metrics(folder, metrics)
         ran += 1
         log.info("%s %s: validation %.3f, test %.3f", item.cell.id, item.candidate,
                  metrics["validation_perplexity"], metrics["test_perplexity"])
@@ -339,6 +347,7 @@ def _sweep_model(model: str, spec: SweepSpec, out: Path, run_id: str, counts: di
     model_dir = out / "models" / model_slug(model)
     config = _model_config(spec, model, model_dir, progress)
     settings = resolve(config, driver_plan("all"), ray.cluster_resources().get("GPU", 0), actor_count(config))
+    check_model_on_nodes(model_spec(model))
     tokens = token_sets(settings, load_tokenizer(model))
     cells = [c for c in spec.cells() if c.model == model]
     proposals: dict[str, dict] = {}
@@ -377,7 +386,7 @@ def _sweep_model(model: str, spec: SweepSpec, out: Path, run_id: str, counts: di
         ref, path = dense
         dense = ray.get(ref)
         write_json(path, dense)
-    counts["passes_run"] += _collect(pending, out)
+    counts["passes_run"] += _collect(pending, out, spec.save_models)
     counts["passes_reused"] += sum(p.reused for p in pending)
     return _rows(cells, pending, proposals, dense, protocol), proposals
 
