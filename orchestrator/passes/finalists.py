@@ -56,7 +56,8 @@ def finalists(results: dict[str, DriverResult], count: int | None = None,
 
 
 def run_final_passes(run: Path, template: PassJob, calibration: torch.Tensor, selection: torch.Tensor,
-                     test: torch.Tensor, profiles: dict[str, Profile], gpu: bool) -> tuple[dict[str, dict], dict]:
+                     test: torch.Tensor, profiles: dict[str, Profile], gpu: bool,
+                     node_wait_s: float = 600.0) -> tuple[dict[str, dict], dict]:
     """The final pass of every profile of ``profiles`` (Ray tasks, in parallel; ``template`` gives the
     model, pruner, device, dtype and batch size) and the dense test perplexity; returns the passes' metrics
     by name and the dense metrics. Stored results with the same inputs are reused. Ray must be running."""
@@ -89,7 +90,7 @@ def run_final_passes(run: Path, template: PassJob, calibration: torch.Tensor, se
         if dense is None:
             refs[tasks.submit_dense(replace(template, threads=threads, out=str(run / "finalists"),
                                             inputs=dense_inputs))] = None
-    for name, outcome in as_completed(refs):
+    for name, outcome in as_completed(refs, resources, node_wait_s):
         if name is None:
             dense = outcome
             write_json(run / "finalists" / DENSE_FILE, dense)

@@ -11,6 +11,7 @@ instead of being computed again.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,8 +24,14 @@ from core.identity import fingerprint, versions, write_json
 from core.profile import Profile
 from orchestrator.passes.model_io import (choose_offload, device_free_bytes, device_info,
                                           pass_reserve_bytes, place_model, save_pruned)
+from core.errors import SparseAllocError
+from orchestrator.runtime.cluster import alive_nodes
 from orchestrator.runtime.rundir import staged_output
 from pruning.load import dtype_name
+
+
+log = logging.getLogger(__name__)
+NODE_CHECK_S = 2.0  # how often the node table is read while passes run
 
 
 @dataclass(frozen=True)
@@ -179,12 +186,53 @@ class PassTasks:
         return self._dense.remote(job, self._windows[0].shape[0], self._ref(2))
 
 
-def as_completed(refs: dict) -> Iterator[tuple[object, dict]]:
-    """(``refs[ref]``, the task's result) for each ref of ``refs`` as it finishes."""
-    waiting = dict(refs)
+def as_completed(refs: dict, resources: dict | None = None, node_wait_s: float = 600.0,
+                 ) -> Iterator[tuple[object, dict]]:
+    """(``refs[ref]``, the task's result) for each ref of ``refs`` as it finishes.
+
+    Meanwhile it watches the nodes: a node that dies is said at once (Ray runs its passes again
+    elsewhere); when no live node has the tasks' ``resources`` it waits at most ``node_wait_s`` for one,
+    with a progress line, then ends with an error that says what is kept and how to resume. A task
+    that fails is one clear error naming it."""
+    waiting, seen = dict(refs), alive_nodes()
+    unplaceable_since = said = None
     while waiting:
-        done, _ = ray.wait(list(waiting), num_returns=1)
-        yield waiting.pop(done[0]), ray.get(done[0])
+        done, _ = ray.wait(list(waiting), num_returns=1, timeout=NODE_CHECK_S)
+        if done:
+            name = waiting.pop(done[0])
+            try:
+                yield name, ray.get(done[0])
+            except ray.exceptions.RayError as exc:
+                cause = getattr(exc, "cause", None) or exc
+                raise SparseAllocError(f"the final pass of {name or 'the dense model'} failed: {type(cause).__name__}: "
+                                       f"{(str(cause).strip().splitlines() or [''])[0]}; the passes finished so far are "
+                                       "kept: rerun the same command with --resume") from None
+            continue
+        alive = alive_nodes()
+        for node in seen - alive:
+            log.warning("node %s is gone: the final passes it was running are run again on another node", node[:12])
+        seen = alive
+        if resources is None or _placeable(resources):
+            unplaceable_since = None
+            continue
+        now = time.monotonic()
+        unplaceable_since = unplaceable_since or now
+        if said is None or now - said >= 30:
+            said = now
+            log.warning("%d final pass(es) wait for a node with %s: %.0f s of %.0f s (--node-wait-minutes)", len(waiting),
+                        resources, now - unplaceable_since, node_wait_s)
+        if now - unplaceable_since > node_wait_s:
+            raise SparseAllocError(f"{len(waiting)} final pass(es) found no node with {resources} within "
+                                   f"{node_wait_s / 60:g} min (--node-wait-minutes); the search's results and the passes "
+                                   "finished so far are kept: start a node and rerun the same command with --resume "
+                                   "(finished passes are not redone)")
+
+
+def _placeable(resources: dict) -> bool:
+    """Whether some live node has ``resources`` (``num_cpus``/``num_gpus``) in all."""
+    need = {"CPU": resources.get("num_cpus", 0), "GPU": resources.get("num_gpus", 0)}
+    return any(all(node["Resources"].get(key, 0) >= amount for key, amount in need.items())
+               for node in ray.nodes() if node.get("Alive"))
 
 
 def model_spec(spec: str) -> str:

@@ -21,7 +21,13 @@ Faults, and what the pool does about them:
   batches are drained (their rows written) or cancelled;
 - actors that cannot be placed (no GPU in the cluster, too few CPUs) end the start with a
   ``SparseAllocError`` naming the missing resources after ``placement_timeout_s``; the time an
-  actor spends loading the model once placed does not count.
+  actor spends loading the model once placed does not count; an actor that fails while starting is
+  replaced (while replacements are left) rather than ending the run;
+- a node that dies is said at once (its id, the actors lost, the candidates they had in flight, which
+  are kept and evaluated again); its actors are replaced, and the pool waits up to ``node_wait_s``
+  for a node to place them, with a progress line, evaluating meanwhile on the actors left. With none
+  left it then ends with a ``SparseAllocError`` saying the results are kept and how to resume. The
+  time it spends with no actor to evaluate on is ``stalled_s``: not the drivers' to pay for.
 
 Rows are written to the results table as they arrive, so whatever ends a search, what was
 evaluated is kept (``--resume`` reads it back).
@@ -46,6 +52,8 @@ from orchestrator.runtime.results import ResultsTable
 from core.errors import SparseAllocError
 
 log = logging.getLogger(__name__)
+NODE_CHECK_S = 2.0  # how often the pool reads the node table while it waits
+WAIT_LINE_S = 30.0  # a progress line this often while it waits for nodes
 
 
 @dataclass(frozen=True)
@@ -156,7 +164,8 @@ class EvaluatorPool:
     def __init__(self, spec: EvaluatorSpec, calibration: torch.Tensor, fitness_windows: torch.Tensor,
                  results: ResultsTable, num_actors: int | None = None, gpu: bool | None = None,
                  max_restarts: int = 3, max_replacements: int | None = None, placement_timeout_s: float = 120.0,
-                 unavailable_retries: int = 5, retry_backoff_s: float = 0.5, drain_timeout_s: float = 300.0) -> None:
+                 unavailable_retries: int = 5, retry_backoff_s: float = 0.5, drain_timeout_s: float = 300.0,
+                 node_wait_s: float = 600.0) -> None:
         """``gpu``: None = GPU actors when the cluster has GPUs now; True = GPU actors even when it has
         none yet (an autoscaling cluster then adds GPU workers for them); False = CPU actors.
 
@@ -166,7 +175,8 @@ class EvaluatorPool:
         ``unavailable_retries``: re-submissions of one batch whose actor was unavailable, the n-th
         after ``retry_backoff_s * 2**(n-1)`` seconds. ``drain_timeout_s``: after an evaluator error,
         how long the other in-flight batches may finish (their rows are written) before the rest is
-        cancelled."""
+        cancelled. ``node_wait_s``: how long the actors of a dead node may wait for a node to replace them
+        (``--node-wait-minutes``)."""
         gpus = int(ray.cluster_resources().get("GPU", 0))
         use_gpu = gpus > 0 if gpu is None else gpu
         num_actors = num_actors or max(1, gpus // spec.gpus_per_actor)
@@ -185,8 +195,13 @@ class EvaluatorPool:
         self.unavailable_retries = unavailable_retries
         self.retry_backoff_s = retry_backoff_s
         self.drain_timeout_s = drain_timeout_s
+        self.node_wait_s = node_wait_s
+        self.stalled_s = 0.0  # seconds evaluate waited with no actor to evaluate on (after a node was lost)
         self.dead: set[int] = set()
-        self._starting: dict[int, tuple[ray.ObjectRef, float]] = {}  # slot -> (its info call, unplaced since)
+        self._starting: dict[int, _Starting] = {}  # slot -> its replacement being started
+        self._lost_nodes: set[str] = set()
+        self._nodes_checked = 0.0
+        self._wait_said = 0.0
         self._last_death = ""
         # Held for the pool's lifetime: a restarted or replacement actor is built from these same objects.
         self._token_refs = (ray.put(calibration), ray.put(fitness_windows))
@@ -233,8 +248,16 @@ class EvaluatorPool:
                     try:
                         infos[index] = ray.get(ref)
                     except ray.exceptions.RayActorError as exc:
-                        raise SparseAllocError(f"evaluator actor {index} failed while starting: "
-                                               f"{_death_cause(exc)}") from None
+                        if self.replacements >= self.max_replacements:
+                            raise SparseAllocError(f"evaluator actor {index} failed while starting: "
+                                                   f"{_death_cause(exc)}") from None
+                        self.replacements += 1
+                        log.warning("evaluator actor %d failed while starting (%s); starting replacement %d of %d",
+                                    index, _death_cause(exc), self.replacements, self.max_replacements)
+                        _kill(self.actors[index])
+                        self.actors[index] = self._remote.remote(self.spec, *self._token_refs)
+                        calls[self.actors[index].info.remote()] = index
+                        unplaced_since[index] = time.monotonic()
                 now = time.monotonic()
                 placed = [index for index in unplaced_since if _placed(self.actors[index])]
                 for index in placed:
@@ -271,48 +294,105 @@ class EvaluatorPool:
             fix = "add CPU workers, or lower --actors or --threads"
         return f"{what}; {fix}"
 
-    def _replace(self, index: int, cause: str) -> None:
-        """Slot ``index`` lost its actor for good: start a new one there while replacements are left."""
+    def _replace(self, index: int, cause: str, node_lost: bool = False) -> None:
+        """Slot ``index`` lost its actor for good: start a new one there while replacements are left (a
+        node's loss is not the actor's fault: its replacement is not counted, and may wait ``node_wait_s``
+        for a node instead of ``placement_timeout_s``)."""
         self._last_death = cause
         self.dead.add(index)
         self._starting.pop(index, None)
         _kill(self.actors[index])
-        if self.replacements >= self.max_replacements:
+        if not node_lost and self.replacements >= self.max_replacements:
             log.warning("evaluator actor %d is gone (%s); no replacement left (%d used)", index, cause,
                         self.replacements)
             return
-        self.replacements += 1
-        log.warning("evaluator actor %d is gone (%s); starting replacement %d of %d", index, cause,
-                    self.replacements, self.max_replacements)
+        self.replacements += not node_lost
+        log.warning("evaluator actor %d is gone (%s); starting a replacement", index, cause)
         self.actors[index] = self._remote.remote(self.spec, *self._token_refs)
-        self._starting[index] = (self.actors[index].info.remote(), time.monotonic())
+        limit = self.node_wait_s if node_lost else self.placement_timeout_s
+        self._starting[index] = _Starting(self.actors[index].info.remote(), time.monotonic(), limit, node_lost)
         self.dead.discard(index)
+
+    def _watch_nodes(self, in_flight: dict) -> None:
+        """Say at once when a node that holds actors is gone, and replace its actors (their in-flight
+        candidates are re-submitted when their calls fail). Reads the node table at most every 2 s."""
+        now = time.monotonic()
+        if now - self._nodes_checked < NODE_CHECK_S:
+            return
+        self._nodes_checked = now
+        alive = {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
+        holding: dict[str, list[int]] = {}
+        for index, info in enumerate(self.infos):
+            if info and index not in self.dead and index not in self._starting:
+                holding.setdefault(info["node"], []).append(index)
+        for node, slots in holding.items():
+            if node in alive:
+                continue
+            self._lost_nodes.add(node)
+            kept = sum(len(call.batch) for call in in_flight.values() if call.index in slots)
+            log.warning("node %s is gone with evaluator actor(s) %s and %d candidate(s) in flight: those are kept and "
+                        "evaluated again; waiting up to %.0f min (--node-wait-minutes) for a node to replace the "
+                        "actors, evaluating meanwhile on the %d left", node[:12], slots, kept, self.node_wait_s / 60,
+                        len(self.actors) - len(self.dead) - len(self._starting) - len(slots))
+            for index in slots:
+                self._replace(index, f"its node {node[:12]} is gone", node_lost=True)
+
+    def _say_waiting(self) -> None:
+        """A progress line, every 30 s, while no actor can evaluate and replacements wait for a node."""
+        now = time.monotonic()
+        if now - self._wait_said < WAIT_LINE_S:
+            return
+        self._wait_said = now
+        waited = max(now - start.since for start in self._starting.values())
+        limit = max(start.limit for start in self._starting.values())
+        log.warning("waiting for a node with %s for %d replacement evaluator actor(s): %.0f s of %.0f s; the %d "
+                    "results written so far are kept", _resources(self.resources), len(self._starting), waited,
+                    limit, len(self.results))
 
     def _check_starting(self, done: ray.ObjectRef | None) -> bool:
         """Advance the replacements being started; True when ``done`` was one's info call."""
         now = time.monotonic()
-        for index, (ref, since) in list(self._starting.items()):
-            if ref == done:
+        for index, start in list(self._starting.items()):
+            if start.ref == done:
                 del self._starting[index]
                 try:
-                    self.infos[index] = ray.get(ref)
+                    self.infos[index] = ray.get(start.ref)
                     log.info("replacement evaluator actor %s is serving in slot %d", self.infos[index]["actor"],
                              index)
                 except ray.exceptions.RayActorError as exc:
                     self._replace(index, f"its replacement failed while starting: {_death_cause(exc)}")
                 return True
             if _placed(self.actors[index]):
-                self._starting[index] = (ref, now)
-            elif now - since > self.placement_timeout_s:
+                start.since = now
+            elif now - start.since > start.limit and start.node_lost:
+                self._give_up(index)
+            elif now - start.since > start.limit:
                 self._replace(index, "its replacement could not be placed: "
                               + self._placement_message(1, 1))
         return False
+
+    def _give_up(self, index: int) -> None:
+        """A lost node's replacement found no node within ``node_wait_s``: the slot is dead; with no actor
+        left, the search ends here, its results kept."""
+        self._starting.pop(index, None)
+        _kill(self.actors[index])
+        self.dead.add(index)
+        live = len(self.actors) - len(self.dead) - len(self._starting)
+        if live:
+            log.warning("no node joined within %.0f min for the replacement of evaluator actor %d; continuing on the "
+                        "%d actor(s) left", self.node_wait_s / 60, index, live)
+            return
+        raise SparseAllocError(
+            f"the node(s) of every evaluator actor are gone ({', '.join(n[:12] for n in sorted(self._lost_nodes))}) "
+            f"and no node with {_resources(self.resources)} joined within {self.node_wait_s / 60:g} min "
+            f"(--node-wait-minutes). The {len(self.results)} results written so far are kept in {self.results.dir}: "
+            "start nodes (or lower --actors) and rerun the same command with --resume")
 
     def wait_for_replacements(self) -> None:
         """Block until every replacement being started serves (its ``infos`` entry filled in) or is
         given up (dead, or replaced again); ``evaluate`` does not wait for them."""
         while self._starting:
-            done, _ = ray.wait([ref for ref, _ in self._starting.values()], num_returns=1, timeout=self._poll_s())
+            done, _ = ray.wait([start.ref for start in self._starting.values()], num_returns=1, timeout=self._poll_s())
             self._check_starting(done[0] if done else None)
 
     def call(self, method: str, *args):
@@ -416,14 +496,22 @@ class EvaluatorPool:
                     in_flight[self.actors[index].evaluate.remote(batch)] = _Call(batch, index, self.actors[index],
                                                                                  attempts)
                     load[index] += 1
-                waits = list(in_flight) + [ref for ref, _ in self._starting.values()]
-                # Wake for a backoff ending or a replacement to check; a due batch waits for a call to end.
+                waits = list(in_flight) + [start.ref for start in self._starting.values()]
+                # Wake for a backoff ending, a replacement to check or the node table to read; a due batch
+                # waits for a call to end.
                 timeouts = [when - now for when, _, _ in resubmit if when > now]
-                timeout = min(timeouts + ([self._poll_s()] if self._starting else []), default=None)
+                timeout = min(timeouts + [self._poll_s() if self._starting else NODE_CHECK_S])
+                stalled = not ready and bool(self._starting)
+                started = time.monotonic()
                 if not waits:
-                    time.sleep(timeout or 0.0)
-                    continue
-                done, _ = ray.wait(waits, num_returns=1, timeout=timeout)
+                    time.sleep(timeout)
+                    done = []
+                else:
+                    done, _ = ray.wait(waits, num_returns=1, timeout=timeout)
+                if stalled:
+                    self.stalled_s += time.monotonic() - started
+                    self._say_waiting()
+                self._watch_nodes(in_flight)
                 if self._check_starting(done[0] if done else None) or not done:
                     continue
                 call = in_flight.pop(done[0])
@@ -474,6 +562,17 @@ class EvaluatorPool:
             except Exception:  # noqa: BLE001 - best effort
                 pass
         in_flight.clear()
+
+
+@dataclass
+class _Starting:
+    """A replacement actor being started: its ``info`` call, since when it waits for a node (reset once
+    placed), how long it may wait, and whether it replaces an actor of a lost node."""
+
+    ref: object
+    since: float
+    limit: float
+    node_lost: bool
 
 
 @dataclass

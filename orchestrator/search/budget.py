@@ -118,7 +118,9 @@ class Charged:
 
     An evaluation costs its candidate's fidelity in tokens (``full_tokens``, all fitness tokens, for
     None) plus ``sequential_tokens`` for a ``kl-seq`` candidate (its sequential pass's calibration
-    forwards). Everything else (``num_blocks``, ``block_weights``, ``call`` …) is the pool's."""
+    forwards). The seconds the pool spent waiting for lost nodes to be replaced (its ``stalled_s``) are
+    not charged: the budget's clock is moved on by them. Everything else (``num_blocks``,
+    ``block_weights``, ``call`` …) is the pool's."""
 
     def __init__(self, pool, budget: Budget, full_tokens: int | None = None, sequential_tokens: int = 0) -> None:
         self._pool = pool
@@ -137,7 +139,11 @@ class Charged:
         """The pool's fitnesses of ``candidates``, each charged before it is sent."""
         self.budget.charge(len(candidates), sum(self.cost(c.tokens, c.metric) for c in candidates))
         evaluate = getattr(self._pool, "evaluate", self._pool)
-        return list(evaluate(candidates))
+        stalled = getattr(self._pool, "stalled_s", 0.0)
+        try:
+            return list(evaluate(candidates))
+        finally:
+            self.budget.started += getattr(self._pool, "stalled_s", 0.0) - stalled
 
     __call__ = evaluate
 

@@ -90,8 +90,12 @@ class SearchConfig:
     threads: int = option(1, "torch threads (and CPUs) per CPU actor", minimum=1, identity=False, sweep=True)
     actor_gpus: bool | None = option(None, "GPU actors even if the cluster has no GPU yet (autoscaling clusters)",
                                      flag="--gpu-actors", cli="switch", identity=False)
-    address: str | None = option(None, "join a cluster: auto or ray://host:10001 (default: local)",
-                                 identity=False, sweep=True)
+    address: str | None = option(None, "join a running cluster: auto, or the head's host:port (default: the "
+                                       "cluster of a Ray job, else a local one); submit to a remote cluster with "
+                                       "`ray job submit`", identity=False, sweep=True)
+    node_wait_minutes: float = option(10.0, "how long to wait for a node to replace one that died (its actors or "
+                                            "final passes) before ending with the results kept (about an "
+                                            "autoscaler's start)", minimum=0, identity=False, sweep=True)
     batch_size: int = opt.batch_size_option()
     device: str = opt.device_option()
     dtype: str = opt.dtype_option()

@@ -90,7 +90,8 @@ def make_pool(settings: Settings, calibration: torch.Tensor, fitness: torch.Tens
                          owl_multipliers=tuple(sorted({float(m) for m in (*OWL_M_CHOICES, *owl_m)})),
                          sequential_windows=config.sequential_windows, level_source=settings.level_source,
                          level_artifact=path, level_node=node, sequential_fitness=settings.sequential_fitness)
-    return EvaluatorPool(spec, calibration, fitness, results, settings.actors, gpu=settings.device == "cuda")
+    return EvaluatorPool(spec, calibration, fitness, results, settings.actors, gpu=settings.device == "cuda",
+                         node_wait_s=config.node_wait_minutes * 60)
 
 
 def run_drivers(pool: EvaluatorPool, settings: Settings, drivers: dict[str, float], calibration: torch.Tensor,
@@ -105,6 +106,7 @@ def run_drivers(pool: EvaluatorPool, settings: Settings, drivers: dict[str, floa
     spent_evals, spent_tokens, spent_seconds = 0, 0, 0.0
     shares = list(drivers.values())
     for index, (name, share) in enumerate(drivers.items()):
+        stalled = pool.stalled_s
         with clock.phase(f"driver:{name}") as already:
             budget = driver_budget(settings, seconds, share, sum(shares[index:]),
                                    (spent_evals, spent_tokens, spent_seconds), already)
@@ -115,11 +117,12 @@ def run_drivers(pool: EvaluatorPool, settings: Settings, drivers: dict[str, floa
             # Compare drivers on one footing: every best profile scored on all fitness tokens (not charged).
             result.fitness = pool.evaluate([Candidate.of(result.best, top_tokens, name)])[0]
         result.details["seconds"] = clock.spent(f"driver:{name}")
+        result.details["waited_for_nodes_s"] = pool.stalled_s - stalled  # in the seconds, not in the budget
         result.details["tokens"] = budget.used_tokens
         result.details["evaluations_charged"] = budget.used_evals
         spent_evals += budget.used_evals
         spent_tokens += budget.used_tokens
-        spent_seconds += result.details["seconds"]
+        spent_seconds += result.details["seconds"] - result.details["waited_for_nodes_s"]
         results[name] = result
         write_profile(run_dir / f"best-{name}.json", result.best, result.best.mean(pool.block_weights),
                       driver=name, fitness=result.fitness)
@@ -211,7 +214,7 @@ def final_stage(settings: Settings, tokens: Tokens, results: dict[str, DriverRes
     names = finalists(results, settings.config.finalists, baselines)
     passes, dense = run_final_passes(run_dir, pass_template(settings), tokens.calibration, tokens.selection,
                                      tokens.test, {name: candidates[name].best for name in names},
-                                     gpu=settings.device == "cuda")
+                                     gpu=settings.device == "cuda", node_wait_s=settings.config.node_wait_minutes * 60)
     best = min(names, key=lambda name: passes[name]["validation_perplexity"])
     summary = _summary(settings, tokens, results, baselines or {}, names, passes, dense, best)
     save_model(run_dir, best, passes[best],

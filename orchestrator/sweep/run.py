@@ -34,8 +34,8 @@ from core.errors import SparseAllocError
 from core.identity import atomic_file, cache_key, write_json
 from core.profile import Profile
 from orchestrator.passes.finalists import keep_metrics
-from orchestrator.passes.tasks import (PassTasks, dense_pass_inputs, model_spec, pass_inputs, stored_metrics,
-                                       task_resources, window_digests)
+from orchestrator.passes.tasks import (PassTasks, as_completed, dense_pass_inputs, model_spec, pass_inputs,
+                                       stored_metrics, task_resources, window_digests)
 from orchestrator.runtime.transfer import fetch_directory
 from orchestrator.runtime.clock import RunClock
 from orchestrator.runtime.cluster import check_model_on_nodes, init_ray
@@ -222,10 +222,11 @@ def _search_dir(out: Path, cell: Cell, proposals: dict) -> str | None:
 
 
 def _submit_passes(spec: SweepSpec, settings: Settings, out: Path, cells: list[Cell], proposals: dict,
-                   tokens: Tokens) -> tuple[list[_Pending], object]:
+                   tokens: Tokens) -> tuple[list[_Pending], object, dict]:
     """Final-pass tasks for every candidate of ``cells`` not already done, plus the model's dense
-    perplexity; returns the pending passes and the dense task (or stored dense metrics). The tasks'
-    threads are sized by how many will run (passes stored by an earlier run are not counted)."""
+    perplexity; returns the pending passes, the dense task (or stored dense metrics) and the tasks'
+    resources. The tasks' threads are sized by how many will run (passes stored by an earlier run are not
+    counted)."""
     template = pass_template(settings)
     windows = window_digests(tokens.calibration, tokens.selection, tokens.test)
     zero_shot = None if not spec.zero_shot.tasks else {"tasks": list(spec.zero_shot.tasks),
@@ -260,17 +261,18 @@ def _submit_passes(spec: SweepSpec, settings: Settings, out: Path, cells: list[C
     if dense is None:
         job = replace(template, threads=threads, out=str(dense_path.parent.resolve()), inputs=dense_inputs)
         dense = (tasks.submit_dense(job), dense_path)
-    return pending, dense
+    return pending, dense, resources
 
 
-def _collect(pending: list[_Pending], out: Path, save_models: bool) -> int:
-    """Wait for the submitted passes (candidates with one key share one task) and keep each one's
-    ``passes/<key>/metrics.json`` here, with its pruned model when ``save_models`` (read from the node
-    the task ran on); returns how many ran."""
+def _collect(pending: list[_Pending], out: Path, save_models: bool, resources: dict, node_wait_s: float) -> int:
+    """Wait for the submitted passes (candidates with one key share one task; nodes watched, see
+    :func:`as_completed`) and keep each one's ``passes/<key>/metrics.json`` here, with its pruned model
+    when ``save_models`` (read from the node the task ran on); returns how many ran."""
     by_key = {p.key: p for p in pending if p.ref is not None}
     ran = 0
-    for key, item in by_key.items():
-        metrics = item.metrics = ray.get(item.ref)
+    for key, metrics in as_completed({by_key[key].ref: key for key in by_key}, resources, node_wait_s):
+        item = by_key[key]
+        item.metrics = metrics
         folder = (out / "passes" / key).resolve()
         if save_models and not (folder / "config.json").exists():  # the task ran on another node
             log.info("%s %s: copying the pruned model from node %s", item.cell.id, item.candidate, metrics["node"])
@@ -380,13 +382,14 @@ def _sweep_model(model: str, spec: SweepSpec, out: Path, run_id: str, counts: di
             pool.close()  # frees the actors' devices for the final passes
     protocol = {**tokens.protocol, "fitness_tokens": tokens.top_tokens, "fitness_split": "validation (prefix)",
                 "selection_tokens": int(tokens.selection.numel()), "dtype": settings.dtype, "device": settings.device}
-    pending, dense = _submit_passes(spec, settings, out, cells, proposals, tokens)
+    pending, dense, resources = _submit_passes(spec, settings, out, cells, proposals, tokens)
+    wait = settings.config.node_wait_minutes * 60
     # The passes hold the devices the next model's actors would need: they finish first.
     if isinstance(dense, tuple):
         ref, path = dense
-        dense = ray.get(ref)
+        _, dense = next(as_completed({ref: None}, resources, wait))
         write_json(path, dense)
-    counts["passes_run"] += _collect(pending, out, spec.save_models)
+    counts["passes_run"] += _collect(pending, out, spec.save_models, resources, wait)
     counts["passes_reused"] += sum(p.reused for p in pending)
     return _rows(cells, pending, proposals, dense, protocol), proposals
 
