@@ -1,15 +1,37 @@
-"""Joining or starting Ray for a run."""
+"""Joining or starting Ray for a run, and what the run needs to know of the cluster's nodes.
+
+On a cluster the search runs as a Ray job (``ray job submit … -- sparsealloc search …``): the job's
+``RAY_ADDRESS`` is the cluster it joins. Ray Client (``ray://``) is refused: the search moves files
+between nodes and watches them, which a client connection does not support.
+"""
 
 from __future__ import annotations
 
+import os
+
 import ray
+
+from core.errors import SparseAllocError
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The cluster to join: ``--address``, else the ``RAY_ADDRESS`` of the Ray job this runs in (None:
+    start a local Ray)."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith("ray://"):
+        raise SparseAllocError(f"--address {address}: Ray Client (ray://) is not supported; submit the search as a "
+                               "job instead (`ray job submit --address http://HEAD:8265 -- sparsealloc search …`, "
+                               "which joins the cluster by itself), or run it on the head node with --address auto")
+    return address
 
 
 def init_ray(address: str | None, actors: int | None, threads: int) -> bool:
-    """Join ``address`` or start a local Ray sized for ``actors`` CPU actors of ``threads`` cores (None:
-    Ray detects the GPUs and cores, one actor per GPU); returns whether we started it."""
+    """Join ``address`` (see :func:`cluster_address`) or start a local Ray sized for ``actors`` CPU actors
+    of ``threads`` cores (None: Ray detects the GPUs and cores, one actor per GPU); returns whether we
+    started it."""
     if ray.is_initialized():
         return False
+    address = cluster_address(address)
     if address:
         ray.init(address=address, log_to_driver=False)
         return True

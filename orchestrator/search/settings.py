@@ -15,6 +15,7 @@ import torch
 
 from core.errors import SparseAllocError
 from core.identity import package_version, plain
+from orchestrator.runtime.cluster import cluster_address
 from orchestrator.runtime.options import identity_of
 from orchestrator.runtime.plan import DTYPE_BYTES, ModelShape, check_plan, detect_device_memory, make_plan, shape_of
 from orchestrator.search.config import SearchConfig, check_protocol, level_source_of
@@ -72,7 +73,7 @@ class Settings:
 def actor_count(config: SearchConfig) -> int | None:
     """``--actors``, else one CPU actor per ``--threads`` cores on a local machine without CUDA;
     None lets the pool put one actor on each GPU."""
-    if config.actors or config.address or torch.cuda.is_available():
+    if config.actors or cluster_address(config.address) or torch.cuda.is_available():
         return config.actors
     return max(1, (os.cpu_count() or 1) // config.threads)
 

@@ -1,0 +1,163 @@
+"""The cluster path on real multi-node Ray (tests/local_cluster.py): a CPU head that runs only the
+driver, workers that share no disk with it, nodes that die, and `ray job submit`. Tiny models; the
+real-model variant is `python -m bench.cluster`."""
+
+import json
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+import yaml
+
+from conftest import _corpus_text, build_model, save_model_dir, tiny_llama_config
+from local_cluster import LocalCluster
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture
+def shared(tmp_path):
+    """The model and the corpus, at the same path on every node (as an image or a fetched copy gives them)."""
+    folder = tmp_path / "shared"
+    model = save_model_dir(build_model(tiny_llama_config()), folder / "model")
+    corpus = folder / "corpus.txt"
+    corpus.write_text(_corpus_text())
+    return model, corpus
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    driver = tmp_path / "driver"
+    driver.mkdir()
+    made = LocalCluster(tmp_path, hidden=[driver]).start()
+    yield made
+    made.stop()
+
+
+def _search(model, corpus, out, *extra, budget="24", method="evolution"):
+    return ["search", "--method", method, "--sparsity", "0.6", "--budget-evals", budget, "--model", str(model),
+            "--data", str(corpus), "--seqlen", "32", "--calib-samples", "4", "--fitness-windows", "4",
+            "--fitness-seqlen", "32", "--fidelities", "64", "128", "--eval-windows", "4", "--selection-windows", "2",
+            "--actors", "2", "--out", str(out), "--no-progress", *extra]
+
+
+def _rows(out: Path) -> list[dict]:
+    return ds.dataset(out / "results", format="parquet").to_table(columns=["key", "node"]).to_pylist()
+
+
+def _ok(done) -> None:
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+
+
+def test_a_search_and_a_sweep_on_workers_that_share_no_disk_with_the_driver(cluster, shared, tmp_path):
+    """Actors and final passes on a worker whose cache and disk differ from the driver's: everything
+    the run keeps comes back to the driver's run directory; a resume re-runs nothing."""
+    model, corpus = shared
+    worker = cluster.add_worker("worker", num_cpus=2)
+    out = tmp_path / "driver" / "run"
+    _ok(cluster.run(*_search(model, corpus, out)))
+    rows = _rows(out)
+    nodes = {row["node"] for row in rows}
+    assert len(nodes) == 1 and rows  # every evaluation on the worker (the head has no CPU)
+    summary = json.loads((out / "summary.json").read_text())
+    winner = summary["winner"]
+    assert all(p["node"] in nodes for p in summary["final_passes"].values())  # passes on the worker too
+    assert (out / "model" / "model.safetensors").exists() and (out / "model" / "config.json").exists()
+    assert (out / "finalists" / winner / "metrics.json").exists()  # the metrics came back to the driver
+    assert not (out / "finalists" / winner / "model.safetensors").exists()  # the finalist's weights stayed there
+    assert (worker.cache / "dense").is_dir()  # the worker filled its own cache
+    stamp = (out / "model" / "model.safetensors").stat().st_mtime_ns
+
+    resumed = cluster.run(*_search(model, corpus, out, "--resume"))
+    _ok(resumed)
+    assert sorted(row["key"] for row in _rows(out)) == sorted(row["key"] for row in rows)  # nothing evaluated again
+    again = json.loads((out / "summary.json").read_text())
+    assert all(p["reused"] for p in again["final_passes"].values())  # no final pass made again
+    assert (out / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+
+    spec = tmp_path / "driver" / "spec.yaml"
+    spec.write_text(yaml.safe_dump({
+        "models": [str(model)], "sparsities": [0.5], "methods": ["uniform", "atp"], "atp_grid": 2,
+        "data": str(corpus), "seqlen": 32, "calib_samples": 4, "eval_windows": 4, "fitness_windows": 4,
+        "fitness_seqlen": 32, "fidelities": [64, 128], "selection_windows": 2, "actors": 2, "save_models": True}))
+    sweep = tmp_path / "driver" / "sweep"
+    _ok(cluster.run("sweep", str(spec), "--out", str(sweep), "--no-progress"))
+    passes = list((sweep / "passes").iterdir())
+    assert passes and all((p / "model.safetensors").exists() and (p / "metrics.json").exists() for p in passes)
+
+
+def test_the_sparsegpt_database_is_built_on_a_worker_and_copied_to_the_others(cluster, shared, tmp_path):
+    model, corpus = shared
+    first, second = cluster.add_worker("first", num_cpus=1), cluster.add_worker("second", num_cpus=1)
+    out = tmp_path / "driver" / "run"
+    done = cluster.run(*_search(model, corpus, out, "--pruner", "sparsegpt", "--db-levels", "0.5", "0.6", "0.7",
+                                budget="12"))
+    _ok(done)
+    built = [list((node.cache / "level-db").glob("*/levels.json")) for node in (first, second)]
+    assert all(len(found) == 1 for found in built), built  # one database on each worker's disk
+    assert not (tmp_path / "driver" / "cache" / "level-db").exists()  # never on the CPU head
+    assert len({row["node"] for row in _rows(out)}) == 2  # actors on both workers read it
+
+
+def test_nodes_that_die_are_said_waited_for_within_a_bound_and_resumed(cluster, shared, tmp_path):
+    """Every worker lost mid-search with none added: a clear error within the wait, results kept. Resumed on a
+    new worker, which is lost in turn with a replacement added: the search goes on. The last worker lost
+    while the final passes run, a node added: they run again there. Nothing lost, nothing evaluated twice."""
+    model, corpus = shared
+    first = cluster.add_worker("first", num_cpus=2)
+    out = tmp_path / "driver" / "run"
+    args = _search(model, corpus, out, "--node-wait-minutes", "0.3", budget="600")
+    search = cluster.spawn(*args)
+    _wait_for_parts(out, 6, search)
+    cluster.kill(first)
+    lost = time.monotonic()
+    assert search.wait(timeout=600) == 2
+    assert time.monotonic() - lost < 120  # bounded: 18 s of waiting plus noticing the loss
+    error = [line for line in _log(cluster).splitlines() if line.startswith("error:")]
+    assert error and "--node-wait-minutes" in error[0] and "--resume" in error[0], _log(cluster)[-3000:]
+    kept = {row["key"] for row in _rows(out)}
+    assert kept
+
+    second = cluster.add_worker("second", num_cpus=2)
+    search = cluster.spawn(*args, "--resume")
+    _wait_for_parts(out, len(list((out / "results").glob("part-*"))) + 6, search)
+    cluster.kill(second)
+    time.sleep(3)
+    third = cluster.add_worker("third", num_cpus=2)
+    _wait_for_log(cluster, "final pass task(s)", search)
+    cluster.kill(third)
+    cluster.add_worker("fourth", num_cpus=2)
+    assert search.wait(timeout=900) == 0, _log(cluster)[-3000:]
+    log = _log(cluster)
+    assert "is gone with evaluator actor(s)" in log and "kept and evaluated again" in log
+    assert "the final passes it was running are run again on another node" in log
+    rows = _rows(out)
+    keys = [row["key"] for row in rows]
+    assert len(keys) == len(set(keys)) and kept <= set(keys)  # nothing evaluated twice, nothing lost
+    assert len({row["node"] for row in rows}) >= 3  # the first, second and third workers all evaluated
+    assert (out / "model" / "model.safetensors").exists()
+
+
+def _wait_for_parts(out: Path, count: int, process, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the search ended before the node was lost"
+        if (out / "results").is_dir() and len(list((out / "results").glob("part-*.parquet"))) >= count:
+            return
+        time.sleep(0.5)
+    raise TimeoutError("no results")
+
+
+def _wait_for_log(cluster: LocalCluster, text: str, process, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the search ended before {text!r}"
+        if text in _log(cluster):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(text)
+
+
+def _log(cluster: LocalCluster) -> str:
+    return "\n".join(path.read_text() for path in sorted(cluster.root.glob("driver-*.log")))
