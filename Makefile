@@ -37,6 +37,7 @@ bench: venv
 	$(PY) -m bench.pruners
 	$(PY) -m bench.profiles
 	$(PY) -m bench.pool
+	$(PY) -m pytest -q bench/test_pruner_order.py
 
 clean:
 	rm -rf $(VENV) runs

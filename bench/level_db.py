@@ -3,10 +3,10 @@ measured build on the default model (issue #10 item 2).
 
 Size = levels × prunable linear weights × dtype bytes, for the default grid at ``--sparsity`` (every
 0.05 within 0.2 of it). ``--build`` builds it for the default model on ``--calib-samples`` ×
-``--seqlen`` calibration tokens on this machine's CPU and records seconds and bytes on disk. Writes
-bench/results/level-db.md.
+``--seqlen`` calibration tokens on ``--device`` (the CPU by default) and records seconds and bytes on disk.
+Writes bench/results/level-db.md (level-db-TAG.md with ``--tag``).
 
-    python -m bench.level_db [--build --calib-samples 16 --seqlen 256]
+    python -m bench.level_db [--build --calib-samples 16 --seqlen 256 --device cuda --tag h200]
 """
 
 from __future__ import annotations
@@ -49,20 +49,24 @@ def size_rows(levels: list[float]) -> list[str]:
     return rows
 
 
-def build_row(levels: list[float], calib_samples: int, seqlen: int) -> list[str]:
+def build_row(levels: list[float], calib_samples: int, seqlen: int, device: torch.device) -> list[str]:
     from pruning.data import prepare_tokens
     from pruning.load import load_model
     from scoring.level_db import build_level_database
 
     model, tokenizer = load_model(DEFAULT_MODEL, torch.float32)
+    model.to(device)  # 135M: the whole model fits any GPU
     data = prepare_tokens(tokenizer, "default", seqlen=seqlen, calib_samples=calib_samples, eval_windows=1, seed=0)
     out = Path(tempfile.mkdtemp()) / "db"
     start = time.perf_counter()
-    db = build_level_database(model, data.calibration, levels, out, torch.device("cpu"), {"bench": True},
-                              progress=False)
+    db = build_level_database(model, data.calibration, levels, out, device, {"bench": True}, progress=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     on_disk = sum(p.stat().st_size for p in out.iterdir())
-    return [f"Built for the default model (fp32, CPU, {torch.get_num_threads()} threads) on {calib_samples} x "
+    where = (f"CUDA, {torch.cuda.get_device_name(device)}" if device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} threads")
+    return [f"Built for the default model (fp32, {where}) on {calib_samples} x "
             f"{seqlen} calibration tokens: **{seconds:.0f} s**, {on_disk / 2**30:.2f} GiB on disk "
             f"(computed {db.bytes / 2**30:.2f} GiB)."]
 
@@ -73,6 +77,8 @@ def main() -> None:
     parser.add_argument("--build", action="store_true")
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--device", default="cpu", help="where --build runs: cpu, cuda, cuda:1 ...")
+    parser.add_argument("--tag", help="write bench/results/level-db-TAG.md instead of level-db.md")
     args = parser.parse_args()
     levels = database_levels(args.sparsity)
     command = ("python -m bench.level_db " + " ".join(shlex.quote(a) for a in sys.argv[1:])).strip()
@@ -80,8 +86,8 @@ def main() -> None:
              f"Levels (default grid at {args.sparsity:g}): {levels}; the size is levels x prunable linear "
              "weights x dtype bytes (embeddings, norms and the head are not stored).", "", *size_rows(levels), ""]
     if args.build:
-        lines += build_row(levels, args.calib_samples, args.seqlen) + [""]
-    (RESULTS / "level-db.md").write_text("\n".join(lines))
+        lines += build_row(levels, args.calib_samples, args.seqlen, torch.device(args.device)) + [""]
+    (RESULTS / (f"level-db-{args.tag}.md" if args.tag else "level-db.md")).write_text("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -122,3 +122,32 @@ def settings_of(config, device: str = "cpu", dtype: str = "fp32", level_source: 
     from orchestrator.search.settings import Settings
 
     return Settings(config, device, dtype, level_source, driver_plan(config.method, config.shares), evaluator, actors)
+
+
+SHARED_RAY_CPUS = 4
+
+
+@pytest.fixture(scope="module")
+def shared_ray():
+    """One local Ray for a module's in-process commands (``main([...])``): a search joins a running Ray instead
+    of starting its own, so Ray starts once and the final passes' task workers stay warm (torch imported).
+    Commands run as subprocesses still start their own."""
+    import ray
+
+    ray.init(num_cpus=SHARED_RAY_CPUS, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def own_ray():
+    """For a test whose commands must start their own Ray (their workers inherit an environment the test sets):
+    the module's shared Ray is stopped for the test and started again after it."""
+    import ray
+
+    shared = ray.is_initialized()
+    ray.shutdown()
+    yield
+    ray.shutdown()
+    if shared:
+        ray.init(num_cpus=SHARED_RAY_CPUS, include_dashboard=False, log_to_driver=False)

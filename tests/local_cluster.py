@@ -24,7 +24,8 @@ RAY = str(Path(sys.executable).parent / "ray")
 # Throwaway test clusters: no token auth, and a dead node noticed within seconds.
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "1000",
            "RAY_health_check_failure_threshold": "3", "RAY_health_check_initial_delay_ms": "1000",
-           "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+           "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT),
+           "RAY_JOB_STOP_WAIT_TIME_S": "30"}  # `ray job stop`: SIGTERM, then this long before SIGKILL
 
 
 def free_port() -> int:
@@ -105,10 +106,12 @@ class LocalCluster:
     def alive_nodes(self) -> list[dict]:
         """The cluster's live nodes as Ray's state API reports them (from a separate process)."""
         code = ("import json, ray; ray.init(address=%r, log_to_driver=False); "
-                "print(json.dumps([n for n in ray.nodes() if n['Alive']], default=str))" % self.address)
+                "print('NODES', json.dumps([n for n in ray.nodes() if n['Alive']], default=str))" % self.address)
         done = subprocess.run([sys.executable, "-c", code], env=self.env(), capture_output=True, text=True,
                               timeout=60)
-        return json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else []
+        # Ray may print warnings of its own on stdout (a lagging heartbeat): read only our line.
+        lines = [line for line in done.stdout.splitlines() if line.startswith("NODES ")]
+        return json.loads(lines[-1][len("NODES "):]) if done.returncode == 0 and lines else []
 
     def wait_for_nodes(self, count: int, timeout: float = 120.0) -> list[dict]:
         deadline = time.monotonic() + timeout

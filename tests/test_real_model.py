@@ -42,24 +42,3 @@ def test_sparsegpt_half_on_default_model(real_cache, tmp_path):
     ids = torch.tensor([[504, 2365, 6354, 16438]])  # "The quick brown fox"
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
-
-
-def test_pruners_rank_sparsegpt_wanda_magnitude_at_60(real_cache):
-    """A broken SparseGPT update (or Wanda's activation term) would break this order."""
-    import copy
-
-    from pruning.data import prepare_tokens
-    from pruning.load import load_model
-    from pruning.pruners import get_pruner
-    from pruning.sequential import prune_sequentially
-    from scoring.perplexity import perplexity
-    from core.profile import Profile
-
-    dense, tokenizer = load_model("default")
-    data = prepare_tokens(tokenizer, "default", seqlen=128, calib_samples=16, eval_windows=8)  # SparseGPT needs the tokens
-    cpu, ppl = torch.device("cpu"), {}
-    for pruner in ("magnitude", "wanda", "sparsegpt"):
-        model = copy.deepcopy(dense)
-        prune_sequentially(model, data.calibration, Profile.uniform(30, 0.6), get_pruner(pruner), cpu, progress=False)
-        ppl[pruner] = perplexity(model, data.test, cpu, progress=False)
-    assert ppl["sparsegpt"] < ppl["wanda"] < ppl["magnitude"], ppl

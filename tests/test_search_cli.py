@@ -20,6 +20,8 @@ from core.errors import SparseAllocError
 from pruning.load import find_blocks, find_linears
 from core.profile import Profile
 
+pytestmark = pytest.mark.usefixtures("shared_ray")
+
 
 def _args(model_dir, data, out, *extra, method="evolution", budget_evals=24):
     return ["search", "--method", method, "--sparsity", "0.6", "--budget-evals", str(budget_evals),
@@ -59,7 +61,7 @@ def test_search_saves_winner_and_resume_reuses_results(corpus_file, tmp_path, ca
         summary["drivers"]["evolution"]["profile"]
 
 
-def test_sparsegpt_search_scores_the_level_database_built_once(corpus_file, tmp_path, monkeypatch):
+def test_sparsegpt_search_scores_the_level_database_built_once(corpus_file, tmp_path, monkeypatch, own_ray):
     """``--pruner sparsegpt``: the evaluator's levels come from a SparseGPT database, built once in the
     cache and reused by the next search of the same model and calibration; evolution searches its grid."""
     monkeypatch.setenv("SPARSEALLOC_CACHE", str(tmp_path / "cache"))  # the Ray workers' cache too (one node)
@@ -220,12 +222,8 @@ def test_the_final_pass_not_the_kl_proxy_picks_the_winner(tmp_path, monkeypatch)
                "tune-atp": _result("tune-atp", 3.0, [0.45, 0.55, 0.65, 0.75])}
     tokens = torch.randint(0, 100, (4, 16))
     config = SearchConfig(out=tmp_path / "run", model=str(model_dir), budget_evals=10, progress=False, finalists=2)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        summary = final_stage(settings_of(config), Tokens(tokens, tokens, tokens[:2], tokens[2:], {}), results,
-                              tmp_path / "run")
-    finally:
-        ray.shutdown()
+    summary = final_stage(settings_of(config), Tokens(tokens, tokens, tokens[:2], tokens[2:], {}), results,
+                          tmp_path / "run")
     assert summary["selection"]["finalists"] == ["evolution", "shapley", "tune-atp"]
     assert summary["winner"] == "shapley" and summary["winner_test_perplexity"] == 21.0
     assert summary["winner_vs_atp"] == pytest.approx(21.0 / 26.0 - 1)
@@ -240,9 +238,9 @@ def _fitness_by_key(out):
     return {row["key"]: row["fitness"] for row in rows}
 
 
-def test_streamed_search_under_a_budget_equals_the_resident_one(corpus_file, tmp_path):
-    """Same seed, same requests: the streamed evaluator (budget below the model's weights) and the
-    resident one give the same fitness for every evaluation; the run records the mode."""
+def test_streamed_search_under_a_budget_below_the_weights_runs_and_records_its_mode(corpus_file, tmp_path):
+    """A search whose device budget is below the model's weights streams its blocks end to end and records the
+    mode; that streamed and resident fitnesses are equal is tests/test_evaluator_modes.py's (and bench.modes')."""
     from orchestrator.runtime.plan import ModelShape, make_plan
     from pruning.offload import non_block_bytes, tensor_bytes
 
@@ -253,13 +251,10 @@ def test_streamed_search_under_a_budget_equals_the_resident_one(corpus_file, tmp
                      fitness_tokens=128, fitness_seqlen=32, batch_size=4, calib_samples=4, seqlen=32)
     budget = int(1.01 * max(s.device_bytes for s in plan.stages if s.mode != "resident"))
     assert budget < weights, "the budget is below the model's weights"
-    resident, streamed = tmp_path / "resident", tmp_path / "streamed"
-    assert main(_args(model_dir, corpus_file, resident, "--evaluator", "resident", budget_evals=16)) == 0
+    streamed = tmp_path / "streamed"
     assert main(_args(model_dir, corpus_file, streamed, "--evaluator", "streamed", "--device-memory-gb",
-                      f"{budget / 2**30:.12f}", budget_evals=16)) == 0
-    a, b = _fitness_by_key(resident), _fitness_by_key(streamed)
-    assert a.keys() == b.keys() and len(a) > 5
-    assert all(b[k] == pytest.approx(a[k], rel=1e-5) for k in a)
+                      f"{budget / 2**30:.12f}", budget_evals=8)) == 0
+    assert len(_fitness_by_key(streamed)) > 5
     config = json.loads((streamed / "config.json").read_text())
     assert config["config"]["evaluator"] == "streamed" and config["identity"]["dtype"] == "fp32"
 

@@ -16,6 +16,8 @@ from orchestrator.sweep.run import load_sweep_spec, run_sweep
 from orchestrator.sweep.spec import parse_spec
 from pruning.pruners import PRUNERS
 
+pytestmark = pytest.mark.usefixtures("shared_ray")
+
 METHODS = {name: allocation.searches for name, allocation in ALLOCATIONS.items()}
 
 

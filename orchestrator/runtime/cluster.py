@@ -8,6 +8,8 @@ between nodes and watches them, which a client connection does not support.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 
 import ray
 
@@ -32,14 +34,18 @@ def init_ray(address: str | None, actors: int | None, threads: int) -> bool:
     if ray.is_initialized():
         return False
     address = cluster_address(address)
+    # Ray's core worker puts its own SIGTERM handler (a stack dump, then exit) over ours: put ours back, so
+    # that `ray job stop` ends a run as Ctrl-C does.
+    handler = signal.getsignal(signal.SIGTERM)
     if address:
         ray.init(address=address, log_to_driver=False)
-        return True
-    if actors is None:
+    elif actors is None:
         ray.init(include_dashboard=False, log_to_driver=False)
-        return True
-    # One logical CPU more than the CPU actors use, so the dense-perplexity task runs beside a final pass.
-    ray.init(num_cpus=actors * threads + 1, include_dashboard=False, log_to_driver=False)
+    else:
+        # One logical CPU more than the CPU actors use, so the dense-perplexity task runs beside a final pass.
+        ray.init(num_cpus=actors * threads + 1, include_dashboard=False, log_to_driver=False)
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
     return True
 
 
