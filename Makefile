@@ -31,7 +31,7 @@ demo: venv
 
 test: venv
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: venv
 	$(PY) -m bench.pruners

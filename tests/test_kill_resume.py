@@ -17,6 +17,7 @@ from orchestrator.runtime.results import ResultsTable
 from pruning.load import find_blocks, find_linears
 
 ROOT = Path(__file__).parents[1]
+pytestmark = pytest.mark.usefixtures("shared_ray")  # the in-process searches; the killed one starts its own
 
 
 def _args(model_dir, data, out, *extra):
