@@ -252,11 +252,13 @@ def test_ctrl_c_of_a_real_search_process_keeps_a_resumable_run(model_dir, corpus
     out = tmp_path / "run"
     args = _args(model_dir, corpus_file, out)
     args[args.index("--budget-evals") + 1] = "2000"
+    args.append("--population=1")  # one evaluation per call: a search long enough to be interrupted in the middle
     process = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, stderr=subprocess.PIPE,
                                text=True, start_new_session=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     deadline = time.monotonic() + 300
-    while not part_files(out / "results") and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.5)
+    while len(part_files(out / "results")) < 3 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, "the search ended before it could be interrupted"
     os.killpg(process.pid, signal.SIGINT)
     assert process.wait(timeout=120) == 130
     err = process.stderr.read()
