@@ -253,8 +253,11 @@ def test_ctrl_c_of_a_real_search_process_keeps_a_resumable_run(model_dir, corpus
     args = _args(model_dir, corpus_file, out)
     args[args.index("--budget-evals") + 1] = "2000"
     args.append("--population=1")  # one evaluation per call: a search long enough to be interrupted in the middle
+    # As a terminal's foreground job: SIGINT handled, even when this suite runs in the background (`make test &`
+    # leaves SIGINT ignored, and an ignored SIGINT stays ignored across exec).
     process = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+                               text=True, start_new_session=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while len(part_files(out / "results")) < 3 and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
