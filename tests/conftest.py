@@ -134,7 +134,7 @@ def shared_ray():
     Commands run as subprocesses still start their own."""
     import ray
 
-    ray.init(num_cpus=SHARED_RAY_CPUS, include_dashboard=False, log_to_driver=False)
+    _start_shared_ray()
     yield
     ray.shutdown()
 
@@ -150,4 +150,10 @@ def own_ray():
     yield
     ray.shutdown()
     if shared:
-        ray.init(num_cpus=SHARED_RAY_CPUS, include_dashboard=False, log_to_driver=False)
+        _start_shared_ray()
+
+
+def _start_shared_ray() -> None:
+    import ray
+
+    ray.init(num_cpus=SHARED_RAY_CPUS, include_dashboard=False, log_to_driver=False)
