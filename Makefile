@@ -31,7 +31,7 @@ demo: venv
 
 test: venv
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n 3 --dist worksteal --durations=15 tests
 
 bench: venv
 	$(PY) -m bench.pruners

@@ -78,7 +78,7 @@ def compare(plain: PlainForward, model_spec: str, calibration, fitness, actors: 
             evaluations: int, rounds: int, batch_size: int, run_dir: Path) -> dict:
     """Rates of the pool (``actors`` actors, after they are built) and of the plain loop, alternated."""
     # Logical CPUs for the pool actors, the same-layout plain actors (never busy at once) and the driver.
-    ray.init(num_cpus=2 * actors * threads + 1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2 * actors * threads + 1, include_dashboard=False, log_to_driver=False)
     try:
         pool = EvaluatorPool(EvaluatorSpec(model_spec, batch_size=batch_size, threads=threads), calibration, fitness,
                              ResultsTable(run_dir / f"actors-{actors}", "bench"), num_actors=actors)

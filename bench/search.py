@@ -119,7 +119,7 @@ def run_seed(args, seed: int) -> dict:
     if summary is None or "winner" not in summary:
         summary = run_search(config)
     search_s = time.time() - started
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         settings = resolve(config, driver_plan(config.method), ray.cluster_resources().get("GPU", 0), None)
         tokens = token_sets(settings, load_tokenizer(config.model))

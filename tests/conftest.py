@@ -156,4 +156,4 @@ def own_ray():
 def _start_shared_ray() -> None:
     import ray
 
-    ray.init(num_cpus=SHARED_RAY_CPUS, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=SHARED_RAY_CPUS, include_dashboard=False, log_to_driver=False)

@@ -40,7 +40,7 @@ def registered():
 def workers(registered):
     """A local Ray whose every worker process registers the planted entries at start."""
     path = os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
              runtime_env={"worker_process_setup_hook": "planted_extensions.register", "env_vars": {"PYTHONPATH": path}})
     yield
     ray.shutdown()

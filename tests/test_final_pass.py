@@ -164,7 +164,7 @@ def test_offloaded_gemma3_prune_matches_the_in_memory_one(corpus_file, tmp_path)
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -26,7 +26,7 @@ def pool(tmp_path_factory):
     for layer in find_linears(find_blocks(model)[0]).values():
         layer.weight.data *= 6.0  # pruning block 0 hurts far more than the others
     model_dir = save_model_dir(model, tmp_path_factory.mktemp("fragile"))
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     generator = torch.Generator().manual_seed(0)
     pool = EvaluatorPool(EvaluatorSpec(str(model_dir)), torch.randint(3, 120, (4, 32), generator=generator),
                          torch.randint(3, 120, (4, 32), generator=generator),

@@ -30,7 +30,8 @@ def cluster_address(address: str | None) -> str | None:
 def init_ray(address: str | None, actors: int | None, threads: int) -> bool:
     """Join ``address`` (see :func:`cluster_address`) or start a local Ray sized for ``actors`` CPU actors
     of ``threads`` cores (None: Ray detects the GPUs and cores, one actor per GPU); returns whether we
-    started it."""
+    started it. Without an address a new local Ray is started even when a ``ray start`` cluster runs on this
+    machine (Ray's own default would join it, and refuse the CPU count): ``--address auto`` joins that one."""
     if ray.is_initialized():
         return False
     address = cluster_address(address)
@@ -40,10 +41,10 @@ def init_ray(address: str | None, actors: int | None, threads: int) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False)
     elif actors is None:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     else:
         # One logical CPU more than the CPU actors use, so the dense-perplexity task runs beside a final pass.
-        ray.init(num_cpus=actors * threads + 1, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=actors * threads + 1, include_dashboard=False, log_to_driver=False)
     if callable(handler) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
     return True
