@@ -312,28 +312,33 @@ class CandidateEvaluator:
 
     # ---- fitness --------------------------------------------------------------------------------
 
-    def window_ids(self, tokens: int | None = None, draw: int = 0) -> list[int]:
-        """The fitness windows a fidelity of ``tokens`` tokens uses: draw 0 = the first ones (all windows
-        when ``tokens`` is None); draw d > 0 = a random minibatch of that many windows, the same for the
-        same d (a fresh minibatch per selection stage, EvoPress-style)."""
-        total = self.windows.shape[0]
-        count = total if tokens is None else max(1, math.ceil(tokens / self.windows.shape[1]))
-        if count > total:
-            raise SparseAllocError(f"fidelity of {tokens} tokens exceeds the {self.max_tokens} cached fitness tokens")
+    def window_ids(self, tokens: int | None = None, draw: int = 0, skip: int = 0) -> list[int]:
+        """The fitness windows a fidelity of ``tokens`` tokens uses: draw 0 = the first ones after the
+        first ``skip`` tokens (all windows when ``tokens`` is None); draw d > 0 = a random minibatch of that
+        many windows, the same for the same d (a fresh minibatch per selection stage, EvoPress-style)."""
+        total, size = self.windows.shape
+        first = math.ceil(skip / size)
+        count = total - first if tokens is None else max(1, math.ceil(tokens / size))
+        if draw and skip:
+            raise SparseAllocError("a candidate scores either a random draw of windows or the ones after a skip")
+        if first + count > total:
+            raise SparseAllocError(f"fidelity of {tokens} tokens after {skip} exceeds the {self.max_tokens} cached "
+                                   "fitness tokens")
         if draw == 0:
-            return list(range(count))
+            return list(range(first, first + count))
         order = torch.randperm(total, generator=torch.Generator().manual_seed(draw))
         return sorted(order[:count].tolist())
 
     @torch.no_grad()
-    def fitness(self, profile: Profile, tokens: int | None = None, metric: str = "kl", draw: int = 0) -> float:
+    def fitness(self, profile: Profile, tokens: int | None = None, metric: str = "kl", draw: int = 0,
+                skip: int = 0) -> float:
         """Mean KL(dense ‖ pruned) per predicted token, or perplexity, on ``tokens`` tokens
         (the windows of :meth:`window_ids`)."""
-        return self.fitness_many([profile], tokens, metric, draw)[0]
+        return self.fitness_many([profile], tokens, metric, draw, skip)[0]
 
     @torch.no_grad()
     def fitness_many(self, profiles: Sequence[Profile], tokens: int | None = None, metric: str = "kl",
-                     draw: int = 0) -> list[float]:
+                     draw: int = 0, skip: int = 0) -> list[float]:
         """:meth:`fitness` of each profile, the population advancing block by block together.
 
         ``kl-seq`` scores each profile alone, with rank tables rebuilt from the inputs the sequential
@@ -354,11 +359,11 @@ class CandidateEvaluator:
                 for profile in profiles:
                     self.ranks = dense_ranks  # at most two sets at once: the dense one and this profile's
                     self.refresh_ranks(self.sequential_calibration, profile)
-                    values += self.fitness_many([profile], tokens, "kl", draw)
+                    values += self.fitness_many([profile], tokens, "kl", draw, skip)
             finally:
                 self.ranks = dense_ranks
             return values
-        ids = torch.tensor(self.window_ids(tokens, draw), device=self.device)
+        ids = torch.tensor(self.window_ids(tokens, draw, skip), device=self.device)
         levels = [[self._level(s, p.pattern(l)) for l, s in enumerate(p.sparsities)] for p in profiles]
         batches = self._batches(len(ids))
         # A group: members sharing the levels so far; its hidden states (None while still dense).

@@ -54,7 +54,7 @@ def test_a_search_and_a_sweep_on_workers_that_share_no_disk_with_the_driver(clus
     """Actors and final passes on two workers whose caches and disks differ from the driver's: a SparseGPT search
     whose level database is built once on a worker (never on the CPU head) and copied to the other; everything
     the run keeps comes back to the driver's run directory; a resume re-runs nothing; a Wanda sweep's models come
-    back."""
+    back, and its tune-atp cell runs a Ray Tune experiment."""
     model, corpus = shared
     workers = cluster.add_worker("first", num_cpus=1), cluster.add_worker("second", num_cpus=1)
     out = tmp_path / "driver" / "run"
@@ -84,13 +84,18 @@ def test_a_search_and_a_sweep_on_workers_that_share_no_disk_with_the_driver(clus
 
     spec = tmp_path / "driver" / "spec.yaml"
     spec.write_text(yaml.safe_dump({
-        "models": [str(model)], "sparsities": [0.5], "methods": ["uniform", "atp"], "atp_grid": 2,
+        "models": [str(model)], "sparsities": [0.5], "methods": ["uniform", "tune-atp"], "budget": {"evals": 6},
         "data": str(corpus), "seqlen": 32, "calib_samples": 4, "eval_windows": 4, "fitness_windows": 4,
         "fitness_seqlen": 32, "fidelities": [64, 128], "selection_windows": 2, "actors": 2, "save_models": True}))
     sweep = tmp_path / "driver" / "sweep"
     _ok(cluster.run("sweep", str(spec), "--out", str(sweep), "--no-progress"))
     passes = list((sweep / "passes").iterdir())
     assert passes and all((p / "model.safetensors").exists() and (p / "metrics.json").exists() for p in passes)
+    # tune-atp's Ray Tune experiment ran on the cluster, kept on the driver (trials checkpoint nothing, so no
+    # storage shared by the nodes is needed), and finished.
+    experiments = list(sweep.glob("**/tune/tune-atp"))
+    assert len(experiments) == 1 and (experiments[0] / "sparsealloc-result.json").exists()
+    assert list(experiments[0].glob("experiment_state-*.json"))
 
 
 def test_nodes_that_die_are_said_waited_for_within_a_bound_and_resumed(cluster, shared, tmp_path):

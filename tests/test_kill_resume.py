@@ -103,3 +103,39 @@ def test_search_with_a_killed_actor_ends_like_an_uninterrupted_one(uninterrupted
     assert {r["key"] for r in table.read()} == {r["key"] for r in reference.read()}
     a, b = (json.loads((run / "summary.json").read_text()) for run in (whole, hit))
     assert a["winner"] == b["winner"] and a["drivers"]["evolution"]["profile"] == b["drivers"]["evolution"]["profile"]
+
+
+def test_sigkilled_tune_experiment_resumes_to_the_same_end(uninterrupted, corpus_file, tmp_path):
+    """tune-atp (one trial at a time, so a seeded experiment repeats): SIGKILL mid-experiment, then --resume
+    restores the Tune experiment. Every key once, no candidate sent to an actor twice, the same best profile."""
+    model_dir, _ = uninterrupted
+    tune = ["--method", "tune-atp", "--tune-concurrency", "1", "--tune-rungs", "32", "64", "--budget-evals", "24",
+            "--no-uniform"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main([*_args(model_dir, corpus_file, whole), *tune]) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+    process = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *_args(model_dir, corpus_file, killed),
+                                *tune], cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            results = killed / "results"
+            if results.exists() and len(list(results.glob("part-*.parquet"))) >= 8:
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "the search ended before it could be killed"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    before = len(ResultsTable(killed, "check").read())
+    assert (killed / "tune" / "tune-atp").is_dir()
+
+    assert main([*_args(model_dir, corpus_file, killed, "--resume"), *tune]) == 0
+    table, reference = ResultsTable(killed, "check"), ResultsTable(whole, "check")
+    assert table.duplicate_keys() == []
+    rows = table.read()
+    a, b = (json.loads((run / "summary.json").read_text())["drivers"]["tune-atp"] for run in (whole, killed))
+    assert b["details"]["evaluations_sent"] == len(rows) - before  # only keys the table lacked were sent
+    assert {r["key"] for r in rows} == {r["key"] for r in reference.read()}
+    assert a["profile"] == b["profile"] and a["validation_kl"] == b["validation_kl"]

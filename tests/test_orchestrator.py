@@ -13,7 +13,6 @@ from orchestrator.search.drivers.evolution import EvolutionConfig, run_evolution
 from orchestrator.runtime.pool import EvaluatorPool, EvaluatorSpec
 from orchestrator.runtime.results import ResultsTable
 from orchestrator.search.drivers.shapley import run_shapley
-from orchestrator.search.drivers.tune import run_tune
 from pruning.load import find_blocks, find_linears
 from search_spaces import families
 
@@ -57,68 +56,6 @@ def test_evolution_driver_beats_uniform_within_budget(pool, uniform_fitness):
     assert budget.used_evals <= 30
     assert result.fitness < uniform_fitness
     assert result.best.sparsities[0] < TARGET
-
-
-def test_tune_atp_beats_uniform(pool, uniform_fitness, tmp_path):
-    budget = Budget(max_evals=6)
-    result = run_tune(Charged(pool, budget), "tune-atp", families.atp_space(4, TARGET), lambda c: families.atp(4, TARGET, c["beta"]), seed=0)
-    assert result.evaluations == 6 and budget.used_evals == 6
-    assert result.fitness < uniform_fitness
-    assert pool.results.get(Candidate.of(result.best, None, "tune-atp").key) is not None
-
-
-def test_tune_interrupted_run_resumes_without_re_evaluating(pool, tmp_path, monkeypatch):
-    space, build = families.atp_space(4, 0.5), lambda c: families.atp(4, 0.5, c["beta"])
-    run_dir = tmp_path / "run"
-    original_results, original_actors = pool.results, list(pool.actors)
-    sent: list[str] = []  # keys of the candidates handed to an actor
-
-    class Counting:  # an actor handle that records what its evaluate.remote is asked to score
-        def __init__(self, actor):
-            class Evaluate:
-                @staticmethod
-                def remote(batch):
-                    sent.extend(c.key for c in batch)
-                    return actor.evaluate.remote(batch)
-
-            self.evaluate = Evaluate
-
-    try:
-        pool.results = ResultsTable(run_dir, "first")
-        monkeypatch.setattr(pool.results, "append_many", _interrupted_after(pool.results.append_many, 5))
-        with pytest.raises(KeyboardInterrupt):  # in the second round of four trials
-            run_tune(Charged(pool, Budget(max_evals=8)), "tune-atp", space, build, seed=1, progress=False)
-        stored = {row["key"] for row in ResultsTable(run_dir, "check").read()}
-        assert len(stored) == 5
-
-        pool.results = ResultsTable(run_dir, "resumed")
-        pool.actors = [Counting(actor) for actor in original_actors]
-        budget = Budget(max_evals=8)
-        resumed = run_tune(Charged(pool, budget), "tune-atp", space, build, seed=1, progress=False)
-        assert len(sent) == 3 and not set(sent) & stored  # the actors scored only the three unfinished trials
-        assert resumed.evaluations == 8 and budget.used_evals == 8  # stored answers are charged too
-        keys = {row["key"] for row in ResultsTable(run_dir, "check").read()}
-        assert len(keys) == 8
-
-        pool.actors = original_actors  # the same seed uninterrupted asks the same trials
-        pool.results = ResultsTable(tmp_path / "fresh", "fresh")
-        fresh = run_tune(Charged(pool, Budget(max_evals=8)), "tune-atp", space, build, seed=1, progress=False)
-        assert {row["key"] for row in pool.results.read()} == keys
-        assert fresh.best == resumed.best and fresh.fitness == pytest.approx(resumed.fitness)
-    finally:
-        pool.results, pool.actors = original_results, original_actors
-
-
-def test_tune_spreads_concurrent_trials_over_both_actors(pool, tmp_path):
-    original = pool.results
-    try:
-        pool.results = ResultsTable(tmp_path, "spread")
-        result = run_tune(Charged(pool, Budget(max_evals=8)), "tune-atp", families.atp_space(4, 0.55), lambda c: families.atp(4, 0.55, c["beta"]), seed=3, progress=False)
-        actors = [row["actor"] for row in pool.results.read()]  # in arrival order: round 1, then round 2
-        assert result.details["concurrency"] == 4 and len(actors) == 8
-        assert len(set(actors[:4])) == 2 and len(set(actors[4:])) == 2  # every round kept both actors busy
-    finally:
-        pool.results = original
 
 
 def test_time_budget_stops_cleanly(pool):
@@ -183,27 +120,6 @@ def test_draws_are_separate_evaluations_scored_on_their_own_windows(pool):
     fitness = pool.evaluate([first, fresh])
     assert fitness[0] != fitness[1]
     assert [pool.results.get(c.key)["draw"] for c in (first, fresh)] == [0, 1]
-
-
-def test_tune_free_vector_with_cma_es(pool, tmp_path):
-    keys = families.free_keys(4)
-    build = lambda c: families.free_vector([c[k] for k in keys], TARGET, None, 0.35, 0.85)  # noqa: E731
-    result = run_tune(Charged(pool, Budget(max_evals=6)), "tune-free", families.free_space(4, 0.35, 0.85), build,
-                      seed=0, progress=False, sampler="cmaes")
-    assert result.evaluations == 6
-    assert result.best.mean() == pytest.approx(TARGET)
-    rows = [row for row in pool.results.read() if row["driver"] == "tune-free"]
-    assert len(rows) == 6 and result.fitness == min(row["fitness"] for row in rows)
-
-
-def test_sampler_names():
-    from orchestrator.search.drivers.tune import make_sampler
-    import optuna
-
-    assert isinstance(make_sampler("cmaes", 0), optuna.samplers.CmaEsSampler)
-    assert isinstance(make_sampler("tpe", 0), optuna.samplers.TPESampler)
-    with pytest.raises(Exception, match="unknown Optuna sampler"):
-        make_sampler("grid", 0)
 
 
 def _interrupted_after(append_many, rows: int):

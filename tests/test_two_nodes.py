@@ -41,10 +41,6 @@ report = {"own": own, "cluster": cluster.address, "alive": alive, "actor_nodes":
 pool.close()
 ray.shutdown()
 cluster.shutdown()
-import ray._private.utils as ray_utils, os  # Cluster leaves its address behind for every later ray.init() here
-address_file = ray_utils.get_ray_address_file(None)
-if os.path.exists(address_file) and open(address_file).read().strip() == cluster.address:
-    os.remove(address_file)
 print("REPORT " + json.dumps(report))
 """
 

@@ -13,7 +13,8 @@ from core.profile import read_profile
 from orchestrator.report.figures import lines_figure, perplexity_figure
 from orchestrator.report.model import Plot, Report, Section, Table, Text, fmt, json_value, method_key, target_key
 from orchestrator.report.sections import (CONVERGENCE_CAPTION, convergence_plot, fitness_tokens, read_json,
-                                          results_rows, sensitivity_items, sensitivity_records, shapley_details)
+                                          results_rows, sensitivity_items, sensitivity_records, shapley_details,
+                                          trials_plot)
 from orchestrator.runtime.rundir import model_slug
 
 # --- a sweep ---------------------------------------------------------------------------------
@@ -197,9 +198,14 @@ def search_report(path: Path) -> Report:
         plots.append(Plot("Best profile of each driver", lines_figure({"": profiles}, "block", "sparsity"),
                           "Each driver's best per-block sparsities (by validation KL)."))
         sections.append(Section("Per-block profiles", plots))
-    plot = convergence_plot(results_rows(path), all_tokens=fitness_tokens(settings))
+    rows = results_rows(path)
+    plot = convergence_plot(rows, all_tokens=fitness_tokens(settings))
     if plot:
         sections.append(Section("Search convergence", [plot]))
+    trials = trials_plot(rows, max((len((d.get("details") or {}).get("rungs") or []) for d in drivers.values()),
+                                   default=0) or None)
+    if trials:
+        sections.append(Section("Tune trials", [trials]))
     records = sensitivity_records(path / "sensitivities")
     fisher = ((drivers.get("evolution") or {}).get("details") or {}).get("fisher")  # evolution's seeds use them
     if "fisher" not in records and isinstance(fisher, list):

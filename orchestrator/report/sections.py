@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from core.errors import SparseAllocError
-from orchestrator.report.figures import bars_figure, lines_figure
+from orchestrator.report.figures import bars_figure, lines_figure, trials_figure
 from orchestrator.report.model import Plot, json_value
 from orchestrator.runtime.results import UnreadablePart, load_run_results
 
@@ -92,7 +92,9 @@ def convergence(rows: list[dict], all_tokens: int | None = None) -> dict[str, di
     """Best fitness so far per driver against its cumulative tokens and evaluator seconds. Only KL rows
     of draw 0 at the driver's largest token count count as fitness (comparable values), and no Shapley
     coalition (a profile off the target); every row's tokens and seconds count as cost. A row's tokens
-    None or negative mean all fitness tokens: ``all_tokens`` (unknown: above every count)."""
+    None or negative mean all fitness tokens: ``all_tokens`` (unknown: above every count). A Tune trial's
+    rung (params with ``trial`` and ``skip``) ends at ``skip`` + its tokens and counts with the trial's
+    running KL there."""
     by_driver: dict[str, list[dict]] = defaultdict(list)
     for row in sorted(rows, key=lambda r: r.get("timestamp") or 0.0):
         if row.get("driver") and row["driver"] != "setup":
@@ -101,17 +103,24 @@ def convergence(rows: list[dict], all_tokens: int | None = None) -> dict[str, di
     for driver, driver_rows in by_driver.items():
         counts = [math.inf if t is None or t < 0 else t for t in (r.get("tokens") for r in driver_rows)]
         counts = [all_tokens if t == math.inf and all_tokens is not None else t for t in counts]
-        top = max((t for t, r in zip(counts, driver_rows) if r.get("metric") == "kl"), default=None)
+        params = [json_value(r.get("params")) or {} for r in driver_rows]
+        params = [p if isinstance(p, dict) else {} for p in params]
+        spans = [t + p.get("skip", 0) for t, p in zip(counts, params)]  # a Tune rung: the tokens up to its end
+        top = max((t for t, r in zip(spans, driver_rows) if r.get("metric") == "kl"), default=None)
         largest = max((t for t in counts if t != math.inf), default=0)  # the cost of an "all" row, unknown
         tokens = seconds = 0.0
         best = math.inf
+        running: dict[str, float] = {}  # a Tune trial's KL sum over its rungs so far
         curve: dict[str, list[float]] = {"tokens": [], "seconds": [], "best": []}
-        for row, count in zip(driver_rows, counts):
+        for row, count, span, param in zip(driver_rows, counts, spans, params):
             tokens += largest if count == math.inf else count
             seconds += row.get("seconds") or 0.0
             fitness = row.get("fitness")
-            comparable = (row.get("metric") == "kl" and (row.get("draw") or 0) == 0 and count == top
-                          and "coalition" not in (json_value(row.get("params")) or {}))
+            if "trial" in param and fitness is not None and count != math.inf:
+                running[param["trial"]] = running.get(param["trial"], 0.0) + fitness * count
+                fitness = running[param["trial"]] / span
+            comparable = (row.get("metric") == "kl" and (row.get("draw") or 0) == 0 and span == top
+                          and "coalition" not in param)
             if comparable and fitness is not None and math.isfinite(fitness) and fitness < best:
                 best = fitness
                 for key, value in (("tokens", tokens), ("seconds", seconds), ("best", best)):
@@ -144,3 +153,42 @@ def convergence_plot(rows: list[dict], title: str = "Best validation KL so far",
     xlabels = {"by tokens": "cumulative evaluated tokens", "by evaluator seconds": "cumulative evaluator seconds"}
     png = lines_figure(panels, xlabels, "best validation KL", steps, log=positive)
     return Plot(title, png, caption)
+
+
+TUNE_AXES = ("beta", "lam", "strength")  # the one hyper-parameter of tune-atp, tune-owl, tune-fisher
+
+
+def tune_trials(rows: list[dict]) -> dict[str, dict]:
+    """Per Tune driver, its trials from the results table: each trial's config, the last rung it reached and
+    its running KL there (the KL over every token its rungs scored), in the order the trials started."""
+    out: dict[str, dict] = {}
+    for row in sorted(rows, key=lambda r: r.get("timestamp") or 0.0):
+        params = json_value(row.get("params")) or {}
+        if not isinstance(params, dict) or "trial" not in params or row.get("fitness") is None:
+            continue
+        trial = out.setdefault(row["driver"], {}).setdefault(params["trial"], {"config": params, "rung": 0,
+                                                                                 "sum": 0.0, "tokens": 0})
+        trial["sum"] += row["fitness"] * (row.get("tokens") or 0)
+        trial["tokens"] += row.get("tokens") or 0
+        trial["rung"] = max(trial["rung"], int(params.get("rung", 0)))
+    return out
+
+
+TRIALS_CAPTION = ("Each Tune trial's hyper-parameter (for tune-free, the order the trials started) against its "
+                  "running KL over the tokens its rungs scored, at the last rung it reached. Filled: trials that "
+                  "reached the top rung; hollow: trials the scheduler stopped at a lower rung.")
+
+
+def trials_plot(rows: list[dict], rungs: int | None) -> Plot | None:
+    """The report's figure of the Tune trials (None when the run has none)."""
+    drivers = tune_trials(rows)
+    if not drivers:
+        return None
+    top = rungs or max(t["rung"] for trials in drivers.values() for t in trials.values())
+    panels = {}
+    for driver, trials in drivers.items():
+        axis = next((k for k in TUNE_AXES if all(k in t["config"] for t in trials.values())), None)
+        points = [(t["config"][axis] if axis else index, t["sum"] / max(1, t["tokens"]), t["rung"])
+                  for index, t in enumerate(trials.values())]
+        panels[driver] = {"xlabel": axis or "trial (start order)", "points": points}
+    return Plot("Tune trials", trials_figure(panels, top), TRIALS_CAPTION)

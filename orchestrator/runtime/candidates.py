@@ -11,7 +11,8 @@ from core.profile import NM, Profile
 @dataclass(frozen=True)
 class Candidate:
     """One fitness request: per-block sparsities (and N:M patterns) scored on ``tokens`` tokens of
-    the fitness windows — the first ones, or the ``draw``-th slice of that size (fresh tokens).
+    the fitness windows — the first ones, the ones after the first ``skip`` (a fidelity rung adding
+    tokens to the ones scored before), or the ``draw``-th random slice of that size (fresh tokens).
 
     ``driver`` and ``params`` are recorded with the result; the ``key`` — what makes two requests
     the same evaluation — is the profile, the fidelity, the draw and the metric only.
@@ -24,6 +25,7 @@ class Candidate:
     driver: str = ""
     params: dict = field(default_factory=dict, compare=False, hash=False)
     draw: int = 0
+    skip: int = 0
 
     @classmethod
     def of(cls, profile: Profile, tokens: int | None = None, driver: str = "", metric: str = "kl", draw: int = 0,
@@ -38,6 +40,8 @@ class Candidate:
     def key(self) -> str:
         nm = None if self.nm is None else [None if p is None else list(p) for p in self.nm]
         fields = [[round(s, 9) for s in self.sparsities], nm, self.tokens, self.metric]
+        if self.skip:
+            return json.dumps(fields + [self.draw, self.skip])
         return json.dumps(fields + [self.draw] if self.draw else fields)
 
 

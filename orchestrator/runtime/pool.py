@@ -143,15 +143,16 @@ class EvaluatorActor:
         return self.evaluator.outlier_ratios(multiplier)
 
     def evaluate(self, candidates: list[Candidate]) -> list[dict]:
-        """Score a batch of candidates: those sharing fidelity, draw and metric as one population."""
+        """Score a batch of candidates: those sharing fidelity, draw, skip and metric as one population."""
         groups: dict[tuple, list[int]] = {}
         for index, candidate in enumerate(candidates):
-            groups.setdefault((candidate.tokens, candidate.metric, candidate.draw), []).append(index)
+            groups.setdefault((candidate.tokens, candidate.metric, candidate.draw, candidate.skip), []).append(index)
         outcomes: list[dict] = [{} for _ in candidates]
         node = ray.get_runtime_context().get_node_id()
-        for (tokens, metric, draw), members in groups.items():
+        for (tokens, metric, draw, skip), members in groups.items():
             start = time.perf_counter()
-            values = self.evaluator.fitness_many([candidates[i].profile for i in members], tokens, metric, draw)
+            values = self.evaluator.fitness_many([candidates[i].profile for i in members], tokens, metric, draw,
+                                                 skip)
             seconds = (time.perf_counter() - start) / len(members)
             for i, value in zip(members, values):
                 outcomes[i] = {"fitness": value, "seconds": seconds, "actor": self.name, "node": node}
@@ -191,6 +192,7 @@ class EvaluatorPool:
         self.max_replacements = num_actors if max_replacements is None else max_replacements
         self.replacements = 0
         self.resubmitted = 0  # candidates sent again because their actor was lost
+        self.sent = 0  # candidates handed to an actor for the first time (each new key once)
         self.placement_timeout_s = placement_timeout_s
         self.unavailable_retries = unavailable_retries
         self.retry_backoff_s = retry_backoff_s
@@ -493,6 +495,7 @@ class EvaluatorPool:
                         batch, attempts = due[1], due[2]
                     else:
                         batch, queue[:], attempts = queue[:size], queue[size:], 0
+                        self.sent += len(batch)
                     in_flight[self.actors[index].evaluate.remote(batch)] = _Call(batch, index, self.actors[index],
                                                                                  attempts)
                     load[index] += 1

@@ -179,7 +179,7 @@ class ResultsTable:
 
 # --- the `sparsealloc results` view -------------------------------------------------------------
 
-COLUMNS = ("driver", "key", "tokens", "draw", "metric", "fitness", "seconds", "actor", "node")
+COLUMNS = ("driver", "key", "tokens", "draw", "trial", "metric", "fitness", "seconds", "actor", "node")
 
 
 def load_run_results(run: Path) -> pa.Table:
@@ -226,6 +226,17 @@ def key_summary(row: dict) -> str:
     return f"{digest} {mean:.3f} [{min(sparsities):.2f}-{max(sparsities):.2f}]{nm}"
 
 
+def trial_rung(row: dict) -> str:
+    """``TRIAL@RUNG`` for a row a Tune trial asked for (its id and fidelity rung), else ``-``."""
+    try:
+        params = json.loads(row.get("params") or "{}") if isinstance(row.get("params"), str) else row["params"]
+    except (ValueError, KeyError):
+        return "-"
+    if not isinstance(params, dict) or "trial" not in params:
+        return "-"
+    return f"{params['trial']}@{params.get('rung', '?')}"
+
+
 def format_rows(rows: list[dict]) -> str:
     """A fixed-width table of rows (the `sparsealloc results` view)."""
     def cells(row: dict) -> list[str]:
@@ -233,8 +244,8 @@ def format_rows(rows: list[dict]) -> str:
         fitness = "-" if row["fitness"] is None else f"{row['fitness']:.6g}"
         seconds = "-" if row["seconds"] is None else f"{row['seconds']:.3f}"
         node = (row["node"] or "-")[:12]
-        return [row["driver"] or "-", key_summary(row), tokens, str(row["draw"]), row["metric"] or "-", fitness,
-                seconds, row["actor"] or "-", node]
+        return [row["driver"] or "-", key_summary(row), tokens, str(row["draw"]), trial_rung(row),
+                row["metric"] or "-", fitness, seconds, row["actor"] or "-", node]
 
     body = [cells(row) for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(COLUMNS)]

@@ -18,6 +18,7 @@ from scoring.level_sources import LEVEL_SOURCES, resolve_level_source, source_na
 
 TOP_FITNESS = ("kl-seq", "kl")
 SAMPLERS = ("tpe", "cmaes")
+SCHEDULERS = ("asha", "hyperband", "fifo")
 ESTIMATORS = ("permutation", "sliding")
 
 
@@ -64,6 +65,15 @@ class SearchConfig:
     nm_m: int | None = option(None, "evolution over the mixed N:M menu 1:M … (M-1):M", minimum=2)
     free_sampler: str = option("tpe", "Optuna sampler of the tune-free search over per-block vectors",
                                choices=SAMPLERS, sweep=True)
+    tune_scheduler: str = option("asha", "Ray Tune's trial scheduler for the tune-* drivers: asha stops a trial at a "
+                                         "rung where its running KL is not among the best, hyperband runs ASHA in "
+                                         "three brackets, fifo runs every trial to the last rung (plain Optuna)",
+                                 choices=SCHEDULERS, sweep=True)
+    tune_concurrency: int | None = option(None, "tune-* trials in flight at once (default: two per evaluator actor); "
+                                                "1 makes a seeded experiment repeat exactly", minimum=1, sweep=True)
+    tune_rungs: tuple[int, ...] = option((256, 1024, 4096), "the fidelity rungs of a tune-* trial, in fitness tokens: "
+                                                            "it reports its running KL after each (the last rung is "
+                                                            "always every fitness token)", minimum=1, sweep=True)
     estimator: str = option("permutation", "Shapley driver's estimator: antithetic permutation pairs while the "
                                            "budget lasts, or the sliding window of SV-NUP (both anytime)",
                             choices=ESTIMATORS, sweep=True)

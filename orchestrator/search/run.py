@@ -106,19 +106,20 @@ def run_drivers(pool: EvaluatorPool, settings: Settings, drivers: dict[str, floa
     spent_evals, spent_tokens, spent_seconds = 0, 0, 0.0
     shares = list(drivers.values())
     for index, (name, share) in enumerate(drivers.items()):
-        stalled = pool.stalled_s
+        stalled, sent = pool.stalled_s, pool.sent
         with clock.phase(f"driver:{name}") as already:
             budget = driver_budget(settings, seconds, share, sum(shares[index:]),
                                    (spent_evals, spent_tokens, spent_seconds), already)
             charged = Charged(pool, budget, top_tokens, settings.sequential_tokens)
             context = DriverContext(charged, settings, calibration, top_tokens, sensitivities or run_dir,
-                                    tuple(r.best for r in results.values()))
+                                    tuple(r.best for r in results.values()), Path(run_dir).resolve() / "tune")
             result = DRIVERS[name].function()(context)
             # Compare drivers on one footing: every best profile scored on all fitness tokens (not charged).
             result.fitness = pool.evaluate([Candidate.of(result.best, top_tokens, name)])[0]
         result.details["seconds"] = clock.spent(f"driver:{name}")
         result.details["waited_for_nodes_s"] = pool.stalled_s - stalled  # in the seconds, not in the budget
         result.details["tokens"] = budget.used_tokens
+        result.details["evaluations_sent"] = pool.sent - sent  # to the actors: keys the results table lacked
         result.details["evaluations_charged"] = budget.used_evals
         spent_evals += budget.used_evals
         spent_tokens += budget.used_tokens

@@ -1,5 +1,6 @@
 """What every driver gets: the charged pool, the search's settings, calibration windows, the top
-fidelity, where sensitivities are kept and the best profiles of the drivers that ran before it."""
+fidelity, where sensitivities are kept, the best profiles of the drivers that ran before it and where
+Tune experiments go."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class DriverContext:
     top_tokens: int
     sensitivities: Path  # where Fisher traces and OWL ratios are kept (a run dir, or a sweep's model dir)
     earlier_bests: tuple = ()  # the best profiles of the drivers that ran before this one (--method all)
+    experiments: Path | None = None  # where Tune keeps its experiments (RUN/tune), one folder per driver
 
     @property
     def budget(self) -> Budget:

@@ -1,54 +1,79 @@
-"""Optuna over a family's hyper-parameters (ATP β, OWL λ/M, map strength, free vectors), ask/tell
-from the search process, every trial evaluated through the shared evaluator pool.
+"""Ray Tune over a family's hyper-parameters (ATP β, OWL λ/M, map strength, free vectors): a
+``ray.tune.Tuner`` experiment whose trials are scored by the search's one evaluator pool.
 
-Each round asks ``concurrency`` trials of one Optuna study (TPE, with ``constant_liar`` so trials
-asked before earlier ones are told do not all land on the same point, or CMA-ES), builds their
-profiles, sends them to ``EvaluatorPool.evaluate`` as one batch and tells the values back in ask
-order. The pool does the rest, as it does for every other driver: least-loaded dispatch over the
-actors (a round keeps all of them busy, each scoring its share as one population), known keys
-answered from the results table, each new answer written to it as it arrives.
-
-This replaced Ray Tune trials, which bypassed the pool: a trial picked an actor at random (two
-trials often queued on one actor while another sat idle), never consulted the results table, and
-its row was written only after ``Tuner.fit`` returned, so an interrupted search depended on Tune's
-own snapshots. Now there is one pool for every driver, each evaluation happens exactly once, and
-resume needs no state of its own: the seeded sampler, told the same values in the same order,
-asks the same trials again, and the results table answers those already evaluated, so a resumed
-run re-evaluates nothing and stops where the uninterrupted one would.
+- **Search algorithm**: ``OptunaSearch`` (TPE, multivariate; or CMA-ES for free vectors) under a
+  ``ConcurrencyLimiter`` of two trials per evaluator actor.
+- **Trials and rungs**: a trial is one hyper-parameter setting. Its iterations are fidelity rungs: it
+  reports the running KL over its first ``rungs[0]`` fitness tokens, then ``rungs[1]`` … up to all of
+  them, each rung scoring only the tokens it adds (a candidate with ``skip``), with ``tokens`` as Tune's
+  ``time_attr``.
+- **Scheduler**: ``asha`` (``ASHAScheduler``: a trial whose running KL is not in the best
+  1/reduction-factor of its rung stops there), ``hyperband`` (asynchronous HyperBand, three brackets)
+  or ``fifo`` (every trial runs every rung: plain Optuna).
+- **Through the pool**: a trial asks the :class:`~orchestrator.runtime.mailbox.Mailbox` for each rung's
+  fitness; this process takes the questions in batches, charges them to the driver's budget and sends
+  them to the pool (least-loaded dispatch, results table, exactly one evaluation per key). Trials are
+  light: no CPU, no GPU, a MiB of memory; the actors keep the devices.
+- **Budgets**: every rung is charged its tokens; a question the budget cannot pay is answered with
+  None, which ends the trial and, through a stopper, the experiment. ``--budget-minutes`` is the
+  experiment's ``time_budget_s`` too, ``--budget-evals`` its ``num_samples``.
+- **Experiment directory** ``RUN/tune/<driver>`` (``storage_path``): Tune's state, its loggers'
+  files (``tensorboard --logdir RUN/tune``), readable with ``tune.ResultGrid`` / ``Tuner.restore``, and
+  ``sparsealloc-result.json`` once the experiment finished. Trials save no checkpoints: the results table
+  is the state, so the experiment needs no storage shared by the nodes.
+- **Resume**: a finished experiment is not run again (its result and spend are read back). An interrupted
+  one is run again from its seed, not with ``Tuner.restore``: Tune saves no scheduler state and its
+  searcher's state only every checkpoint period, so a restored experiment does not continue as the
+  interrupted one would have. Run again, every rung it scored is answered by the results table (charged,
+  not evaluated); with one trial at a time (``--tune-concurrency 1``) the replay is exact and the
+  experiment ends as an uninterrupted one. With more, trials finish in the order the actors answer, so the
+  replay may ask for other profiles after the first ones; none is evaluated twice.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import shutil
+import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import optuna
+import ray
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, AsyncHyperBandScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.search.budget import Charged
-from orchestrator.runtime.candidates import Candidate, DriverResult
-from orchestrator.search.progress import DriverProgress
 from core.errors import SparseAllocError
+from core.identity import write_json
+from core.profile import Profile
+from orchestrator.runtime.candidates import Candidate, DriverResult
+from orchestrator.runtime.mailbox import Mailbox, rung_trial, serve
+from orchestrator.search.budget import Charged
+from orchestrator.search.config import SAMPLERS, SCHEDULERS
+from orchestrator.search.progress import DriverProgress
 from search_spaces import families
 from search_spaces.families import Space
-from core.profile import Profile
 
 if TYPE_CHECKING:
     from orchestrator.search.drivers.context import DriverContext
 
 log = logging.getLogger(__name__)
 DEFAULT_TRIALS = 20  # with no evaluation, token or time budget
-SAMPLERS = ("tpe", "cmaes")
-TRIALS_PER_ACTOR = 2  # trials in flight per actor in one round (the pool keeps two calls per actor)
+TRIALS_PER_ACTOR = 2  # trials in flight per actor (the pool keeps two calls per actor)
+TRIAL_RESOURCES = {"cpu": 0, "memory": 2**20}  # Tune needs some resource; a trial only waits on the mailbox
+RESULT_FILE = "sparsealloc-result.json"  # a finished experiment's result, reused by --resume
+_SPENT: dict[str, Callable[[], bool]] = {}  # per live experiment: whether its budget is spent (see _Spent)
 
 
 def make_sampler(name: str, seed: int, in_flight: int = 1) -> optuna.samplers.BaseSampler:
-    """Optuna's TPE (multivariate), or CMA-ES (for many continuous keys, e.g. free vectors; Optuna
-    samples spaces of one dimension or integer keys independently under CMA-ES). With more than one
-    trial ``in_flight`` (asked before the others are told) TPE uses the constant liar, so the trials
-    of one round spread out instead of repeating one guess. Both are set explicitly: Optuna 5 makes
-    them the default, Optuna 4 does not."""
+    """Optuna's TPE (multivariate), or CMA-ES (for many continuous keys, e.g. free vectors). With more
+    than one trial ``in_flight`` TPE uses the constant liar, so concurrent trials spread out."""
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=in_flight > 1)
     if name == "cmaes":
@@ -71,69 +96,204 @@ def to_distributions(space: Space) -> dict[str, BaseDistribution]:
     return out
 
 
-def run_tune(pool: Charged, driver: str, space: Space, build: Callable[[dict], Profile], tokens: int | None = None,
-             seed: int = 0, max_concurrent: int | None = None, progress: bool = True,
-             sampler: str = "tpe") -> DriverResult:
-    """Optuna search (``sampler``: TPE or CMA-ES) over ``space``, ``max_concurrent`` trials per round
-    (default: two per actor), each round one ``pool.evaluate`` batch; stops when the pool's budget is
-    exhausted (every trial is charged, also those the results table answers) and returns the best.
-    Every trial scores ``tokens`` fitness tokens (None: all of them); a round is cut to the trials that
-    fit in the evaluation and token budgets, so neither is ever overshot. The driver keeps no state of
-    its own: rerunning with the same seed against the same results table resumes.
-    """
+def fidelity_rungs(requested: tuple[int, ...], top_tokens: int, window_tokens: int) -> list[int]:
+    """The rungs a trial climbs: the requested token counts below ``top_tokens`` rounded up to whole
+    fitness windows, then ``top_tokens`` itself (the last rung scores every fitness token)."""
+    rungs = sorted({min(top_tokens, math.ceil(r / window_tokens) * window_tokens) for r in requested})
+    return [r for r in rungs if r < top_tokens] + [top_tokens]
+
+
+def make_scheduler(name: str, rungs: list[int]):
+    """Tune's trial scheduler over the rungs (``time_attr`` = tokens scored)."""
+    factor = max(2, round(rungs[1] / rungs[0])) if len(rungs) > 1 else 2
+    common = dict(time_attr="tokens", max_t=rungs[-1], grace_period=rungs[0], reduction_factor=factor)
+    if name == "asha":
+        return ASHAScheduler(**common)
+    if name == "hyperband":
+        return AsyncHyperBandScheduler(brackets=3, **common)
+    if name == "fifo":
+        return FIFOScheduler()
+    raise SparseAllocError(f"unknown Tune scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+class _Spent(tune.Stopper):
+    """Ends the experiment once its driver's budget is spent. Tune pickles the stopper with the experiment,
+    so it holds only the experiment's name and reads the live budget of this process (a restored
+    experiment finds the resumed search's budget, not the one it was saved with)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return _SPENT.get(self.name, lambda: False)()
+
+
+class _Answers:
+    """The search-process side of the mailbox: charges each question, sends the ones the budget pays
+    to the pool as one batch, answers the rest with None, and follows the best running KL."""
+
+    def __init__(self, pool: Charged, driver: str, build: Callable[[dict], Profile], top: int,
+                 bar: DriverProgress) -> None:
+        self.pool, self.driver, self.build, self.top, self.bar = pool, driver, build, top, bar
+        self.spent = False
+        self.running: dict[str, float] = {}  # trial -> KL sum over the tokens scored so far
+
+    def __call__(self, questions: list[dict]) -> list[float | None]:
+        budget, batch, accepted = self.pool.budget, [], []
+        tokens = 0
+        for index, question in enumerate(questions):
+            cost = self.pool.cost(question["tokens"])
+            if self.spent or budget.exhausted() or not budget.fits(len(batch) + 1, tokens + cost):
+                self.spent = True
+                continue
+            profile = self.build(question["config"])
+            params = {**question["config"], "trial": question["trial"], "rung": question["rung"],
+                      "skip": question["skip"]}
+            batch.append(Candidate(profile.sparsities, profile.nm, question["tokens"], "kl", self.driver, params,
+                                   skip=question["skip"]))
+            accepted.append(index)
+            tokens += cost
+        answers: list[float | None] = [None] * len(questions)
+        if batch:
+            for index, value in zip(accepted, self.pool.evaluate(batch)):
+                answers[index] = float(value)
+                question = questions[index]
+                trial = question["trial"]
+                self.running[trial] = self.running.get(trial, 0.0) + float(value) * question["tokens"]
+                if question["skip"] + question["tokens"] == self.top:
+                    self.bar.update(self.running[trial] / self.top)
+            self.bar.update()
+        return answers
+
+
+def run_tune(pool: Charged, driver: str, space: Space, build: Callable[[dict], Profile], rungs: list[int],
+             seed: int = 0, scheduler: str = "asha", sampler: str = "tpe", experiment: Path | None = None,
+             max_concurrent: int | None = None, trials: int | None = None,
+             progress: bool = True) -> DriverResult:
+    """A Tune experiment over ``space`` (``build`` turns a trial's config into a profile) whose trials
+    climb ``rungs`` through the pool, until the budget is spent or ``num_samples`` trials ran; its
+    directory is ``experiment``, restored when it holds one (a resumed run: the run directory is this
+    search's alone, a new run's is empty). ``trials``: Tune's
+    ``num_samples`` (default: the evaluation budget, else unlimited, else 20). Returns the best profile
+    among the trials that reached the highest rung any trial reached, with its running KL there."""
     budget = pool.budget
-    cost = pool.cost(tokens)  # tokens per trial
-    if budget.exhausted() or budget.room(cost) == 0:
+    if budget.exhausted() or not budget.fits(1, pool.cost(rungs[0])):
         raise SparseAllocError(f"no budget left for the {driver} search")
     concurrency = max_concurrent if max_concurrent is not None else TRIALS_PER_ACTOR * len(pool.actors)
     if concurrency < 1:
-        raise SparseAllocError(f"the {driver} search needs at least one trial per round, got {concurrency}")
+        raise SparseAllocError(f"the {driver} search needs at least one trial at a time, got {concurrency}")
     unlimited = budget.max_evals is None and budget.max_tokens is None and budget.max_seconds is None
-    limit = DEFAULT_TRIALS if unlimited else None
-    distributions = to_distributions(space)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line reports the trials
-    study = optuna.create_study(direction="minimize", sampler=make_sampler(sampler, seed, concurrency))
+    samples = trials or (DEFAULT_TRIALS if unlimited else (budget.remaining_evals() or -1))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C is the search's to handle
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # a trial the budget ends reports nothing
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no banner, our progress line instead
+    # A trial the stopper ends before its first report has no result file: Tune warns of each, expected here.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    experiment = Path(experiment) if experiment is not None else None
+    name = str(experiment) if experiment is not None else f"{driver}-{id(pool)}"
+    details = {"scheduler": scheduler, "sampler": sampler, "concurrency": concurrency, "rungs": rungs, "seed": seed,
+               "experiment": str(experiment) if experiment else None, "limits": _limits(budget)}
+    finished = _finished(experiment, details, budget, build, driver)
+    if finished is not None:
+        return finished
+    if experiment is not None and experiment.exists():  # interrupted: replayed from its seed (see module doc)
+        log.info("%s: replaying the interrupted Tune experiment in %s from its seed; the results table answers "
+                 "every rung it scored", driver, experiment)
+        shutil.rmtree(experiment)
+    mailbox = Mailbox.remote()
+    trainable = tune.with_resources(tune.with_parameters(rung_trial, mailbox=mailbox, rungs=rungs),
+                                    TRIAL_RESOURCES)
+    search = OptunaSearch(space=to_distributions(space), metric="kl", mode="min",
+                          sampler=make_sampler(sampler, seed, concurrency))
+    config = tune.TuneConfig(search_alg=ConcurrencyLimiter(search, max_concurrent=concurrency),
+                             scheduler=make_scheduler(scheduler, rungs), metric="kl", mode="min",
+                             num_samples=samples, time_budget_s=budget.max_seconds, reuse_actors=True)
+    run = tune.RunConfig(name=experiment.name if experiment else None,
+                         storage_path=str(experiment.parent) if experiment else None, stop=_Spent(name),
+                         verbose=0, failure_config=tune.FailureConfig(fail_fast=True))
+    tuner = tune.Tuner(trainable, tune_config=config, run_config=run)
+    if experiment is not None:
+        log.info("%s: Tune experiment in %s (tensorboard --logdir %s)", driver, experiment, experiment.parent)
     bar = DriverProgress(driver, budget, progress)
-    best_fitness, best_config, trials, rounds = math.inf, None, 0, 0
+    answers = _Answers(pool, driver, build, rungs[-1], bar)
+    _SPENT[name] = lambda: answers.spent or budget.exhausted()
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["grid"] = tuner.fit()
+        except BaseException as exc:  # handed to the search's thread
+            outcome["error"] = exc
+
+    fitting = threading.Thread(target=fit, name=f"tune-{driver}", daemon=True)
+    fitting.start()
     try:
-        while not budget.exhausted() and (limit is None or trials < limit):
-            size = concurrency
-            for left in (budget.room(cost), None if limit is None else limit - trials):
-                if left is not None:
-                    size = min(size, left)
-            if size < 1:
-                break  # tokens are left, but fewer than one trial scores
-            asked = [study.ask(distributions) for _ in range(size)]
-            configs = [dict(trial.params) for trial in asked]
-            batch = []
-            for config in configs:
-                profile = build(config)
-                batch.append(Candidate(profile.sparsities, profile.nm, tokens, "kl", driver, config))
-            fitness = pool.evaluate(batch)
-            if len(fitness) != len(batch):
-                raise SparseAllocError(f"the pool returned {len(fitness)} fitnesses for {len(batch)} candidates")
-            trials += len(batch)
-            rounds += 1
-            for trial, config, value in zip(asked, configs, fitness):  # in ask order: same seed, same asks
-                value = float(value) if math.isfinite(value) else math.inf
-                study.tell(trial, value)
-                if best_config is None or value < best_fitness:
-                    best_fitness, best_config = value, config
-            bar.update(best_fitness)
+        serve(mailbox, answers, fitting.is_alive)
     finally:
+        answers.spent = True  # the stopper ends the experiment; open questions get None
+        ray.get(mailbox.close.remote())
+        fitting.join(timeout=120)
         bar.close()
-    if best_config is None:
-        raise SparseAllocError(f"the {driver} search evaluated no trial")
-    return DriverResult(driver, build(best_config), best_fitness, trials,
-                        {"trials": trials, "rounds": rounds, "concurrency": concurrency, "sampler": sampler,
-                         "best_config": best_config})
+        _SPENT.pop(name, None)
+        ray.kill(mailbox)
+    if "error" in outcome:
+        raise SparseAllocError(f"the {driver} Tune experiment failed: {outcome['error']}") from outcome["error"]
+    result = _best(driver, build, outcome["grid"], rungs, details)
+    if experiment is not None:
+        write_json(experiment / RESULT_FILE, {"kl": result.fitness, "evaluations": result.evaluations,
+                                              "details": result.details, "used_evals": budget.used_evals,
+                                              "used_tokens": budget.used_tokens})
+    return result
+
+
+def _limits(budget) -> dict:
+    """The evaluation and token limits a driver's experiment ran under (a finished one is reused only under
+    the same limits: a resume with a larger budget runs it again, the table answering what it scored)."""
+    return {"evals": budget.max_evals, "tokens": budget.max_tokens}
+
+
+def _finished(experiment: Path | None, details: dict, budget, build: Callable[[dict], Profile],
+              driver: str) -> DriverResult | None:
+    """The result of the experiment a resumed run finished before, under the same settings and limits, with
+    its spend charged to ``budget`` again (so the drivers after it get what they got); else None."""
+    record = experiment / RESULT_FILE if experiment is not None else None
+    if record is None or not record.exists():
+        return None
+    saved = json.loads(record.read_text())
+    if {k: saved["details"].get(k) for k in details} != json.loads(json.dumps(details)):
+        return None
+    log.info("%s: the Tune experiment in %s finished before; its result is reused", driver, experiment)
+    budget.charge(saved["used_evals"], saved["used_tokens"])
+    return DriverResult(driver, build(saved["details"]["best_config"]), saved["kl"], saved["evaluations"],
+                        saved["details"])
+
+
+def _best(driver: str, build: Callable[[dict], Profile], grid, rungs: list[int], details: dict) -> DriverResult:
+    """The lowest running KL among the trials at the highest rung reached, and how far each trial got."""
+    reached = [(r.metrics.get("rung", 0), r.metrics.get("kl", math.inf), r.config) for r in grid
+               if r.metrics and "rung" in r.metrics]
+    if not reached:
+        raise SparseAllocError(f"the {driver} search scored no trial")
+    top = max(rung for rung, _, _ in reached)
+    kl, config = min(((kl, config) for rung, kl, config in reached if rung == top), key=lambda pair: pair[0])
+    rung_counts = {rung: sum(1 for r, _, _ in reached if r == rung) for rung in range(1, len(rungs) + 1)}
+    return DriverResult(driver, build(config), kl, len(reached),
+                        {**details, "trials": len(reached), "trials_per_last_rung": rung_counts,
+                         "best_config": config})
 
 
 def _tune(context: "DriverContext", driver: str, space: Space, build: Callable[[dict], Profile],
           sampler: str = "tpe") -> DriverResult:
-    config = context.settings.config
-    return run_tune(context.pool, driver, space, build, context.top_tokens, config.seed, progress=config.progress,
-                    sampler=sampler)
+    settings = context.settings
+    config = settings.config
+    rungs = fidelity_rungs(config.tune_rungs, context.top_tokens, config.fitness_seqlen)
+    return run_tune(context.pool, driver, space, build, rungs, config.seed, config.tune_scheduler, sampler,
+                    context.experiments / driver if context.experiments else None, config.tune_concurrency,
+                    progress=config.progress)
 
 
 def run_atp(context: "DriverContext") -> DriverResult:
