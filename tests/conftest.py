@@ -157,3 +157,27 @@ def _start_shared_ray() -> None:
     import ray
 
     ray.init(address="local", num_cpus=SHARED_RAY_CPUS, include_dashboard=False, log_to_driver=False)
+
+
+def fragile_pool(tmp_path_factory):
+    """A local Ray (3 CPUs) and an evaluator pool of two CPU actors over a tiny LLaMA whose block 0 is fragile
+    (pruning it hurts far more than the others): 4 fitness windows of 32 tokens. A generator for a module
+    fixture (``yield from``)."""
+    import ray
+
+    from orchestrator.runtime.pool import EvaluatorPool, EvaluatorSpec
+    from orchestrator.runtime.results import ResultsTable
+    from pruning.load import find_blocks, find_linears
+
+    model = build_model(tiny_llama_config())
+    for layer in find_linears(find_blocks(model)[0]).values():
+        layer.weight.data *= 6.0
+    model_dir = save_model_dir(model, tmp_path_factory.mktemp("fragile"))
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+    generator = torch.Generator().manual_seed(0)
+    pool = EvaluatorPool(EvaluatorSpec(str(model_dir)), torch.randint(3, 120, (4, 32), generator=generator),
+                         torch.randint(3, 120, (4, 32), generator=generator),
+                         ResultsTable(tmp_path_factory.mktemp("run"), "test"), num_actors=2)
+    yield pool
+    pool.close()
+    ray.shutdown()

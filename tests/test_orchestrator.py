@@ -4,16 +4,13 @@ import time
 
 import pytest
 import ray
-import torch
 
-from conftest import build_model, save_model_dir, tiny_llama_config
+from conftest import fragile_pool
 from orchestrator.search.budget import Budget, Charged
 from orchestrator.runtime.candidates import Candidate
 from orchestrator.search.drivers.evolution import EvolutionConfig, run_evolution
-from orchestrator.runtime.pool import EvaluatorPool, EvaluatorSpec
 from orchestrator.runtime.results import ResultsTable
 from orchestrator.search.drivers.shapley import run_shapley
-from pruning.load import find_blocks, find_linears
 from search_spaces import families
 
 TARGET = 0.6
@@ -21,18 +18,7 @@ TARGET = 0.6
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    model = build_model(tiny_llama_config())
-    for layer in find_linears(find_blocks(model)[0]).values():
-        layer.weight.data *= 6.0  # pruning block 0 hurts far more than the others
-    model_dir = save_model_dir(model, tmp_path_factory.mktemp("fragile"))
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
-    generator = torch.Generator().manual_seed(0)
-    pool = EvaluatorPool(EvaluatorSpec(str(model_dir)), torch.randint(3, 120, (4, 32), generator=generator),
-                         torch.randint(3, 120, (4, 32), generator=generator),
-                         ResultsTable(tmp_path_factory.mktemp("run"), "test"), num_actors=2)
-    yield pool
-    pool.close()
-    ray.shutdown()
+    yield from fragile_pool(tmp_path_factory)
 
 
 @pytest.fixture
