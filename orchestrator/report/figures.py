@@ -102,7 +102,7 @@ def lines_figure(panels: dict[str, dict[str, list[float]]], xlabel: str | dict[s
 
 def trials_figure(panels: dict[str, dict], rungs: int) -> bytes:
     """One panel per Tune driver: each trial's hyper-parameter (``x``, or its start order) against its running
-    KL at the last rung it reached; trials stopped below the top rung (of ``rungs``) are hollow, marked by rung."""
+    KL at the last rung it reached; trials that ended below the top rung (of ``rungs``) are hollow, marked by rung."""
     fig, axes = _grid(len(panels))
     color = _colors([f"rung {r}" for r in range(1, rungs + 1)])
     for ax, (title, panel) in zip(axes, panels.items()):
@@ -110,13 +110,15 @@ def trials_figure(panels: dict[str, dict], rungs: int) -> bytes:
             points = [(x, kl) for x, kl, reached in panel["points"] if reached == rung]
             if not points:
                 continue
-            label = f"rung {rung}" + (" (top)" if rung == rungs else " (stopped)")
+            label = f"rung {rung}" + (" (top)" if rung == rungs else " (ended there)")
             top = rung == rungs
             ax.scatter([p[0] for p in points], [p[1] for p in points], s=28 if top else 22, label=label,
                        facecolors=color[f"rung {rung}"] if top else "none", edgecolors=color[f"rung {rung}"])
         _log_y(ax)
         ax.set(title=title, xlabel=panel["xlabel"], ylabel="running KL at the last rung reached")
         ax.grid(True, alpha=0.3)
+        if panel.get("integer_x"):
+            ax.xaxis.get_major_locator().set_params(integer=True)
     return _png(fig)
 
 

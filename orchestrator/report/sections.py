@@ -176,7 +176,9 @@ def tune_trials(rows: list[dict]) -> dict[str, dict]:
 
 TRIALS_CAPTION = ("Each Tune trial's hyper-parameter (for tune-free, the order the trials started) against its "
                   "running KL over the tokens its rungs scored, at the last rung it reached. Filled: trials that "
-                  "reached the top rung; hollow: trials the scheduler stopped at a lower rung.")
+                  "reached the top rung; hollow: trials that ended at a lower rung, stopped by the scheduler "
+                  "(ASHA keeps the best of each rung) or by the budget running out. KL over fewer tokens is "
+                  "noisier, so a hollow point may lie below the filled ones.")
 
 
 def trials_plot(rows: list[dict], rungs: int | None) -> Plot | None:
@@ -190,5 +192,5 @@ def trials_plot(rows: list[dict], rungs: int | None) -> Plot | None:
         axis = next((k for k in TUNE_AXES if all(k in t["config"] for t in trials.values())), None)
         points = [(t["config"][axis] if axis else index, t["sum"] / max(1, t["tokens"]), t["rung"])
                   for index, t in enumerate(trials.values())]
-        panels[driver] = {"xlabel": axis or "trial (start order)", "points": points}
+        panels[driver] = {"xlabel": axis or "trial (start order)", "points": points, "integer_x": axis is None}
     return Plot("Tune trials", trials_figure(panels, top), TRIALS_CAPTION)
