@@ -140,7 +140,7 @@ def test_results_command_prints_the_table_by_time(tmp_path, capsys):
     assert main(["results", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].split() == ["driver", "key", "tokens", "draw", "metric", "fitness", "seconds", "actor", "node"]
+    assert lines[0].split() == ["driver", "key", "tokens", "draw", "trial", "metric", "fitness", "seconds", "actor", "node"]
     assert [line.split()[0] for line in lines[1:4]] == ["shapley", "evolution", "tune-atp"]
     assert "0.600 [0.50-0.70]" in lines[1] and "host:100" in lines[1] and "f" * 12 in lines[1]
     assert "3 rows, 3 distinct keys" in out

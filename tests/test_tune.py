@@ -91,7 +91,7 @@ def test_asha_stops_trials_at_a_rung_and_fifo_runs_every_trial_to_the_top(counte
 
 def test_the_experiment_directory_is_a_tune_experiment_tune_can_read(counted, tmp_path):
     pool, _ = counted
-    result = _tune(pool, tmp_path, Budget(max_evals=9), trials=3, scheduler="fifo")
+    result = _tune(pool, tmp_path, Budget(max_evals=100), trials=3, scheduler="fifo")  # ends by num_samples
     path = tmp_path / "tune" / "tune-atp"
     assert result.details["experiment"] == str(path) and tune.Tuner.can_restore(str(path))
     grid = tune.Tuner.restore(str(path), rung_trial).get_results()  # Tune reads it back

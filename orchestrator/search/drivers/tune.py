@@ -133,13 +133,15 @@ class _Spent(tune.Stopper):
 
 class _Answers:
     """The search-process side of the mailbox: charges each question, sends the ones the budget pays
-    to the pool as one batch, answers the rest with None, and follows the best running KL."""
+    to the pool as one batch, answers the rest with None, and keeps each trial's config, the last rung
+    answered and its running KL there (the record the result is chosen from: Tune's own may lack a trial's
+    last report when the budget stopped the experiment before Tune processed it)."""
 
     def __init__(self, pool: Charged, driver: str, build: Callable[[dict], Profile], top: int,
                  bar: DriverProgress) -> None:
         self.pool, self.driver, self.build, self.top, self.bar = pool, driver, build, top, bar
         self.spent = False
-        self.running: dict[str, float] = {}  # trial -> KL sum over the tokens scored so far
+        self.trials: dict[str, dict] = {}  # trial -> {"config", "rung", "sum" (KL x tokens so far), "kl"}
 
     def __call__(self, questions: list[dict]) -> list[float | None]:
         budget, batch, accepted = self.pool.budget, [], []
@@ -160,13 +162,18 @@ class _Answers:
         if batch:
             for index, value in zip(accepted, self.pool.evaluate(batch)):
                 answers[index] = float(value)
-                question = questions[index]
-                trial = question["trial"]
-                self.running[trial] = self.running.get(trial, 0.0) + float(value) * question["tokens"]
-                if question["skip"] + question["tokens"] == self.top:
-                    self.bar.update(self.running[trial] / self.top)
+                self._record(questions[index], float(value))
             self.bar.update()
         return answers
+
+    def _record(self, question: dict, value: float) -> None:
+        """What the trial reports for this rung (``rung_trial``'s running KL, a non-finite KL counted as 1e9)."""
+        trial = self.trials.setdefault(question["trial"], {"config": question["config"], "rung": 0, "sum": 0.0})
+        trial["sum"] += (value if math.isfinite(value) else 1e9) * question["tokens"]
+        trial["rung"] = question["rung"]
+        trial["kl"] = trial["sum"] / (question["skip"] + question["tokens"])
+        if question["skip"] + question["tokens"] == self.top:
+            self.bar.update(trial["kl"])
 
 
 def run_tune(pool: Charged, driver: str, space: Space, build: Callable[[dict], Profile], rungs: list[int],
@@ -225,7 +232,7 @@ def run_tune(pool: Charged, driver: str, space: Space, build: Callable[[dict], P
 
     def fit() -> None:
         try:
-            outcome["grid"] = tuner.fit()
+            tuner.fit()
         except BaseException as exc:  # handed to the search's thread
             outcome["error"] = exc
 
@@ -242,7 +249,7 @@ def run_tune(pool: Charged, driver: str, space: Space, build: Callable[[dict], P
         ray.kill(mailbox)
     if "error" in outcome:
         raise SparseAllocError(f"the {driver} Tune experiment failed: {outcome['error']}") from outcome["error"]
-    result = _best(driver, build, outcome["grid"], rungs, details)
+    result = _best(driver, build, answers.trials, rungs, details)
     if experiment is not None:
         write_json(experiment / RESULT_FILE, {"kl": result.fitness, "evaluations": result.evaluations,
                                               "details": result.details, "used_evals": budget.used_evals,
@@ -272,18 +279,18 @@ def _finished(experiment: Path | None, details: dict, budget, build: Callable[[d
                         saved["details"])
 
 
-def _best(driver: str, build: Callable[[dict], Profile], grid, rungs: list[int], details: dict) -> DriverResult:
-    """The lowest running KL among the trials at the highest rung reached, and how far each trial got."""
-    reached = [(r.metrics.get("rung", 0), r.metrics.get("kl", math.inf), r.config) for r in grid
-               if r.metrics and "rung" in r.metrics]
-    if not reached:
+def _best(driver: str, build: Callable[[dict], Profile], trials: dict[str, dict], rungs: list[int],
+          details: dict) -> DriverResult:
+    """The lowest running KL among the trials at the highest rung reached (the first such trial on a tie),
+    and how far each trial got."""
+    if not trials:
         raise SparseAllocError(f"the {driver} search scored no trial")
-    top = max(rung for rung, _, _ in reached)
-    kl, config = min(((kl, config) for rung, kl, config in reached if rung == top), key=lambda pair: pair[0])
-    rung_counts = {rung: sum(1 for r, _, _ in reached if r == rung) for rung in range(1, len(rungs) + 1)}
-    return DriverResult(driver, build(config), kl, len(reached),
-                        {**details, "trials": len(reached), "trials_per_last_rung": rung_counts,
-                         "best_config": config})
+    top = max(trial["rung"] for trial in trials.values())
+    best = min((trial for trial in trials.values() if trial["rung"] == top), key=lambda trial: trial["kl"])
+    rung_counts = {rung: sum(1 for t in trials.values() if t["rung"] == rung) for rung in range(1, len(rungs) + 1)}
+    return DriverResult(driver, build(best["config"]), best["kl"], len(trials),
+                        {**details, "trials": len(trials), "trials_per_last_rung": rung_counts,
+                         "best_config": best["config"]})
 
 
 def _tune(context: "DriverContext", driver: str, space: Space, build: Callable[[dict], Profile],
