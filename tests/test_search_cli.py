@@ -366,3 +366,17 @@ def test_evolution_starts_from_the_earlier_drivers_bests(tmp_path):
                                                       calibration, 128, tmp_path, bests))
         first = [tuple(round(s, 6) for s in c.sparsities) for c in pool.batches[0]]
         assert (earlier.sparsities in first) == expected
+
+
+@pytest.mark.parametrize("method, keys", [("tune-owl", {"lam", "M"}), ("tune-fisher", {"strength"})])
+def test_tune_owl_and_fisher_run_as_tune_experiments(corpus_file, tmp_path, method, keys):
+    """The two Tune drivers --method all leaves out: a Tune experiment over their family's keys, with ASHA."""
+    out = tmp_path / "run"
+    assert main(_args(_fragile_model_dir(tmp_path), corpus_file, out, "--tune-rungs", "64", "128", "--no-uniform",
+                      method=method, budget_evals=8)) == 0
+    details = json.loads((out / "summary.json").read_text())["drivers"][method]["details"]
+    assert details["scheduler"] == "asha" and details["rungs"] == [64, 128] and details["trials"] >= 1
+    assert set(details["best_config"]) == keys
+    assert (out / "tune" / method / "sparsealloc-result.json").exists()
+    params = [json.loads(row["params"]) for row in ResultsTable(out, "check").read() if row["driver"] == method]
+    assert params and all(keys <= set(p) and {"trial", "rung"} <= set(p) for p in params if p)
