@@ -150,7 +150,8 @@ def write_table(records: list[dict]) -> Path:
                   f"from their PyPI wheels), {p['sparsity']:.0%} sparsity, {p['pruner']} pass, "
                   f"{p['device']} {p['dtype']}; fitness {p['fitness_windows']} x {p['fitness_seqlen']} tokens, "
                   f"rungs {p['tune_rungs']}; final pass {p['calib_samples']} x {p['seqlen']} calibration tokens, "
-                  f"{p['eval_windows']} test windows; token budget {records[0]['budget_tokens']} per run.", "",
+                  f"{p['eval_windows']} test windows; token budget {records[0]['budget_tokens']} per run. Seeds in "
+                  f"these files: {', '.join(str(s) for s in sorted({r['seed'] for r in records}))}.", "",
                   "| driver | code / scheduler | seed | trials | trials ending at rung 1 / 2 / 3 | best KL | tokens spent | "
                   "test ppl | wall s | load avg before / after |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in records:
