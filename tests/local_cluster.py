@@ -28,6 +28,12 @@ RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_health_check_period_ms": "500", "RA
            "RAY_JOB_STOP_WAIT_TIME_S": "30"}  # `ray job stop`: SIGTERM, then this long before SIGKILL
 
 
+def _own_ports() -> list[str]:
+    """A node's agent HTTP port, free now: Ray's fixed default (52365) is taken by the first Ray on the machine,
+    and a head without it accepts no job ("No available agent to submit job") while other tests run Ray."""
+    return ["--dashboard-agent-listen-port", str(free_port())]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -76,7 +82,8 @@ class LocalCluster:
         head = ["start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port), "--num-cpus", "0",
                 "--num-gpus", "0", "--object-store-memory", str(200 << 20), "--temp-dir", str(self.ray_dirs / "head"),
                 "--include-dashboard", "true" if self.dashboard else "false", "--dashboard-host", "127.0.0.1",
-                "--dashboard-port", str(self.dashboard_port), "--disable-usage-stats", "--block"]
+                "--dashboard-port", str(self.dashboard_port), *_own_ports(), "--ray-client-server-port",
+                str(free_port()), "--disable-usage-stats", "--block"]
         self._launch("head", [RAY, *head], self.env())
         self.wait_for_nodes(1)
         return self
@@ -87,7 +94,7 @@ class LocalCluster:
         home.mkdir(parents=True, exist_ok=True)
         worker = [RAY, "start", "--address", self.address, "--node-ip-address", "127.0.0.1", "--num-cpus",
                   str(num_cpus), "--num-gpus", "0", "--object-store-memory", str(200 << 20), "--temp-dir",
-                  str(self.ray_dirs / name), "--disable-usage-stats", "--block"]
+                  str(self.ray_dirs / name), *_own_ports(), "--disable-usage-stats", "--block"]
         mounts = "; ".join(f"mount -t tmpfs tmpfs {shlex.quote(str(path))}" for path in self.hidden)
         script = f"{mounts}; exec {' '.join(shlex.quote(word) for word in worker)}"
         node = self._launch(name, ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
