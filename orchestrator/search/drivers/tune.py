@@ -182,8 +182,8 @@ def run_tune(pool: Charged, driver: str, space: Space, build: Callable[[dict], P
              progress: bool = True) -> DriverResult:
     """A Tune experiment over ``space`` (``build`` turns a trial's config into a profile) whose trials
     climb ``rungs`` through the pool, until the budget is spent or ``num_samples`` trials ran; its
-    directory is ``experiment``, restored when it holds one (a resumed run: the run directory is this
-    search's alone, a new run's is empty). ``trials``: Tune's
+    directory is ``experiment``: a finished experiment there (same settings and limits) is reused, an
+    interrupted one replayed from its seed (see the module doc). ``trials``: Tune's
     ``num_samples`` (default: the evaluation budget, else unlimited, else 20). Returns the best profile
     among the trials that reached the highest rung any trial reached, with its running KL there."""
     budget = pool.budget
