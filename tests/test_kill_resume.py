@@ -43,21 +43,7 @@ def test_sigkilled_search_resumes_to_the_same_end(uninterrupted, corpus_file, tm
     model_dir, whole = uninterrupted
     killed = tmp_path / "killed"
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
-    process = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *_args(model_dir, corpus_file, killed)],
-                               cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
-            results = killed / "results"
-            if results.exists() and len(list(results.glob("part-*.parquet"))) >= 20:
-                break
-            time.sleep(0.01)
-        assert process.poll() is None, "the search ended before it could be killed"
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray processes it started
-        process.wait()
+    _sigkill_after_parts(_args(model_dir, corpus_file, killed), killed, parts=20, timeout=240)
     before = len(ResultsTable(killed, "check").read())
     assert 20 <= before < len(ResultsTable(whole, "check").read())
 
@@ -113,21 +99,7 @@ def test_sigkilled_tune_experiment_resumes_to_the_same_end(uninterrupted, corpus
             "--no-uniform"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert main([*_args(model_dir, corpus_file, whole), *tune]) == 0
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
-    process = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *_args(model_dir, corpus_file, killed),
-                                *tune], cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
-            results = killed / "results"
-            if results.exists() and len(list(results.glob("part-*.parquet"))) >= 8:
-                break
-            time.sleep(0.05)
-        assert process.poll() is None, "the search ended before it could be killed"
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    _sigkill_after_parts([*_args(model_dir, corpus_file, killed), *tune], killed, parts=8, timeout=300)
     before = len(ResultsTable(killed, "check").read())
     assert (killed / "tune" / "tune-atp").is_dir()
 
@@ -139,3 +111,24 @@ def test_sigkilled_tune_experiment_resumes_to_the_same_end(uninterrupted, corpus
     assert b["details"]["evaluations_sent"] == len(rows) - before  # only keys the table lacked were sent
     assert {r["key"] for r in rows} == {r["key"] for r in reference.read()}
     assert a["profile"] == b["profile"] and a["validation_kl"] == b["validation_kl"]
+
+
+def _sigkill_after_parts(args: list[str], out, parts: int, timeout: float) -> None:
+    """Run ``sparsealloc`` with ``args`` in its own process group and SIGKILL the group (the driver and the
+    Ray processes it started) once ``out`` holds ``parts`` results parts; the search must still be running."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+    log = out.parent / f"{out.name}.stderr"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, env=env,
+                                   start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            results = out / "results"
+            if results.exists() and len(list(results.glob("part-*.parquet"))) >= parts:
+                break
+            time.sleep(0.01)
+        assert process.poll() is None, "the search ended before it could be killed: " + log.read_text()[-3000:]
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
