@@ -13,6 +13,7 @@ summary plus the baselines, ``winner_vs_atp`` against the ATP pick, the command 
                                                                         # and test windows by default)
     python -m bench.search --seeds 0 --budget-tokens 1500000 --tag 70-tokens
     python -m bench.search --seeds 0 --pruner sparsegpt --tag 70-sparsegpt
+    python -m bench.search --seeds 0 --budget-tokens 800000 --granularity group --tag 70-group
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def ratios(summary: dict, baselines: dict) -> dict:
 
 def run_seed(args, seed: int) -> dict:
     out = Path(args.out) / f"{args.tag}-seed{seed}"
-    config = SearchConfig(out=out, method="all", sparsity=args.sparsity, pruner=args.pruner,
+    config = SearchConfig(out=out, method="all", sparsity=args.sparsity, pruner=args.pruner, model=args.model,
+                          granularity=args.granularity,
                           budget_minutes=args.budget_minutes, budget_tokens=args.budget_tokens, seed=seed,
                           seqlen=args.seqlen, calib_samples=args.calib_samples, eval_windows=args.eval_windows,
                           sequential_windows=args.sequential_windows, progress=False, uniform_baseline=False,
@@ -134,15 +136,18 @@ def run_seed(args, seed: int) -> dict:
                           + (f"--budget-tokens {args.budget_tokens} " if args.budget_tokens else "")
                           + f"--seqlen {args.seqlen} --calib-samples {args.calib_samples} "
                           + f"--eval-windows {args.eval_windows} --sequential-windows {args.sequential_windows} "
-                          + f"--seed {seed} --out {out}",
+                          + (f"--model {args.model} " if args.model != "default" else "")
+                          + f"--granularity {args.granularity} --seed {seed} --out {out}",
         "seed": seed, "sparsity": args.sparsity, "pruner": args.pruner,
         "budget": {"minutes": args.budget_minutes, "tokens": args.budget_tokens},
         "protocol": {k: summary.get(k) for k in ("device", "dtype")} | {
             "seqlen": config.seqlen, "calib_samples": config.calib_samples, "eval_windows": config.eval_windows,
             "fitness_tokens": config.fitness_windows * config.fitness_seqlen, "fidelities": list(config.fidelities),
             "selection_windows": config.selection_windows, "top_fitness": config.top_fitness,
-            "sequential_windows": config.sequential_windows, "data": config.data, "model": config.model},
+            "sequential_windows": config.sequential_windows, "data": config.data, "model": config.model,
+            "granularity": config.granularity},
         "winner": summary["winner"], "winner_test_perplexity": summary["winner_test_perplexity"],
+        "selection_margin": summary["selection"].get("margin"),
         "dense_test_perplexity": summary["dense_test_perplexity"],
         "drivers": {name: {"validation_kl": d["validation_kl"], "evaluations": d["evaluations"],
                            "seconds": d["seconds"], "tokens": d["details"].get("tokens"),
@@ -211,6 +216,8 @@ def main() -> None:
     parser.add_argument("--budget-minutes", type=float, default=None)
     parser.add_argument("--budget-tokens", type=int, default=None)
     parser.add_argument("--atp-grid", type=int, default=3)
+    parser.add_argument("--granularity", default="block", choices=["block", "group", "linear"])
+    parser.add_argument("--model", default="default")
     # The final passes' protocol (calibration and test windows): a quarter of search's defaults, so that
     # the search's and the baselines' ~11 passes per seed fit beside a 20-minute search on 2 cores.
     parser.add_argument("--seqlen", type=int, default=256)

@@ -162,6 +162,11 @@ def _cmd_search(args) -> None:
               f"{twin}")
     print(f"\nwinner {summary['winner']} (lowest validation perplexity after the final pass): test perplexity "
           f"{summary['winner_test_perplexity']:.3f} (dense {summary['dense_test_perplexity']:.3f})")
+    margin = summary["selection"].get("margin")
+    if margin:
+        print(f"picked over {margin['runner_up']} by {margin['nll_gap']:.4f} ± {margin['nll_gap_se']:.4f} nats per "
+              f"token on {margin['windows']} selection windows"
+              + ("" if margin["clear"] else ": within noise, raise --selection-windows to settle it"))
     if "atp_test_perplexity" in summary:
         print(f"best ATP (Tune, chosen on validation): test perplexity {summary['atp_test_perplexity']:.3f}; "
               f"winner vs ATP {summary['winner_vs_atp']:+.1%}")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from core.errors import SparseAllocError
+from core.units import UnitLayout
 from pruning.gguf import load_gguf
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,12 @@ def find_blocks(model) -> nn.ModuleList:
 def find_linears(block: nn.Module) -> dict[str, nn.Linear]:
     """Every ``nn.Linear`` in a block, by its name inside the block (all are pruned)."""
     return {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear)}
+
+
+def unit_layout(model) -> UnitLayout:
+    """The model's prunable linears per block, with their weight counts (what profiles' units cover)."""
+    return UnitLayout(tuple(tuple((name, lin.weight.numel()) for name, lin in find_linears(block).items())
+                            for block in find_blocks(model)))
 
 
 def block_param_counts(model) -> list[int]:

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pruning.capture import capture_block_inputs, run_block, run_block_observing
-from pruning.load import find_blocks, find_linears
+from pruning.load import find_blocks, find_linears, unit_layout
 from pruning.offload import move_non_blocks, onloaded
 from pruning.pruners import Pruner
 from core.profile import Profile
@@ -35,30 +35,34 @@ def prune_sequentially(
     progress: bool = True,
     offload: bool = False,
 ) -> None:
-    """Prune every linear of block l to ``profile.sparsities[l]`` (embeddings, lm_head stay dense).
+    """Prune every linear to its unit's level in ``profile`` (block l's linears all to ``profile.sparsities[l]``
+    for a per-block profile; embeddings, lm_head stay dense).
 
     ``offload``: the blocks stay where they are (the host) and each is moved to ``device`` only while
     it is calibrated, pruned and run; the non-block parts are moved to ``device`` (and stay there).
     Without it the whole model must already be on ``device``.
     """
     blocks = find_blocks(model)
-    profile.check_fits(len(blocks))
+    layout = unit_layout(model)
+    profile.check_layout(layout)
+    levels = profile.levels(layout)
     if offload:
         move_non_blocks(model, device)
     captured = capture_block_inputs(model, blocks, calibration, batch_size, device) if pruner.needs_inputs else None
     hidden = captured.hidden if captured else None
     for index in tqdm(range(len(blocks)), desc=f"{pruner.name} pass", unit="block", disable=not progress):
-        sparsity, nm = profile.sparsities[index], profile.pattern(index)
-        if sparsity == 0 and captured is None:
+        pruned = any(sparsity > 0 for sparsity, _ in levels[index].values())
+        if not pruned and captured is None:
             continue  # nothing to prune, nothing to run
-        place = onloaded(blocks[index], device, write_back=sparsity > 0) if offload else nullcontext(blocks[index])
+        place = onloaded(blocks[index], device, write_back=pruned) if offload else nullcontext(blocks[index])
         with place as block:
             linears = find_linears(block)
             stats = {}
-            if pruner.needs_inputs and sparsity > 0:
+            if pruner.needs_inputs and pruned:
                 stats, _ = run_block_observing(block, linears, pruner.new_stats, hidden, captured.calls[index])
-            if sparsity > 0:
-                for name, layer in linears.items():
+            for name, layer in linears.items():
+                sparsity, nm = levels[index][name]
+                if sparsity > 0:
                     pruner.prune(layer, stats.get(name), sparsity, nm)
             del stats
             if captured is not None:

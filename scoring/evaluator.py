@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from pruning.capture import block_output, capture_block_inputs, head_logits
 from core.errors import SparseAllocError
-from pruning.load import block_param_counts, find_blocks, find_linears
+from pruning.load import block_param_counts, find_blocks, find_linears, unit_layout
 from pruning.offload import move_non_blocks, non_block_bytes, onloaded, pin_blocks, split_blocks, tensor_bytes, to_device
 from scoring.level_sources import LevelSource, RankTableLevels
 from scoring.levels import Level, RankTables, build_rank_tables
@@ -50,7 +50,7 @@ def _size(count: int) -> str:
 
 
 class CandidateEvaluator:
-    """Scores per-block profiles against the dense model on fixed fitness windows."""
+    """Scores profiles (per block, group or linear) against the dense model on fixed fitness windows."""
 
     def __init__(self, model, calibration: torch.Tensor, fitness_windows: torch.Tensor,
                  device: torch.device | Sequence[torch.device], score_kind: str = "wanda", batch_size: int = 4,
@@ -74,6 +74,7 @@ class CandidateEvaluator:
         self.memory_budget = memory_budget
         self.blocks = find_blocks(model)
         self.block_weights = block_param_counts(model)
+        self.layout = unit_layout(model)
         self.windows = fitness_windows
         self._ids = fitness_windows.to(self.device)
         self._linears = [find_linears(block) for block in self.blocks]
@@ -235,14 +236,18 @@ class CandidateEvaluator:
         del self._device_ranks[block]
         self._account(-self._block_cost[block])
 
-    def _masked(self, block: int, level: Level) -> dict[str, torch.Tensor]:
-        """The block's linears at ``level``, written into the scratch buffers of its device."""
+    def _masked(self, block: int, levels: tuple[Level | None, ...]) -> dict[str, torch.Tensor]:
+        """The block's linears at their ``levels`` (one per linear, in order; None: dense), the pruned ones
+        written into the scratch buffers of its device."""
         device = self._block_device[block]
         out = {}
-        if level[1] is not None and not self.levels.supports_nm:
+        if any(level is not None and level[1] is not None for level in levels) and not self.levels.supports_nm:
             raise SparseAllocError(f"the {type(self.levels).__name__} level source holds unstructured levels, not "
                                    "N:M patterns")
-        for name, layer in self._linears[block].items():
+        for (name, layer), level in zip(self._linears[block].items(), levels):
+            if level is None:
+                out[name] = layer.weight.data
+                continue
             table = self.ranks.tables[block][name]
             if self.mode == "streamed":
                 table = type(table)(self._device_ranks[block][name])
@@ -349,7 +354,7 @@ class CandidateEvaluator:
         if metric not in METRICS:
             raise SparseAllocError(f"unknown fitness metric {metric!r}; choose one of {', '.join(METRICS)}")
         for profile in profiles:
-            profile.check_fits(self.num_blocks)
+            profile.check_layout(self.layout)
         if metric == "kl-seq":
             if self.score_kind != "wanda" or not self.levels.sequential:
                 raise SparseAllocError("kl-seq needs Wanda rank tables (activation-based masks), not "
@@ -364,15 +369,15 @@ class CandidateEvaluator:
                 self.ranks = dense_ranks
             return values
         ids = torch.tensor(self.window_ids(tokens, draw, skip), device=self.device)
-        levels = [[self._level(s, p.pattern(l)) for l, s in enumerate(p.sparsities)] for p in profiles]
+        levels = [self._block_levels(p) for p in profiles]
         batches = self._batches(len(ids))
         # A group: members sharing the levels so far; its hidden states (None while still dense).
         groups: list[tuple[list[int], torch.Tensor | None]] = [(list(range(len(profiles))), None)]
         for l in self._blocks_in_turn():
-            jobs: dict[Level, list[tuple[list[int], torch.Tensor | None]]] = {}
+            jobs: dict[tuple | None, list[tuple[list[int], torch.Tensor | None]]] = {}
             advanced: list[tuple[list[int], torch.Tensor | None]] = []
             for members, hidden in groups:
-                split: dict[Level | None, list[int]] = {}
+                split: dict[tuple | None, list[int]] = {}
                 for member in members:
                     split.setdefault(levels[member][l], []).append(member)
                 for level, sub in split.items():
@@ -394,9 +399,18 @@ class CandidateEvaluator:
         return scores
 
     def _level(self, sparsity: float, pattern) -> Level | None:
-        """A block's level for ``sparsity`` (as its level source snaps it), None when that is dense."""
+        """A linear's level for ``sparsity`` (as its level source snaps it), None when that is dense."""
         sparsity = self.levels.snap(sparsity)
         return (sparsity, pattern) if sparsity > 0 else None
+
+    def _block_levels(self, profile: Profile) -> list[tuple[Level | None, ...] | None]:
+        """Per block, the levels of its linears in order (what candidates must share to share the block's
+        output); None for a block left dense."""
+        out = []
+        for block, linears in zip(self._linears, profile.levels(self.layout)):
+            key = tuple(self._level(*linears[name]) for name in block)
+            out.append(None if all(level is None for level in key) else key)
+        return out
 
     def _score(self, ids: torch.Tensor, finals: list[torch.Tensor | None], metric: str) -> list[float]:
         """Mean KL or perplexity for each of ``finals`` (final hidden states; None: the dense model) on

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from pruning.capture import capture_block_inputs, run_block, run_block_observing
 from core.errors import SparseAllocError
-from pruning.load import find_blocks, find_linears
+from pruning.load import find_blocks, find_linears, unit_layout
 from pruning.masks import prune_count
 from pruning.offload import onloaded, to_device
 from pruning.pruners import InputNorms, wanda_scores
@@ -122,7 +122,9 @@ def build_rank_tables(model, calibration: torch.Tensor, compute_device: Callable
     if incumbent is not None:
         if kind != "wanda":
             raise SparseAllocError(f"an incumbent only changes activation-based scores (wanda), not {kind!r}")
-        incumbent.check_fits(len(blocks))
+        layout = unit_layout(model)
+        incumbent.check_layout(layout)
+        incumbent_levels = incumbent.levels(layout)
     captured = capture_block_inputs(model, blocks, calibration, batch_size, compute_device(0)) \
         if kind == "wanda" else None
     hidden = captured.hidden if captured else None
@@ -148,12 +150,11 @@ def build_rank_tables(model, calibration: torch.Tensor, compute_device: Callable
                 for m in ratios:
                     ratios[m].append(outlier_ratio(pooled, m))
                 del pooled
-            if incumbent is not None and incumbent.sparsities[index] > 0:
-                # As the final pass: the next block's inputs are this block's outputs with all its
-                # linears pruned at the incumbent's level (masks from the dense weights just ranked).
-                level = (incumbent.sparsities[index], incumbent.pattern(index))
+            if incumbent is not None and any(s > 0 for s, _ in incumbent_levels[index].values()):
+                # As the final pass: the next block's inputs are this block's outputs with its linears
+                # pruned at the incumbent's levels (masks from the dense weights just ranked).
                 here = {name: RankTable(t.stored.to(device)) for name, t in tables[-1].items()}
-                with _masked(linears, here, level):
+                with _masked(linears, here, incumbent_levels[index]):
                     hidden = run_block(block, inputs, calls)
                 del here
     return RankTables(tables, ratios)
@@ -176,13 +177,16 @@ def sequential_rank_tables(model, calibration: torch.Tensor, incumbent: Profile,
 
 
 @contextmanager
-def _masked(linears: dict[str, torch.nn.Module], tables: dict[str, RankTable], level: Level) -> Iterator[None]:
-    """The linears' weights pointed at pruned copies (zeros where the tables remove at ``level``,
-    written as the pruners write them) for the duration; the dense tensors are put back untouched."""
+def _masked(linears: dict[str, torch.nn.Module], tables: dict[str, RankTable],
+            levels: dict[str, Level]) -> Iterator[None]:
+    """The linears' weights pointed at pruned copies (zeros where the tables remove at each linear's level
+    in ``levels``, written as the pruners write them) for the duration; the dense tensors are put back
+    untouched."""
     dense = {name: layer.weight.data for name, layer in linears.items()}
     try:
         for name, layer in linears.items():
-            layer.weight.data = dense[name].masked_fill(tables[name].mask(*level), 0)
+            if levels[name][0] > 0:
+                layer.weight.data = dense[name].masked_fill(tables[name].mask(*levels[name]), 0)
         yield
     finally:
         for name, layer in linears.items():

@@ -21,11 +21,12 @@ from pruning.load import find_blocks
 from pruning.offload import move_non_blocks, onloaded
 
 
-def _nll_sum(logits: torch.Tensor, batch: torch.Tensor) -> tuple[float, int]:
+def _nll_rows(logits: torch.Tensor, batch: torch.Tensor) -> list[float]:
+    """Each window's summed next-token NLL (its first token is context only)."""
     logits = logits[:, :-1].float()
     targets = batch[:, 1:]
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
-    return total, targets.numel()
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return nll.view(targets.shape).sum(dim=1, dtype=torch.float64).tolist()
 
 
 @torch.no_grad()
@@ -43,9 +44,9 @@ def _final_hidden_offloaded(model, blocks: nn.ModuleList, windows: torch.Tensor,
 
 
 @torch.no_grad()
-def mean_nll(model, windows: torch.Tensor, device: torch.device, batch_size: int = 4,
-             progress: bool = True, desc: str = "perplexity", offload: bool = False) -> tuple[float, int]:
-    """Mean next-token NLL (nats) over every predicted token of ``windows`` [n, seqlen], and the count.
+def window_nlls(model, windows: torch.Tensor, device: torch.device, batch_size: int = 4,
+                progress: bool = True, desc: str = "perplexity", offload: bool = False) -> list[float]:
+    """Each window's mean next-token NLL (nats), for ``windows`` [n, seqlen].
 
     Each window is scored on its own (no context carried across windows); its first token is
     context only, so a window of T tokens contributes T − 1 predictions.
@@ -54,22 +55,41 @@ def mean_nll(model, windows: torch.Tensor, device: torch.device, batch_size: int
     non-block parts are moved to ``device`` (and stay there). Without it the whole model must already
     be on ``device``.
     """
-    total, count = 0.0, 0
+    sums: list[float] = []
     starts = range(0, windows.shape[0], batch_size)
     if not offload:
         for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
             batch = windows[start : start + batch_size].to(device)
-            nll, n = _nll_sum(model(input_ids=batch, use_cache=False).logits, batch)
-            total, count = total + nll, count + n
-        return total / count, count
+            sums += _nll_rows(model(input_ids=batch, use_cache=False).logits, batch)
+    else:
+        blocks = find_blocks(model)
+        final = _final_hidden_offloaded(model, blocks, windows, device, batch_size, progress, desc)
+        for start, hidden in zip(starts, final):
+            batch = windows[start : start + batch_size].to(device)
+            sums += _nll_rows(head_logits(model, blocks, hidden, batch), batch)
+    return [total / (windows.shape[1] - 1) for total in sums]
 
-    blocks = find_blocks(model)
-    final = _final_hidden_offloaded(model, blocks, windows, device, batch_size, progress, desc)
-    for start, hidden in zip(starts, final):
-        batch = windows[start : start + batch_size].to(device)
-        nll, n = _nll_sum(head_logits(model, blocks, hidden, batch), batch)
-        total, count = total + nll, count + n
-    return total / count, count
+
+def mean_nll(model, windows: torch.Tensor, device: torch.device, batch_size: int = 4,
+             progress: bool = True, desc: str = "perplexity", offload: bool = False) -> tuple[float, int]:
+    """Mean next-token NLL (nats) over every predicted token of ``windows`` [n, seqlen], and the count
+    (see :func:`window_nlls`; every window predicts the same number of tokens)."""
+    nlls = window_nlls(model, windows, device, batch_size, progress, desc, offload)
+    return sum(nlls) / len(nlls), windows.shape[0] * (windows.shape[1] - 1)
+
+
+def paired_gap(chosen: list[float], other: list[float]) -> tuple[float, float]:
+    """How much lower ``chosen``'s mean NLL is than ``other``'s on the same windows, and the standard error of
+    that difference (of the per-window differences' mean; 0 with one window). The perplexity ratio of the
+    two is exp(gap); a gap within about two standard errors could go either way on other windows."""
+    if len(chosen) != len(other) or not chosen:
+        raise ValueError("paired_gap needs two equally long, non-empty lists of per-window NLLs")
+    diffs = [b - a for a, b in zip(chosen, other)]
+    mean = sum(diffs) / len(diffs)
+    if len(diffs) < 2:
+        return mean, 0.0
+    variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return mean, math.sqrt(variance / len(diffs))
 
 
 def perplexity(model, windows: torch.Tensor, device: torch.device, batch_size: int = 4,

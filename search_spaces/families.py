@@ -132,10 +132,37 @@ def free_vector(
     weights: Sequence[float] | None = None,
     lo: float = 0.0,
     hi: float = MAX_SPARSITY,
+    granularity: str = "block",
 ) -> Profile:
-    """The feasible profile nearest to an arbitrary proposed per-block vector."""
+    """The feasible profile nearest to an arbitrary proposed per-unit vector (a block, group or linear per
+    entry: ``granularity``)."""
     _check_target(target)
-    return Profile(tuple(project(values, target, weights, lo, hi)))
+    return Profile(tuple(project(values, target, weights, lo, hi)), granularity=granularity)
+
+
+def group_shift(profile: Profile, groups: Sequence[str | None], blocks: Sequence[int], weights: Sequence[float],
+                target: float, shift: float) -> Profile:
+    """``profile`` (per group or per linear) with attention ``shift`` sparser than the MLP in every block
+    (negative: the MLP sparser), each block's weighted mean kept: attention units move by
+    ``shift`` × the MLP's share of the block, MLP units by −``shift`` × attention's. Should an entry leave
+    [0, 0.99], the vector is projected back (mean ``target`` kept)."""
+    _check_target(target)
+    if len(groups) != len(profile) or len(blocks) != len(profile) or len(weights) != len(profile):
+        raise SparseAllocError("group_shift needs one group, block and weight per unit of the profile")
+    attention: dict[int, float] = {}
+    total: dict[int, float] = {}
+    for group, block, weight in zip(groups, blocks, weights):
+        total[block] = total.get(block, 0.0) + weight
+        attention[block] = attention.get(block, 0.0) + (weight if group == "attention" else 0.0)
+    values = []
+    for value, group, block in zip(profile.sparsities, groups, blocks):
+        share = attention[block] / total[block]
+        if 0 < share < 1:
+            value += shift * (1 - share) if group == "attention" else -shift * share
+        values.append(value)
+    if min(values) < 0 or max(values) > MAX_SPARSITY:
+        values = project(values, target, weights)
+    return Profile(tuple(values), granularity=profile.granularity)
 
 
 def free_keys(num_blocks: int) -> list[str]:

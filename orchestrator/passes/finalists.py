@@ -26,6 +26,7 @@ from orchestrator.runtime.transfer import copy_local, fetch_directory
 from orchestrator.runtime.candidates import DriverResult
 from orchestrator.runtime.cluster import alive_nodes
 from orchestrator.runtime.rundir import staged_output
+from scoring.perplexity import paired_gap
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,23 @@ def pass_row(metrics: dict) -> dict:
     keep = ("validation_perplexity", "test_perplexity", "prune_s", "node", "offload", "device", "device_name",
             "dtype", "reused")
     return {**{k: metrics[k] for k in keep if k in metrics}, "achieved": metrics.get("achieved_sparsity")}
+
+
+PICK_STANDARD_ERRORS = 2.0  # a winner this many standard errors ahead of the runner-up is a clear pick
+
+
+def pick_margin(passes: dict[str, dict], names: list[str], best: str) -> dict:
+    """How far the winner ``best`` is ahead of the runner-up on the selection windows: the paired gap in mean
+    NLL (runner-up minus winner, nats; exp(gap) is their perplexity ratio), its standard error over the
+    windows and whether it is clear (more than ``PICK_STANDARD_ERRORS`` of them). Empty when there is no
+    runner-up or a pass kept no per-window NLLs (a pass stored by an older version)."""
+    others = [n for n in names if n != best and passes[n].get("validation_window_nll")]
+    if not others or not passes[best].get("validation_window_nll"):
+        return {}
+    runner = min(others, key=lambda name: passes[name]["validation_perplexity"])
+    gap, se = paired_gap(passes[best]["validation_window_nll"], passes[runner]["validation_window_nll"])
+    return {"runner_up": runner, "nll_gap": gap, "nll_gap_se": se,
+            "windows": len(passes[best]["validation_window_nll"]), "clear": gap > PICK_STANDARD_ERRORS * se}
 
 
 def same_profile_passes(results: dict[str, DriverResult], passes: dict[str, dict]) -> dict[str, dict]:

@@ -16,7 +16,7 @@ import torch
 from core.identity import write_json
 from core.profile import Profile, write_profile
 from orchestrator.runtime.rundir import staged_output
-from pruning.load import find_blocks, find_linears
+from pruning.load import find_blocks, find_linears, unit_layout
 from pruning.offload import move_non_blocks
 
 
@@ -78,14 +78,23 @@ def device_info(device: torch.device) -> dict:
     return {"device": device.type, "device_name": name}
 
 
+def layer_sparsities(model, profile: Profile) -> dict[str, float]:
+    """llm-compressor-style per-layer list: every pruned linear's full module name → its sparsity."""
+    blocks = find_blocks(model)
+    prefix = next(name for name, module in model.named_modules() if module is blocks)
+    return profile.layer_sparsities(unit_layout(model), prefix)
+
+
 def save_pruned(out: Path, overwrite: bool, model, tokenizer, profile: Profile, target: float, metrics: dict,
                 extra_files: dict | None = None) -> None:
-    """Write model, tokenizer, profile.json, metrics.json (and any extra JSON files) atomically."""
+    """Write model, tokenizer, profile.json, layer-sparsities.json, metrics.json (and any extra JSON files)
+    atomically."""
     start = time.perf_counter()
     with staged_output(Path(out), overwrite) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         write_profile(staging / "profile.json", profile, target, pruner=metrics["pruner"], model=metrics["model"])
+        write_json(staging / "layer-sparsities.json", layer_sparsities(model, profile))
         metrics["timings"]["save_s"] = time.perf_counter() - start
         write_json(staging / "metrics.json", metrics)
         for name, data in (extra_files or {}).items():

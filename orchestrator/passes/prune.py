@@ -13,6 +13,7 @@ import torch
 from core.errors import SparseAllocError
 from core.identity import versions
 from core.profile import MEAN_TOLERANCE, Profile, parse_nm, read_profile
+from core.units import UnitLayout
 from orchestrator.passes.model_io import (choose_offload, device_free_bytes, device_info,
                                           pass_reserve_bytes, place_model, save_pruned)
 from orchestrator.runtime import options as opt
@@ -20,7 +21,7 @@ from orchestrator.runtime.options import option
 from orchestrator.runtime.lock import RunLock
 from orchestrator.runtime.rundir import check_free_space, check_output, check_writable
 from pruning.data import prepare_tokens
-from pruning.load import block_param_counts, dtype_name, find_blocks, load_model, pick_device, pick_dtype
+from pruning.load import dtype_name, load_model, pick_device, pick_dtype, unit_layout
 from pruning.offload import tensor_bytes
 from pruning.pruners import PRUNERS, get_pruner
 from pruning.sequential import prune_sequentially
@@ -77,15 +78,17 @@ def _check_ratio(value: float, what: str) -> None:
         raise SparseAllocError(f"{what} must lie in [0, 1), got {value}")
 
 
-def resolve_profile(config: PruneConfig, num_blocks: int, weights: list[int]) -> tuple[Profile, float]:
-    """The per-block profile and its target mean from ``--profile``, ``--nm`` or ``--sparsity``
-    (``--sparsity`` already checked to lie in [0, 1) by :func:`run_prune`)."""
+def resolve_profile(config: PruneConfig, layout: UnitLayout) -> tuple[Profile, float]:
+    """The profile (per block, or per group or linear from ``--profile``) and its target mean from
+    ``--profile``, ``--nm`` or ``--sparsity`` (``--sparsity`` already checked to lie in [0, 1) by
+    :func:`run_prune`)."""
+    num_blocks = layout.num_blocks
     if config.profile is not None:
         profile, recorded = read_profile(config.profile)
         target = config.sparsity if config.sparsity is not None else recorded
         if target is None:
-            target = profile.mean(weights)
-        profile.check_fits(num_blocks, weights, target)
+            target = profile.mean(layout.weights(profile.granularity))
+        profile.check_layout(layout, target)
         return profile, float(target)
     if config.nm is not None:
         n, m = parse_nm(config.nm)
@@ -132,8 +135,7 @@ def _prune(config: PruneConfig, pruner) -> dict:
     model_spec = resolve_model(config.model)  # resolved once: ``default`` re-hashes its weights
     model, tokenizer = load_model(model_spec, dtype)
     check_free_space(Path(config.out), tensor_bytes(model), "the pruned model")
-    weights = block_param_counts(model)
-    profile, target = resolve_profile(config, len(find_blocks(model)), weights)
+    profile, target = resolve_profile(config, unit_layout(model))
     offload = choose_offload(config.offload, tensor_bytes(model),
                              pass_reserve_bytes(model, config.calib_samples, config.seqlen, config.batch_size),
                              device_free_bytes(device))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -72,10 +73,10 @@ def final_pass_task(job: PassJob, name: str, profile: Profile, calibration: torc
                     test: torch.Tensor) -> dict:
     """One finalist's pass on this worker: load, prune sequentially, validation and test perplexity,
     save to ``job.out``; returns the pass's metrics (with this node's id)."""
-    from pruning.load import block_param_counts
+    from pruning.load import unit_layout
     from pruning.pruners import get_pruner
     from pruning.sequential import prune_sequentially
-    from scoring.perplexity import perplexity
+    from scoring.perplexity import perplexity, window_nlls
     from scoring.sparsity import achieved_sparsity
 
     node = ray.get_runtime_context().get_node_id()
@@ -86,7 +87,8 @@ def final_pass_task(job: PassJob, name: str, profile: Profile, calibration: torc
     prune_sequentially(model, calibration, profile, get_pruner(job.pruner), device, job.batch_size, False, offload)
     prune_s = time.perf_counter() - start
     start = time.perf_counter()
-    validation = perplexity(model, selection, device, job.batch_size, False, offload=offload)
+    validation_nlls = window_nlls(model, selection, device, job.batch_size, False, offload=offload)
+    validation = math.exp(sum(validation_nlls) / len(validation_nlls))
     test_ppl = perplexity(model, test, device, job.batch_size, False, offload=offload)
     eval_s = time.perf_counter() - start
     zero_shot = None
@@ -97,7 +99,8 @@ def final_pass_task(job: PassJob, name: str, profile: Profile, calibration: torc
                                        job.zero_shot.get("limit"), device, job.batch_size)
     metrics = {
         "driver": name, "model": job.model, "pruner": job.pruner,
-        "validation_perplexity": validation, "test_perplexity": test_ppl, "pruned_perplexity": test_ppl,
+        "validation_perplexity": validation, "validation_window_nll": validation_nlls,
+        "test_perplexity": test_ppl, "pruned_perplexity": test_ppl,
         "prune_s": prune_s, "achieved_sparsity": achieved_sparsity(model), "profile": profile.to_json(),
         **device_info(device), "dtype": dtype_name(dtype), "offload": offload, "node": node,
         "inputs": job.inputs, "timings": {"load_s": load_s, "prune_s": prune_s, "eval_s": eval_s},
@@ -105,7 +108,8 @@ def final_pass_task(job: PassJob, name: str, profile: Profile, calibration: torc
         "versions": versions(),
     }
     if job.save:
-        save_pruned(Path(job.out), True, model, tokenizer, profile, profile.mean(block_param_counts(model)), metrics)
+        target = profile.mean(unit_layout(model).weights(profile.granularity))
+        save_pruned(Path(job.out), True, model, tokenizer, profile, target, metrics)
     else:
         with staged_output(Path(job.out), True) as staging:
             write_json(staging / "metrics.json", metrics)

@@ -10,7 +10,7 @@ from core.profile import NM, Profile
 
 @dataclass(frozen=True)
 class Candidate:
-    """One fitness request: per-block sparsities (and N:M patterns) scored on ``tokens`` tokens of
+    """One fitness request: per-unit sparsities (and N:M patterns) scored on ``tokens`` tokens of
     the fitness windows — the first ones, the ones after the first ``skip`` (a fidelity rung adding
     tokens to the ones scored before), or the ``draw``-th random slice of that size (fresh tokens).
 
@@ -26,20 +26,24 @@ class Candidate:
     params: dict = field(default_factory=dict, compare=False, hash=False)
     draw: int = 0
     skip: int = 0
+    granularity: str = "block"
 
     @classmethod
     def of(cls, profile: Profile, tokens: int | None = None, driver: str = "", metric: str = "kl", draw: int = 0,
            **params) -> "Candidate":
-        return cls(profile.sparsities, profile.nm, tokens, metric, driver, params, draw)
+        return cls(profile.sparsities, profile.nm, tokens, metric, driver, params, draw,
+                   granularity=profile.granularity)
 
     @property
     def profile(self) -> Profile:
-        return Profile(self.sparsities, self.nm)
+        return Profile(self.sparsities, self.nm, self.granularity)
 
     @property
     def key(self) -> str:
         nm = None if self.nm is None else [None if p is None else list(p) for p in self.nm]
         fields = [[round(s, 9) for s in self.sparsities], nm, self.tokens, self.metric]
+        if self.granularity != "block":  # block keys stay as they were, so older results tables still answer
+            fields = [self.granularity] + fields
         if self.skip:
             return json.dumps(fields + [self.draw, self.skip])
         return json.dumps(fields + [self.draw] if self.draw else fields)

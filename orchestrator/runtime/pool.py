@@ -50,6 +50,7 @@ from orchestrator.runtime.candidates import Candidate
 from orchestrator.runtime.cluster import local_copy
 from orchestrator.runtime.results import ResultsTable
 from core.errors import SparseAllocError
+from core.units import UnitLayout
 
 log = logging.getLogger(__name__)
 NODE_CHECK_S = 2.0  # how often the pool reads the node table while it waits
@@ -129,6 +130,7 @@ class EvaluatorActor:
         dtype = next(evaluator.model.parameters()).dtype
         return {"actor": self.name, "node": ray.get_runtime_context().get_node_id(),
                 "blocks": evaluator.num_blocks, "weights": evaluator.block_weights,
+                "layout": evaluator.layout.to_json(),
                 "max_tokens": evaluator.max_tokens, "mode": evaluator.mode, "reference": evaluator.reference,
                 "devices": [str(d) for d in evaluator.devices], "dtype": str(dtype).removeprefix("torch.")}
 
@@ -225,6 +227,11 @@ class EvaluatorPool:
     @property
     def block_weights(self) -> list[int]:
         return self.infos[0]["weights"]
+
+    @property
+    def layout(self) -> UnitLayout:
+        """The model's prunable linears per block: what a profile's units cover at each granularity."""
+        return UnitLayout.of(self.infos[0]["layout"])
 
     @property
     def max_tokens(self) -> int:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import SparseAllocError
+from core.units import GRANULARITIES
 from orchestrator.runtime import options as opt
 from orchestrator.runtime.options import option
 from orchestrator.runtime.plan import EVALUATOR_MODES
@@ -62,6 +63,10 @@ class SearchConfig:
     db_levels: tuple[float, ...] | None = option(None, "the SparseGPT database's levels (default: every 0.05 within "
                                                        "0.2 of --sparsity); evolution searches on them, other "
                                                        "profiles are scored at each block's nearest level")
+    granularity: str = option("block", "what one entry of a profile covers: block (every linear of a decoder "
+                                       "block), group (attention and MLP of each block) or linear (every prunable "
+                                       "linear); Shapley stays per block and seeds the finer search",
+                              choices=lambda: list(GRANULARITIES), sweep=True)
     nm_m: int | None = option(None, "evolution over the mixed N:M menu 1:M … (M-1):M", minimum=2)
     free_sampler: str = option("tpe", "Optuna sampler of the tune-free search over per-block vectors",
                                choices=SAMPLERS, sweep=True)

@@ -25,7 +25,7 @@ import torch
 
 from core.identity import cache_key, versions, write_json
 from core.profile import write_profile
-from orchestrator.passes.finalists import (driver_summary, finalists, pass_row, run_final_passes,
+from orchestrator.passes.finalists import (driver_summary, finalists, pass_row, pick_margin, run_final_passes,
                                            same_profile_passes, save_model)
 from orchestrator.passes.tasks import PassJob, model_spec
 from orchestrator.runtime.candidates import Candidate, DriverResult
@@ -125,7 +125,7 @@ def run_drivers(pool: EvaluatorPool, settings: Settings, drivers: dict[str, floa
         spent_tokens += budget.used_tokens
         spent_seconds += result.details["seconds"] - result.details["waited_for_nodes_s"]
         results[name] = result
-        write_profile(run_dir / f"best-{name}.json", result.best, result.best.mean(pool.block_weights),
+        write_profile(run_dir / f"best-{name}.json", result.best, result.best.mean(pool.layout.weights(result.best.granularity)),
                       driver=name, fitness=result.fitness)
         log.info("%s: best validation KL %.4f after %d evaluations, %.0f s", name, result.fitness,
                  result.evaluations, result.details["seconds"])
@@ -218,6 +218,11 @@ def final_stage(settings: Settings, tokens: Tokens, results: dict[str, DriverRes
                                      gpu=settings.device == "cuda", node_wait_s=settings.config.node_wait_minutes * 60)
     best = min(names, key=lambda name: passes[name]["validation_perplexity"])
     summary = _summary(settings, tokens, results, baselines or {}, names, passes, dense, best)
+    margin = summary["selection"]["margin"]
+    if margin and not margin["clear"]:
+        log.warning("the winner %s is %.4f ± %.4f nats ahead of %s on %d selection windows: within noise, the "
+                    "pick could go either way (more --selection-windows would settle it)", best,
+                    margin["nll_gap"], margin["nll_gap_se"], margin["runner_up"], margin["windows"])
     save_model(run_dir, best, passes[best],
                _model_metrics(settings, tokens, candidates[best], passes[best], dense, summary["selection"]))
     return summary
@@ -240,7 +245,7 @@ def _summary(settings: Settings, tokens: Tokens, results: dict[str, DriverResult
         "dense_test_perplexity": dense["test_perplexity"],
         "selection": {"finalists": names,
                       "criterion": f"validation perplexity after the {settings.config.pruner} pass",
-                      "tokens": int(tokens.selection.numel())},
+                      "tokens": int(tokens.selection.numel()), "margin": pick_margin(passes, names, best)},
         "drivers": driver_summary(results),
         "baselines": {name: {"validation_kl": b.fitness, "profile": list(b.best.sparsities)}
                       for name, b in baselines.items()},

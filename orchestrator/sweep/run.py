@@ -33,6 +33,7 @@ import ray
 from core.errors import SparseAllocError
 from core.identity import atomic_file, cache_key, write_json
 from core.profile import Profile
+from core.units import UnitLayout
 from orchestrator.passes.finalists import keep_metrics
 from orchestrator.passes.tasks import (PassTasks, as_completed, dense_pass_inputs, model_spec, pass_inputs,
                                        stored_metrics, task_resources, window_digests)
@@ -105,6 +106,7 @@ def _prepare(spec_path: Path, spec: SweepSpec, out: Path, resume: bool, overwrit
         # Sweeps from before kl-seq searched with dense-table KL at the top: a spec saying so resumes them.
         stored_identity.setdefault("top_fitness", "kl")
         stored_identity.setdefault("sequential_windows", spec.protocol["sequential_windows"])
+        stored_identity.setdefault("granularity", "block")  # sweeps from before --granularity were per block
         identity = spec.identity()
         changed = sorted(k for k in identity if stored_identity.get(k) != identity[k])
         if changed:
@@ -136,14 +138,16 @@ class _Pending:
     reused: bool = False
 
 
-def _nm_rounded(profile: Profile, cell: Cell, weights: list[int]) -> Profile:
+def _nm_rounded(profile: Profile, cell: Cell, layout: UnitLayout) -> Profile:
     """An N:M target's candidate on the mixed N:M menu of its M (plain N:M when uniform)."""
     nm = cell.nm
     if nm is None:
         return profile
     if len(set(profile.sparsities)) == 1:
-        return Profile.uniform_nm(len(profile.sparsities), nm)
-    return families.nm_profile(list(profile.sparsities), cell.sparsity, nm[1], weights)
+        uniform = Profile.uniform_nm(len(profile.sparsities), nm)
+        return Profile(uniform.sparsities, uniform.nm, profile.granularity)
+    rounded = families.nm_profile(list(profile.sparsities), cell.sparsity, nm[1], layout.weights(profile.granularity))
+    return Profile(rounded.sparsities, rounded.nm, profile.granularity)
 
 
 def _search_cost(cell_dir: Path) -> tuple[int, int]:
@@ -188,7 +192,7 @@ def _propose(cell: Cell, spec: SweepSpec, base: Settings, pool, tokens: Tokens, 
         clock.close()
     tokens, evaluations = _search_cost(cell_dir)
     record = {"cell": cell.__dict__, "budget": budget, "candidates": [
-        {"name": name, "profile": _nm_rounded(profile, cell, pool.block_weights).to_json()}
+        {"name": name, "profile": _nm_rounded(profile, cell, pool.layout).to_json()}
         for name, profile in proposal],
         "search": {"tokens": tokens, "evaluations": evaluations, "seconds": seconds}}
     write_json(cell_dir / "proposal.json", record)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from core.profile import Profile
+from core.units import UnitLayout
 from orchestrator.search.budget import Budget, Charged
 from orchestrator.search.settings import Settings
 
@@ -28,3 +30,20 @@ class DriverContext:
     @property
     def budget(self) -> Budget:
         return self.pool.budget
+
+    @property
+    def granularity(self) -> str:
+        """What one entry of the profiles this driver proposes covers (``--granularity``)."""
+        return self.settings.config.granularity
+
+    @property
+    def layout(self) -> UnitLayout:
+        return self.pool.layout
+
+    def unit_weights(self) -> list[int]:
+        """The parameter count of each unit at the search's granularity (the weights of a profile's mean)."""
+        return list(self.pool.block_weights) if self.granularity == "block" else self.layout.weights(self.granularity)
+
+    def at_granularity(self, profile: Profile) -> Profile:
+        """``profile`` at the search's granularity (a block profile gives each unit its block's level)."""
+        return profile if profile.granularity == self.granularity else profile.at(self.layout, self.granularity)

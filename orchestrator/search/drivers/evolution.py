@@ -111,6 +111,7 @@ class EvolutionConfig:
     crossover_points: int = 2
     final_tokens: int | None = None
     top_metric: str = "kl"
+    granularity: str = "block"
 
     def grid(self) -> np.ndarray:
         """The sorted level grid, after validating the config."""
@@ -184,9 +185,36 @@ class EvolutionResult:
     tokens: int = 0
 
 
+def unit_lattice(target: float, weights: Sequence[float], step: float = 0.01, hi: float = 0.99) -> np.ndarray:
+    """Per-unit level grids for units of unequal size: unit u's levels are ``target + j * step_u`` within
+    [0, ``hi``], with ``step_u = step * mean(weights) / weights[u]``, so one level of any unit moves the
+    weighted mean by the same amount (``step / units``) and moves that keep the index sum keep the mean
+    exactly. Row u holds unit u's levels in ascending order, padded with NaN."""
+    w = np.asarray(weights, dtype=float)
+    steps = step * w.mean() / w
+    below = np.floor(target / steps + 1e-9).astype(np.int64)
+    above = np.floor((hi - target) / steps + 1e-9).astype(np.int64)
+    table = np.full((w.size, int((below + above).max()) + 1), np.nan)
+    for unit in range(w.size):
+        table[unit, : below[unit] + above[unit] + 1] = target + np.arange(-below[unit], above[unit] + 1) * steps[unit]
+    return table
+
+
+def _as_table(grid: np.ndarray, units: int) -> np.ndarray:
+    """A level table of ``units`` rows: ``grid`` itself when it is per unit (2-D), else one row per unit."""
+    grid = np.asarray(grid, dtype=float)
+    return grid if grid.ndim == 2 else np.broadcast_to(grid, (units, grid.size))
+
+
+def _values(table: np.ndarray, levels_idx: np.ndarray) -> np.ndarray:
+    return table[np.arange(table.shape[0]), levels_idx]
+
+
 def weighted_mean(levels_idx: np.ndarray, grid: np.ndarray, weights: np.ndarray | None = None) -> float:
-    """The (parameter-)weighted mean sparsity of a level-index vector on ``grid``."""
-    values = np.asarray(grid, dtype=float)[np.asarray(levels_idx, dtype=np.int64)]
+    """The (parameter-)weighted mean sparsity of a level-index vector on ``grid`` (one grid for all units,
+    or a per-unit table as :func:`unit_lattice` makes)."""
+    levels_idx = np.asarray(levels_idx, dtype=np.int64)
+    values = _values(_as_table(grid, levels_idx.size), levels_idx)
     if weights is None:
         return float(values.mean())
     w = np.asarray(weights, dtype=float)
@@ -195,7 +223,7 @@ def weighted_mean(levels_idx: np.ndarray, grid: np.ndarray, weights: np.ndarray 
 
 def mutate(
     levels_idx: np.ndarray,
-    num_levels: int,
+    num_levels: int | np.ndarray,
     rng: np.random.Generator,
     max_swaps: int,
     accept: Callable[[np.ndarray], bool] | None = None,
@@ -203,7 +231,7 @@ def mutate(
     """A child of ``levels_idx`` after 1..``max_swaps`` (uniform) moves; the input is not changed.
 
     A move raises a random block (below the top level) one level and lowers another random block (above
-    level 0) one level, so the sum of indices is kept. With ``accept``, a move whose result it rejects is
+    level 0) one level, so the sum of indices is kept. ``num_levels``: the grid's size, or each unit's. With ``accept``, a move whose result it rejects is
     redrawn (up to a few times) and otherwise skipped. Returns an unchanged copy when no move is possible
     (one block, or every block at the same grid end).
     """
@@ -267,27 +295,33 @@ def repair(
     move fits, at most one last move crosses the goal if that lands closer. So all moves go one way, every
     level stays on the grid, and the result's mean is within one grid step × the largest block share of
     ``goal`` (``goal`` must lie in [grid[0], grid[-1]]); with equal weights on an even grid and a goal
-    reachable on it (e.g. the parents' mean), the result has exactly the goal's index sum.
+    reachable on it (e.g. the parents' mean), the result has exactly the goal's index sum. ``grid`` may be a
+    per-unit table (:func:`unit_lattice`), where every move changes the mean by the same amount.
     """
-    grid = np.asarray(grid, dtype=float)
     child = np.array(levels_idx, dtype=np.int64, copy=True)
-    if child.ndim != 1 or child.size == 0 or child.min() < 0 or child.max() >= grid.size:
+    if child.ndim != 1 or child.size == 0:
         raise SparseAllocError("repair needs a flat vector of level indices on the grid")
-    if not grid[0] - _EPS <= goal <= grid[-1] + _EPS:
-        raise SparseAllocError(f"goal mean {goal} is outside the level range [{grid[0]}, {grid[-1]}]")
+    table = _as_table(grid, child.size)
+    sizes = (~np.isnan(table)).sum(axis=1)
+    if child.min() < 0 or np.any(child >= sizes):
+        raise SparseAllocError("repair needs a flat vector of level indices on the grid")
+    low, high = float(np.nanmin(table)), float(np.nanmax(table))
+    if not low - _EPS <= goal <= high + _EPS:
+        raise SparseAllocError(f"goal mean {goal} is outside the level range [{low}, {high}]")
+    rows = np.arange(child.size)
     w = np.ones(child.size) if weights is None else np.asarray(weights, dtype=float)
     share = w / w.sum()
     lo = hi = None
     if between is not None:
         lo = np.minimum(between[0], between[1])
         hi = np.maximum(between[0], between[1])
-    gap = float(share @ grid[child]) - goal
+    gap = float(share @ _values(table, child)) - goal
     while abs(gap) > _EPS:
         step = -1 if gap > 0 else 1
         moved = child + step
-        movable = (moved >= 0) & (moved < grid.size)
+        movable = (moved >= 0) & (moved < sizes)
         delta = np.zeros(child.size)
-        delta[movable] = share[movable] * (grid[moved[movable]] - grid[child[movable]])
+        delta[movable] = share[movable] * (table[rows[movable], moved[movable]] - table[rows[movable], child[movable]])
         fits = movable & (np.abs(delta) <= abs(gap) + _EPS)
         if not fits.any():
             closer = movable & (np.abs(gap + delta) < abs(gap) - _EPS)
@@ -303,7 +337,7 @@ def repair(
         options = np.flatnonzero(choice)
         i = int(options[rng.integers(options.size)])
         child[i] = moved[i]
-        gap = float(share @ grid[child]) - goal
+        gap = float(share @ _values(table, child)) - goal
     return child
 
 
@@ -344,30 +378,41 @@ def run_evolution(
         )
     w = np.ones(num_blocks) if weights is None else np.asarray(weights)
     gaps = np.diff(grid)
-    exact = bool(np.allclose(gaps, gaps[0], rtol=0, atol=1e-12)) and bool(np.all(w == w[0]))
+    # Units of unequal size at a finer granularity than blocks, on the default grid: per-unit levels whose
+    # steps all move the mean alike, so level switches keep it exactly.
+    lattice = (config.granularity != "block" and config.levels is None and config.nm_m is None
+               and not bool(np.all(w == w[0])))
+    table = unit_lattice(config.target, w) if lattice else _as_table(grid, num_blocks)
+    sizes = (~np.isnan(table)).sum(axis=1)
+    exact = lattice or (bool(np.allclose(gaps, gaps[0], rtol=0, atol=1e-12)) and bool(np.all(w == w[0])))
     tolerance = float(gaps.max()) + 1e-12
 
     def mean_ok(idx: np.ndarray) -> bool:
-        return abs(weighted_mean(idx, grid, w) - config.target) <= tolerance
+        return abs(weighted_mean(idx, table, w) - config.target) <= tolerance
 
     accept = None if exact else mean_ok
 
     def make_profile(idx: tuple[int, ...]) -> Profile:
-        sparsities = tuple(float(grid[k]) for k in idx)
+        sparsities = tuple(float(v) for v in _values(table, np.asarray(idx)))
         if config.nm_m is None:
-            return Profile(sparsities)
+            return Profile(sparsities, granularity=config.granularity)
         m = config.nm_m
-        return Profile(sparsities, tuple(None if k == 0 else (int(k), m) for k in idx))
+        return Profile(sparsities, tuple(None if k == 0 else (int(k), m) for k in idx), config.granularity)
 
-    # Seeds onto the grid (for N:M, grid index k is the pattern k:m).
+    # Seeds onto the grid (for N:M, grid index k is the pattern k:m); on a lattice, each unit to its nearest
+    # level, then single moves to the target mean (reached exactly: every move shifts the mean alike).
     snapped: list[tuple[int, ...]] = []
     for seed in seeds:
-        values = round_to_levels(seed.sparsities, grid.tolist(), config.target, weights)
-        idx = tuple(int(np.argmin(np.abs(grid - v))) for v in values)
+        if lattice:
+            nearest = np.nanargmin(np.abs(table - np.asarray(seed.sparsities)[:, None]), axis=1)
+            idx = tuple(int(k) for k in repair(nearest, table, config.target, rng, w))
+        else:
+            values = round_to_levels(seed.sparsities, grid.tolist(), config.target, weights)
+            idx = tuple(int(np.argmin(np.abs(grid - v))) for v in values)
         if idx not in snapped:
             snapped.append(idx)
     # Crossover repairs towards the seeds' grid mean when it is exact (index sums kept), else the target.
-    goal = weighted_mean(np.asarray(snapped[0]), grid) if exact else config.target
+    goal = config.target if lattice else weighted_mean(np.asarray(snapped[0]), grid) if exact else config.target
 
     stages = len(config.fidelities)
     top = stages - 1
@@ -452,10 +497,10 @@ def run_evolution(
         if len(parents) >= 2 and rng.random() < config.crossover_rate:
             i, j = rng.choice(len(parents), size=2, replace=False)
             a, b = np.asarray(parents[int(i)]), np.asarray(parents[int(j)])
-            base = repair(crossover(a, b, rng, config.crossover_points), grid, goal, rng, w, (a, b))
+            base = repair(crossover(a, b, rng, config.crossover_points), table, goal, rng, w, (a, b))
         else:
             base = np.asarray(parents[int(rng.integers(len(parents)))])
-        return tuple(int(k) for k in mutate(base, grid.size, rng, config.max_swaps, accept))
+        return tuple(int(k) for k in mutate(base, sizes, rng, config.max_swaps, accept))
 
     def children_of(parents: list[tuple[int, ...]], count: int, taken: set) -> list[tuple[int, ...]]:
         out: list[tuple[int, ...]] = []
@@ -528,7 +573,8 @@ def run_evolution(
 def run(context: "DriverContext") -> DriverResult:
     """The ``evolution`` driver (MSP's EA): the population starts from the Fisher map, uniform, ATP and what
     the drivers before it found (under ``--method all``: the Shapley driver's profile), so the search
-    starts from the best known profiles. Two parents, so that crossover takes part. With a kl-seq top
+    starts from the best known profiles; at ``--granularity group`` or ``linear`` it evolves one level per
+    unit, from those block profiles lifted to the units (on per-unit grids that keep the mean exactly). Two parents, so that crossover takes part. With a kl-seq top
     stage (``--top-fitness kl-seq`` on rank tables) a last stage on all fitness tokens scores two
     children per generation with the masks of a low-fidelity sequential pass (it ranked closest to the
     real pass in bench/results/fidelity-cpu-4k.md); the parents keep their scores there (every draw of
@@ -545,6 +591,7 @@ def run(context: "DriverContext") -> DriverResult:
     fisher = fisher_traces(pool, settings, context.calibration, context.sensitivities)
     seeds = [families.sensitivity_map(fisher, target, 1.0, weights), families.uniform(n, target),
              families.atp(n, target, families.atp_beta_max(n, target) / 2), *context.earlier_bests]
+    seeds = [context.at_granularity(seed) for seed in seeds]  # block seeds give each unit their block's level
     bar = DriverProgress("evolution", context.budget, config.progress)
     fidelities = tuple(config.fidelities)
     sequential = settings.sequential_top
@@ -556,8 +603,8 @@ def run(context: "DriverContext") -> DriverResult:
         pool, seeds,
         EvolutionConfig(target=target, nm_m=config.nm_m, fidelities=fidelities, survivors=survivors,
                         levels=LEVEL_SOURCES[settings.level_source].grid(target, config.db_levels),
-                        seed=config.seed, weights=weights, final_tokens=context.top_tokens,
-                        top_metric="kl-seq" if sequential else "kl"),
+                        seed=config.seed, weights=context.unit_weights(), final_tokens=context.top_tokens,
+                        top_metric="kl-seq" if sequential else "kl", granularity=context.granularity),
         on_generation=lambda _g, best, _e: bar.update(best))
     bar.close()
     return DriverResult("evolution", result.best, result.fitness, result.evaluations,

@@ -155,7 +155,7 @@ class _Answers:
             params = {**question["config"], "trial": question["trial"], "rung": question["rung"],
                       "skip": question["skip"]}
             batch.append(Candidate(profile.sparsities, profile.nm, question["tokens"], "kl", self.driver, params,
-                                   skip=question["skip"]))
+                                   skip=question["skip"], granularity=profile.granularity))
             accepted.append(index)
             tokens += cost
         answers: list[float | None] = [None] * len(questions)
@@ -297,10 +297,31 @@ def _tune(context: "DriverContext", driver: str, space: Space, build: Callable[[
           sampler: str = "tpe") -> DriverResult:
     settings = context.settings
     config = settings.config
+    if context.granularity != "block" and driver != "tune-free":
+        space, build = _with_group_shift(context, space, build)
     rungs = fidelity_rungs(config.tune_rungs, context.top_tokens, config.fitness_seqlen)
     return run_tune(context.pool, driver, space, build, rungs, config.seed, config.tune_scheduler, sampler,
                     context.experiments / driver if context.experiments else None, config.tune_concurrency,
                     progress=config.progress)
+
+
+SHIFT_KEY = "attn_shift"  # at a finer granularity: how much sparser attention is than the MLP of each block
+SHIFT_RANGE = 0.2
+
+
+def _with_group_shift(context: "DriverContext", space: Space,
+                      build: Callable[[dict], Profile]) -> tuple[Space, Callable[[dict], Profile]]:
+    """A block family searched at group or linear granularity: its profile lifted to the units, plus one
+    hyper-parameter, attention's sparsity minus the MLP's in every block (each block's mean kept)."""
+    granularity, layout = context.granularity, context.layout
+    groups, blocks, weights = layout.groups(granularity), layout.block_of(granularity), context.unit_weights()
+    target = context.settings.config.sparsity
+
+    def shifted(config: dict) -> Profile:
+        lifted = context.at_granularity(build(config))
+        return families.group_shift(lifted, groups, blocks, weights, target, config[SHIFT_KEY])
+
+    return {**space, SHIFT_KEY: ("uniform", -SHIFT_RANGE, SHIFT_RANGE)}, shifted
 
 
 def run_atp(context: "DriverContext") -> DriverResult:
@@ -332,10 +353,16 @@ def run_fisher(context: "DriverContext") -> DriverResult:
 
 
 def run_free(context: "DriverContext") -> DriverResult:
-    """``tune-free``: one key per block, projected onto the target mean and the bounds (TPE or CMA-ES)."""
+    """``tune-free``: one key per block (per attention/MLP group at ``--granularity group`` or ``linear``,
+    a group's linears sharing its level), projected onto the target mean and the bounds (TPE or CMA-ES)."""
     pool, config = context.pool, context.settings.config
-    n, target, weights = pool.num_blocks, config.sparsity, pool.block_weights
-    keys = families.free_keys(n)
-    lo, hi = max(0.0, target - 0.25), min(0.99, target + 0.25)
-    return _tune(context, "tune-free", families.free_space(n, lo, hi),
-                 lambda c: families.free_vector([c[k] for k in keys], target, weights, lo, hi), config.free_sampler)
+    target, lo, hi = config.sparsity, max(0.0, config.sparsity - 0.25), min(0.99, config.sparsity + 0.25)
+    unit = "block" if context.granularity == "block" else "group"
+    weights = pool.block_weights if unit == "block" else context.layout.weights(unit)
+    keys = families.free_keys(len(weights))
+
+    def build(c: dict) -> Profile:
+        profile = families.free_vector([c[k] for k in keys], target, weights, lo, hi, unit)
+        return context.at_granularity(profile)
+
+    return _tune(context, "tune-free", families.free_space(len(weights), lo, hi), build, config.free_sampler)
