@@ -232,6 +232,7 @@ def test_render_plan_table(llama7):
     plan = make_plan(llama7, dtype="bf16", device_memory_bytes=80 * GIB)
     text = render_plan(plan)
     assert "6,476,005,376 prunable" in text and "resident (auto)" in text
+    assert "units       32 blocks, 64 groups, 224 linears (--granularity)" in text
     evaluator = plan.stage("evaluator")
     row = [line for line in text.splitlines() if line.startswith("evaluator ")][-1]  # the table row
     assert row.split() == ["evaluator", "resident", f"{evaluator.device_bytes / GIB:.2f}", "0.00", "yes"]

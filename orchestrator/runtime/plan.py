@@ -46,6 +46,7 @@ class ModelShape:
     non_block_buffers: int  # the buffer part of non_block_elements
     largest_linear: tuple[int, int]  # (rows, cols) of the linear with the most weights
     largest_input_width: int  # widest linear input (SparseGPT Hessian: cols² fp32)
+    units: dict[str, int] | None = None  # profile entries per granularity (block, group, linear)
 
     @property
     def linear_weights(self) -> int:
@@ -60,7 +61,8 @@ class ModelShape:
     @classmethod
     def from_model(cls, model) -> "ModelShape":
         """Count a built model (meta, CPU or GPU; nothing is read from the tensors but their shapes)."""
-        from pruning.load import find_blocks, find_linears
+        from core.units import GRANULARITIES
+        from pruning.load import find_blocks, find_linears, unit_layout
 
         config = model.config
         text = getattr(config, "text_config", None) or config
@@ -95,6 +97,7 @@ class ModelShape:
             block_linear_weights=tuple(linear_weights), block_elements=tuple(elements),
             block_linear_shapes=tuple(shapes), non_block_elements=non_block, non_block_buffers=buffers,
             largest_linear=largest, largest_input_width=max(cols for _, cols in all_shapes),
+            units={g: unit_layout(model).count(g) for g in GRANULARITIES},
         )
 
     @classmethod
@@ -374,6 +377,8 @@ def render_plan(plan: Plan) -> str:
         f"model       {s.model_type}: {s.num_blocks} blocks, hidden {s.hidden_size}, intermediate "
         f"{s.intermediate_size}, vocab {s.vocab_size}",
         f"parameters  {s.total_elements:,} ({s.linear_weights:,} prunable in blocks)",
+        *([f"units       {', '.join(f'{count} {name}s' for name, count in s.units.items())} (--granularity): a "
+           "finer one needs no more device or host memory (each linear is masked just in time)"] if s.units else []),
         f"budget      {plan.dtype}; {budget}",
         f"evaluator   {chosen}; {plan.bytes_per_weight:.2f} bytes per parameter on the device "
         "(weights, rank tables, masked scratch)",
