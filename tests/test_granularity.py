@@ -225,3 +225,41 @@ def test_tune_free_at_group_granularity_searches_one_key_per_group(tmp_path, mon
         profile = captured["profile"]
         assert profile.granularity == granularity and len(profile) == units
         profile.check_layout(layout, 0.6)
+
+
+def test_prune_takes_a_linear_profile_file(llama_dir, corpus_file, tmp_path):
+    """``prune --profile`` with a per-linear profile: each linear pruned at its level, the per-layer list saved."""
+    from orchestrator.cli import main
+
+    layout = unit_layout(build_model(tiny_llama_config()))
+    profile = _linear_profile(layout, seed=3, target=0.5)
+    write_profile(tmp_path / "linear.json", profile, 0.5)
+    out = tmp_path / "pruned"
+    assert main(["prune", "--pruner", "wanda", "--profile", str(tmp_path / "linear.json"), "--out", str(out),
+                 "--model", str(llama_dir), "--data", str(corpus_file), "--seqlen", "32", "--calib-samples", "4",
+                 "--eval-windows", "2", "--no-progress"]) == 0
+    per_linear = json.loads((out / "metrics.json").read_text())["achieved_sparsity"]["per_linear"]
+    for unit, sparsity in zip(layout.units("linear"), profile.sparsities):
+        assert per_linear[f"{unit.block}.{unit.names[0]}"] == pytest.approx(sparsity, abs=0.04)
+    assert read_profile(out / "profile.json")[0] == profile
+    layers = json.loads((out / "layer-sparsities.json").read_text())
+    assert len(layers) == 28 and layers["model.layers.1.self_attn.k_proj"] == pytest.approx(profile.sparsities[8])
+
+
+def test_sweep_cell_searches_at_the_spec_granularity(corpus_file, tmp_path, shared_ray):
+    import yaml
+
+    from orchestrator.sweep.run import run_sweep
+
+    model_dir = save_model_dir(build_model(tiny_llama_config()), tmp_path / "model")
+    spec = {"models": [str(model_dir)], "sparsities": [0.6], "pruners": ["wanda"], "methods": ["evolution"],
+            "budget": {"evals": 10}, "data": str(corpus_file), "seqlen": 32, "calib_samples": 4, "eval_windows": 4,
+            "fitness_windows": 4, "fitness_seqlen": 32, "fidelities": [64, 128], "selection_windows": 2,
+            "actors": 1, "granularity": "linear"}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    run_sweep(tmp_path / "spec.yaml", tmp_path / "sweep", progress=False)
+    cell = next((tmp_path / "sweep" / "cells").iterdir())
+    proposal = json.loads((cell / "proposal.json").read_text())
+    profile = Profile.from_json(proposal["candidates"][0]["profile"])
+    assert profile.granularity == "linear" and len(profile) == 28
+    profile.check_layout(unit_layout(build_model(tiny_llama_config())), 0.6)
