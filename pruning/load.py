@@ -46,12 +46,13 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
 
 
 def _resolve_spec(spec: str) -> str:
-    """``default`` → its cached directory; a hub id fetched with ``sparsealloc fetch --model`` → its
-    directory in ``$SPARSEALLOC_MODEL_CACHE`` (no network); anything else unchanged."""
-    if spec == DEFAULT_MODEL:
-        from pruning.assets import default_model_dir
+    """``default`` (or another packaged model's name, e.g. ``gemma3-270m``) → its cached directory; a hub id
+    fetched with ``sparsealloc fetch --model`` → its directory in ``$SPARSEALLOC_MODEL_CACHE`` (no network);
+    anything else unchanged."""
+    from pruning.assets import PACKAGED_MODELS, packaged_model_dir
 
-        return str(default_model_dir())
+    if spec in PACKAGED_MODELS:
+        return str(packaged_model_dir(spec))
     if not spec.endswith(".gguf") and not Path(spec).expanduser().exists():
         from pruning.hub import cached_model_dir
 

