@@ -1,6 +1,7 @@
 """`sparsealloc sweep` end to end on a tiny model: rows, one pool per model, resume, spec errors."""
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -221,3 +222,13 @@ def test_a_sweep_from_before_kl_seq_resumes_only_with_the_kl_top_fitness(tmp_pat
                      list(PRUNERS))
     with pytest.raises(SparseAllocError, match="top_fitness"):
         _prepare(tmp_path / "spec.yaml", new, out, True, False)
+
+
+@pytest.mark.parametrize("example", sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_example_spec_is_valid(example):
+    from orchestrator.sweep.spec import read_spec
+    from pruning.pruners import PRUNERS
+
+    spec = read_spec(example, METHODS, list(PRUNERS))
+    assert spec.cells()
