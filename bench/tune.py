@@ -75,6 +75,9 @@ def run_one(args, driver: str, label: str, seed: int) -> dict:
     code = Path(args.baseline_code).resolve() if label == "optuna-rounds" else ROOT
     command = search_args(args, driver, label, seed, out)
     summary_file = out / "summary.json"
+    result_file = RESULTS / f"tune-{label}-{driver}-seed{seed}.json"
+    if summary_file.exists() and result_file.exists():  # finished and recorded: keep the record of the run
+        return json.loads(result_file.read_text())
     started, load_before = time.time(), os.getloadavg()
     if not summary_file.exists():
         resume = ["--resume"] if (out / "config.json").exists() else []
@@ -104,7 +107,7 @@ def run_one(args, driver: str, label: str, seed: int) -> dict:
         "dense_test_perplexity": summary["dense_test_perplexity"],
         "wall_s": round(time.time() - started, 1), "load_average": {"before": load_before, "after": os.getloadavg()},
     }
-    write_json(RESULTS / f"tune-{label}-{driver}-seed{seed}.json", record)
+    write_json(result_file, record)
     return record
 
 
