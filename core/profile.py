@@ -172,6 +172,11 @@ def read_profile(path: str | Path) -> tuple[Profile, float | None]:
     return Profile.from_json(data), data.get("target")
 
 
-def write_profile(path: str | Path, profile: Profile, target: float | None = None, **extra) -> None:
+def write_profile(path: str | Path, profile: Profile, target: float | None = None, layout: UnitLayout | None = None,
+                  **extra) -> None:
+    """``profile`` as JSON with its target and ``extra`` fields; with ``layout``, a finer profile also records
+    each block's parameter-weighted mean (``block_means``, what per-block plots show)."""
     data = {**profile.to_json(), "target": target, **extra}
+    if layout is not None and profile.granularity != "block":
+        data["block_means"] = layout.block_means(profile.sparsities, profile.granularity)
     Path(path).write_text(json.dumps(data, indent=2) + "\n")

@@ -183,6 +183,10 @@ def test_search_at_group_granularity_end_to_end(corpus_file, tmp_path, shared_ra
                  "--calib-samples", "4", "--fitness-windows", "4", "--fitness-seqlen", "32", "--fidelities", "64",
                  "128", "--eval-windows", "8", "--actors", "1", "--out", str(out), "--no-progress"]) == 0
     best, target = read_profile(out / "best-evolution.json")
+    block_means = json.loads((out / "best-evolution.json").read_text())["block_means"]
+    assert block_means == pytest.approx(unit_layout(build_model(tiny_llama_config())).block_means(best.sparsities,
+                                                                                                   "group"))
+    assert "Per-block profiles" in (out / "report.md").read_text()
     layout = unit_layout(build_model(tiny_llama_config()))
     assert best.granularity == "group" and len(best) == 8 and target == pytest.approx(0.6, abs=1e-9)
     best.check_layout(layout, 0.6)
@@ -242,6 +246,10 @@ def test_prune_takes_a_linear_profile_file(llama_dir, corpus_file, tmp_path):
     for unit, sparsity in zip(layout.units("linear"), profile.sparsities):
         assert per_linear[f"{unit.block}.{unit.names[0]}"] == pytest.approx(sparsity, abs=0.04)
     assert read_profile(out / "profile.json")[0] == profile
+    assert len(json.loads((out / "profile.json").read_text())["block_means"]) == 4
+    from orchestrator.report import write_report
+
+    assert any(path.suffix == ".md" for path in write_report(out))  # the prune report plots the block means
     layers = json.loads((out / "layer-sparsities.json").read_text())
     assert len(layers) == 28 and layers["model.layers.1.self_attn.k_proj"] == pytest.approx(profile.sparsities[8])
 

@@ -93,7 +93,8 @@ def save_pruned(out: Path, overwrite: bool, model, tokenizer, profile: Profile, 
     with staged_output(Path(out), overwrite) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        write_profile(staging / "profile.json", profile, target, pruner=metrics["pruner"], model=metrics["model"])
+        write_profile(staging / "profile.json", profile, target, unit_layout(model), pruner=metrics["pruner"],
+                      model=metrics["model"])
         write_json(staging / "layer-sparsities.json", layer_sparsities(model, profile))
         metrics["timings"]["save_s"] = time.perf_counter() - start
         write_json(staging / "metrics.json", metrics)

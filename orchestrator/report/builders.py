@@ -181,7 +181,7 @@ def search_report(path: Path) -> Report:
     profiles = {}
     for file in sorted(path.glob("best-*.json")):
         try:
-            profiles[file.stem.removeprefix("best-")] = list(read_profile(file)[0].sparsities)
+            profiles[file.stem.removeprefix("best-")] = _block_view(file)
         except SparseAllocError:
             continue
     for name, d in drivers.items():
@@ -196,7 +196,8 @@ def search_report(path: Path) -> Report:
                       "The winner's per-block sparsities beside uniform and Tune's ATP pick, all at the target "
                       "mean.")] if winner in profiles and len(headline) > 1 else []
         plots.append(Plot("Best profile of each driver", lines_figure({"": profiles}, "block", "sparsity"),
-                          "Each driver's best per-block sparsities (by validation KL)."))
+                          "Each driver's best per-block sparsities (by validation KL; a per-group or per-linear "
+                          "profile by its block means)."))
         sections.append(Section("Per-block profiles", plots))
     rows = results_rows(path)
     plot = convergence_plot(rows, all_tokens=fitness_tokens(settings))
@@ -229,6 +230,17 @@ def _flat(data: dict, prefix: str = "") -> list[list[str]]:
     return rows
 
 
+def _block_view(file: Path) -> list[float]:
+    """A profile file's per-block sparsities: its entries, or for a finer profile its recorded block means."""
+    profile, _ = read_profile(file)
+    if profile.granularity == "block":
+        return list(profile.sparsities)
+    means = (read_json(file) or {}).get("block_means")
+    if not means:
+        raise SparseAllocError(f"{file} holds a per-{profile.granularity} profile without its block means")
+    return list(means)
+
+
 def prune_report(path: Path) -> Report:
     """A prune output (metrics.json, profile.json) as a report."""
     metrics = read_json(path / "metrics.json") or {}
@@ -252,11 +264,16 @@ def prune_report(path: Path) -> Report:
                             [[task, fmt(acc, ".4f")] for task, acc in sorted(metrics["zero_shot"].items())]))
     if isinstance(metrics.get("protocol"), dict):
         tables.append(Table("Protocol", ["field", "value"], _flat(metrics["protocol"])))
-    series = {"profile": list(profile.sparsities)}
-    if isinstance(achieved, dict) and len(achieved.get("per_block") or []) == len(profile):
+    series = {}
+    try:
+        series["profile"] = _block_view(path / "profile.json")
+    except SparseAllocError:
+        pass
+    if isinstance(achieved, dict) and achieved.get("per_block") and \
+            len(achieved["per_block"]) == len(series.get("profile", achieved["per_block"])):
         series["achieved"] = achieved["per_block"]
     plot = Plot("Per-block profile", lines_figure({"": series}, "block", "sparsity"),
-                "The profile's per-block sparsities" + (" and the zeros measured after the pass"
+                "The profile's per-block sparsities (a finer profile's block means)" + (" and the zeros measured after the pass"
                                                         if "achieved" in series else ""))
     return Report(f"Prune report: {path.resolve().name}", path,
                   [Section("Final pass", tables), Section("Per-block profile", [plot])])

@@ -125,8 +125,9 @@ def run_drivers(pool: EvaluatorPool, settings: Settings, drivers: dict[str, floa
         spent_tokens += budget.used_tokens
         spent_seconds += result.details["seconds"] - result.details["waited_for_nodes_s"]
         results[name] = result
-        write_profile(run_dir / f"best-{name}.json", result.best, result.best.mean(pool.layout.weights(result.best.granularity)),
-                      driver=name, fitness=result.fitness)
+        layout = pool.layout
+        write_profile(run_dir / f"best-{name}.json", result.best, result.best.mean(layout.weights(result.best.granularity)),
+                      layout, driver=name, fitness=result.fitness)
         log.info("%s: best validation KL %.4f after %d evaluations, %.0f s", name, result.fitness,
                  result.evaluations, result.details["seconds"])
     return results
