@@ -76,8 +76,8 @@ class Profile:
                 check_nm(pattern)
                 if abs(pattern[0] / pattern[1] - self.sparsities[index]) > MEAN_TOLERANCE:
                     raise SparseAllocError(
-                        f"{self.granularity} {index}: N:M {pattern[0]}:{pattern[1]} means sparsity {pattern[0] / pattern[1]}, "
-                        f"but the profile says {self.sparsities[index]}"
+                        f"{self.granularity} {index}: N:M {pattern[0]}:{pattern[1]} means sparsity "
+                        f"{pattern[0] / pattern[1]}, but the profile says {self.sparsities[index]}"
                     )
 
     def __len__(self) -> int:

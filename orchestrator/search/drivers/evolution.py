@@ -69,7 +69,7 @@ import numpy as np
 from orchestrator.search.budget import Charged
 from orchestrator.runtime.candidates import Candidate, DriverResult
 from core.errors import SparseAllocError
-from search_spaces.algebra import level_grid, nm_levels, round_to_levels
+from search_spaces.algebra import MAX_SPARSITY, level_grid, nm_levels, round_to_levels
 from core.profile import Profile
 
 if TYPE_CHECKING:
@@ -185,7 +185,7 @@ class EvolutionResult:
     tokens: int = 0
 
 
-def unit_lattice(target: float, weights: Sequence[float], step: float = 0.01, hi: float = 0.99) -> np.ndarray:
+def unit_lattice(target: float, weights: Sequence[float], step: float = 0.01, hi: float = MAX_SPARSITY) -> np.ndarray:
     """Per-unit level grids for units of unequal size: unit u's levels are ``target + j * step_u`` within
     [0, ``hi``], with ``step_u = step * mean(weights) / weights[u]``, so one level of any unit moves the
     weighted mean by the same amount (``step / units``) and moves that keep the index sum keep the mean
@@ -231,8 +231,8 @@ def mutate(
     """A child of ``levels_idx`` after 1..``max_swaps`` (uniform) moves; the input is not changed.
 
     A move raises a random block (below the top level) one level and lowers another random block (above
-    level 0) one level, so the sum of indices is kept. ``num_levels``: the grid's size, or each unit's. With ``accept``, a move whose result it rejects is
-    redrawn (up to a few times) and otherwise skipped. Returns an unchanged copy when no move is possible
+    level 0) one level, so the sum of indices is kept. ``num_levels``: the grid's size, or each unit's. With
+    ``accept``, a move whose result it rejects is redrawn (up to a few times) and otherwise skipped. Returns an unchanged copy when no move is possible
     (one block, or every block at the same grid end).
     """
     child = np.array(levels_idx, dtype=np.int64, copy=True)
