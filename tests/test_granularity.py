@@ -271,3 +271,29 @@ def test_sweep_cell_searches_at_the_spec_granularity(corpus_file, tmp_path, shar
     profile = Profile.from_json(proposal["candidates"][0]["profile"])
     assert profile.granularity == "linear" and len(profile) == 28
     profile.check_layout(unit_layout(build_model(tiny_llama_config())), 0.6)
+
+
+def test_tune_atp_at_group_granularity_adds_an_attention_shift(tmp_path, monkeypatch):
+    """A block family searched at a finer granularity: lifted to the units, plus attn_shift, each block's mean
+    kept (so the block means are ATP's)."""
+    from orchestrator.search.drivers import tune
+    from orchestrator.search.drivers.context import DriverContext
+
+    layout = unit_layout(build_model(tiny_llama_config()))
+    captured = {}
+
+    class Pool:
+        num_blocks, block_weights, max_tokens = 4, layout.weights("block"), 128
+
+    Pool.layout = layout
+    monkeypatch.setattr(tune, "run_tune", lambda pool, driver, space, build, *a, **k: captured.update(space=space,
+                                                                                                     build=build))
+    config = SearchConfig(out=tmp_path, sparsity=0.6, granularity="group", progress=False)
+    context = DriverContext(Pool(), settings_of(config), torch.zeros(2, 8, dtype=torch.long), 4096, tmp_path)
+    tune.run_atp(context)
+    assert set(captured["space"]) == {"beta", tune.SHIFT_KEY}
+    profile = captured["build"]({"beta": 0.05, tune.SHIFT_KEY: 0.1})
+    assert profile.granularity == "group" and len(profile) == 8
+    profile.check_layout(layout, 0.6)
+    assert layout.block_means(profile.sparsities, "group") == pytest.approx(list(atp(4, 0.6, 0.05).sparsities))
+    assert profile.sparsities[0] - profile.sparsities[1] == pytest.approx(0.1)  # block 0: attention, then MLP
