@@ -98,27 +98,15 @@ class Profile:
     def mean(self, weights: Sequence[float] | None = None) -> float:
         return weighted_mean(self.sparsities, weights)
 
-    def check_fits(self, num_blocks: int, weights: Sequence[float] | None = None, target: float | None = None) -> None:
-        """Raise unless the profile has one entry per block and (if given) its weighted mean is ``target``."""
-        if self.granularity != "block":
-            raise SparseAllocError(f"this step takes a per-block profile, not a per-{self.granularity} one")
-        if len(self) != num_blocks:
-            raise SparseAllocError(
-                f"profile has {len(self)} entries but the model has {num_blocks} decoder blocks; give one per block"
-            )
-        if target is not None and abs(self.mean(weights) - target) > MEAN_TOLERANCE:
-            raise SparseAllocError(
-                f"profile's parameter-weighted mean sparsity is {self.mean(weights):.6f}, not the target "
-                f"{target}; rescale it or change --sparsity"
-            )
-
     def check_layout(self, layout: UnitLayout, target: float | None = None) -> None:
         """Raise unless the profile has one entry per unit of its granularity in ``layout`` and (if given)
         its parameter-weighted mean is ``target``."""
         units = layout.count(self.granularity)
         if len(self) != units:
-            raise SparseAllocError(f"profile has {len(self)} entries but the model has {units} units at "
-                                   f"granularity {self.granularity}; give one per {self.granularity}")
+            held = f"{units} decoder blocks" if self.granularity == "block" else \
+                f"{units} units at granularity {self.granularity}"
+            raise SparseAllocError(f"profile has {len(self)} entries but the model has {held}; "
+                                   f"give one per {self.granularity}")
         mean = self.mean(layout.weights(self.granularity))
         if target is not None and abs(mean - target) > MEAN_TOLERANCE:
             raise SparseAllocError(f"profile's parameter-weighted mean sparsity is {mean:.6f}, not the target "

@@ -4,21 +4,29 @@ from hypothesis import strategies as st
 
 from core.errors import SparseAllocError
 from core.profile import Profile, read_profile, weighted_mean, write_profile
+from core.units import UnitLayout
+
+
+def _layout(block_weights: list[int]) -> UnitLayout:
+    """One linear per block with the given weight counts."""
+    return UnitLayout.of([[("mlp.down_proj", count)] for count in block_weights])
 
 
 @given(blocks=st.integers(1, 80), sparsity=st.floats(0, 0.999))
 def test_uniform_profile_mean_is_target(blocks, sparsity):
     profile = Profile.uniform(blocks, sparsity)
     assert profile.mean() == pytest.approx(sparsity)
-    profile.check_fits(blocks, [1000] * blocks, sparsity)
+    profile.check_layout(_layout([1000] * blocks), sparsity)
 
 
 def test_parameter_weighted_mean():
     assert weighted_mean([0.2, 0.8], [3, 1]) == pytest.approx(0.35)
     profile = Profile((0.2, 0.8))
-    profile.check_fits(2, [3, 1], 0.35)
-    with pytest.raises(SparseAllocError):
-        profile.check_fits(2, [3, 1], 0.5)
+    profile.check_layout(_layout([3, 1]), 0.35)
+    with pytest.raises(SparseAllocError, match="not the target 0.5"):
+        profile.check_layout(_layout([3, 1]), 0.5)
+    with pytest.raises(SparseAllocError, match="3 decoder blocks"):
+        profile.check_layout(_layout([3, 1, 1]))
 
 
 def test_json_round_trip(tmp_path):

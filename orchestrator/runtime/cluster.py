@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 
 import ray
@@ -41,13 +42,31 @@ def init_ray(address: str | None, actors: int | None, threads: int) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False)
     elif actors is None:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        _start_local()
     else:
         # One logical CPU more than the CPU actors use, so the dense-perplexity task runs beside a final pass.
-        ray.init(address="local", num_cpus=actors * threads + 1, include_dashboard=False, log_to_driver=False)
+        _start_local(num_cpus=actors * threads + 1)
     if callable(handler) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
     return True
+
+
+LOCAL_START_TRIES = 3
+
+
+def _start_local(**resources) -> None:
+    """Start a local Ray, again (up to :data:`LOCAL_START_TRIES` times) when its raylet does not register
+    within Ray's fixed 30 s, which a busy machine can take."""
+    for attempt in range(1, LOCAL_START_TRIES + 1):
+        try:
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, **resources)
+            return
+        except Exception as error:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(error) or attempt == LOCAL_START_TRIES:
+                raise
+            ray.shutdown()
+            print(f"warning: the local Ray did not start in time (try {attempt} of {LOCAL_START_TRIES}; a busy "
+                  "machine?): starting it again", file=sys.stderr, flush=True)
 
 
 def alive_nodes() -> set[str]:
