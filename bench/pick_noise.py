@@ -74,15 +74,19 @@ def measure(path: Path, windows: list[int]) -> dict:
             "selection_seqlen": config.seqlen, "rows": rows}
 
 
-def write_table(results: list[dict], command: str) -> Path:
+def write_table() -> Path:
+    """``pick-noise.md`` from every ``pick-noise-*.json`` in the results (seeds measured in earlier runs kept)."""
+    results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("pick-noise-*.json"))]
+    commands = sorted({r["command"] for r in results})
     lines = ["# Is the finalists' pick more than noise?", "",
-             f"Command: `{command}`. The two finalists with the lowest validation perplexity in each seed file, "
-             "pruned again with its protocol (Wanda); gap = runner-up's mean NLL minus the winner's on the first N "
-             "selection windows (paired, nats per token), ± its standard error; clear = gap above two standard "
-             "errors; test agrees = the pick also has the lower test perplexity.", "",
+             "Made by " + "; ".join(f"`{c}`" for c in commands) + " (each seed's command is in its "
+             "`pick-noise-<seed file>.json`). The two finalists with the lowest validation perplexity in each seed "
+             "file, pruned again with its protocol (Wanda); gap = runner-up's mean NLL minus the winner's on the "
+             "first N selection windows (paired, nats per token), ± its standard error; clear = gap above two "
+             "standard errors; test agrees = the pick also has the lower test perplexity.", "",
              "| seed | finalists (test ppl) | N windows | winner | gap ± se | clear | test agrees |",
              "|---|---|---|---|---|---|---|"]
-    for r in results:
+    for r in sorted(results, key=lambda r: r["seed"]):
         finalists = ", ".join(f"{name} ({ppl:.2f})" for name, ppl in r["test_perplexity"].items())
         for row in r["rows"]:
             lines.append(f"| {r['seed']} | {finalists} | {row['windows']} | {row['winner']} | "
@@ -99,15 +103,13 @@ def main() -> None:
     parser.add_argument("--windows", type=int, nargs="+", default=[8, 16, 32, 64])
     args = parser.parse_args()
     command = "python -m bench.pick_noise " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    results = []
     for path in args.seed_files:
         started, load = time.time(), os.getloadavg()
         result = measure(path, sorted(args.windows))
         result.update(command=command, wall_s=round(time.time() - started, 1), load_average=load)
         write_json(RESULTS / f"pick-noise-{path.stem}.json", result)
-        results.append(result)
         print(json.dumps(result["rows"]), flush=True)
-    print(write_table(results, command))
+    print(write_table())
 
 
 if __name__ == "__main__":
