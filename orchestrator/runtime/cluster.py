@@ -7,14 +7,16 @@ between nodes and watches them, which a client connection does not support.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
-import sys
 import threading
 
 import ray
 
 from core.errors import SparseAllocError
+
+log = logging.getLogger(__name__)
 
 
 def cluster_address(address: str | None) -> str | None:
@@ -65,8 +67,8 @@ def _start_local(**resources) -> None:
             if "timed out during startup" not in str(error) or attempt == LOCAL_START_TRIES:
                 raise
             ray.shutdown()
-            print(f"warning: the local Ray did not start in time (try {attempt} of {LOCAL_START_TRIES}; a busy "
-                  "machine?): starting it again", file=sys.stderr, flush=True)
+            log.warning("the local Ray did not start in time (try %d of %d; a busy machine?): starting it again",
+                        attempt, LOCAL_START_TRIES)
 
 
 def alive_nodes() -> set[str]:
