@@ -181,7 +181,8 @@ def test_search_at_group_granularity_end_to_end(corpus_file, tmp_path, shared_ra
     assert main(["search", "--method", "evolution", "--granularity", "group", "--sparsity", "0.6",
                  "--budget-evals", "24", "--model", str(model_dir), "--data", str(corpus_file), "--seqlen", "32",
                  "--calib-samples", "4", "--fitness-windows", "4", "--fitness-seqlen", "32", "--fidelities", "64",
-                 "128", "--eval-windows", "8", "--actors", "1", "--out", str(out), "--no-progress"]) == 0
+                 "128", "--eval-windows", "8", "--selection-windows", "8", "--actors", "1", "--out", str(out),
+                 "--no-progress"]) == 0
     best, target = read_profile(out / "best-evolution.json")
     block_means = json.loads((out / "best-evolution.json").read_text())["block_means"]
     assert block_means == pytest.approx(unit_layout(build_model(tiny_llama_config())).block_means(best.sparsities,

@@ -86,8 +86,8 @@ class SearchConfig:
                                          "(default: every driver's); the lowest held-out validation perplexity after "
                                          "it wins (the Tune ATP best and uniform always run too)", minimum=1,
                                    identity=False, sweep=True, sweep_default=2, sweep_identity=True)
-    selection_windows: int = option(8, "validation windows, after the fitness tokens, that pick the winner among "
-                                       "finalists", minimum=1, sweep=True)
+    selection_windows: int = option(32, "validation windows, after the fitness tokens, that pick the winner "
+                                        "among finalists", minimum=1, sweep=True)
     uniform_baseline: bool = option(True, "skip the final pass of the uniform profile (the baseline the search is "
                                           "compared with; it may win)", flag="--no-uniform", cli="negated",
                                     identity=False)
