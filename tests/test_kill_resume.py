@@ -43,7 +43,7 @@ def test_sigkilled_search_resumes_to_the_same_end(uninterrupted, corpus_file, tm
     model_dir, whole = uninterrupted
     killed = tmp_path / "killed"
 
-    _sigkill_after_parts(_args(model_dir, corpus_file, killed), killed, parts=20, timeout=1800)
+    _sigkill_after_parts(_args(model_dir, corpus_file, killed), killed, parts=20)
     before = len(ResultsTable(killed, "check").read())
     assert 20 <= before < len(ResultsTable(whole, "check").read())
 
@@ -99,7 +99,7 @@ def test_sigkilled_tune_experiment_resumes_to_the_same_end(uninterrupted, corpus
             "--no-uniform"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert main([*_args(model_dir, corpus_file, whole), *tune]) == 0
-    _sigkill_after_parts([*_args(model_dir, corpus_file, killed), *tune], killed, parts=8, timeout=1800)
+    _sigkill_after_parts([*_args(model_dir, corpus_file, killed), *tune], killed, parts=8)
     before = len(ResultsTable(killed, "check").read())
     assert (killed / "tune" / "tune-atp").is_dir()
 
@@ -113,7 +113,7 @@ def test_sigkilled_tune_experiment_resumes_to_the_same_end(uninterrupted, corpus
     assert a["profile"] == b["profile"] and a["validation_kl"] == b["validation_kl"]
 
 
-def _sigkill_after_parts(args: list[str], out, parts: int, timeout: float) -> None:
+def _sigkill_after_parts(args: list[str], out, parts: int, timeout: float = 1800) -> None:
     """Run ``sparsealloc`` with ``args`` in its own process group and SIGKILL the group (the driver and the
     Ray processes it started) once ``out`` holds ``parts`` results parts; the search must still be running.
     ``timeout`` only guards against a hung search: a loaded machine writes parts slowly, not never."""
