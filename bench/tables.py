@@ -110,6 +110,19 @@ def atp_pick(record: dict) -> str:
     return f"{record['atp_pick']} ({ppl(record['atp_pick_test_perplexity'])})"
 
 
+def protocol_differences(records: list[dict]) -> str:
+    """The protocol fields whose values differ between seed records, each value with its seeds ("" if none)."""
+    keys = sorted({key for r in records for key in r["protocol"]})
+    parts = []
+    for key in keys:
+        seeds: dict[str, list[str]] = {}
+        for r in records:
+            seeds.setdefault(str(r["protocol"].get(key, "not recorded")), []).append(str(r["seed"]))
+        if len(seeds) > 1:
+            parts.append(f"{key} " + ", ".join(f"{value} (seed{'s' if len(s) > 1 else ''} {', '.join(s)})" for value, s in seeds.items()))
+    return f"Protocol fields that differ between seeds: {'; '.join(parts)}.\n" if parts else ""
+
+
 def search_seeds(files: list[str]) -> str:
     """One row per seed: every driver's best and every baseline after the final pass, ÷ the ATP pick."""
     records = [load(name) for name in files]
@@ -137,7 +150,7 @@ def search_seeds(files: list[str]) -> str:
         f"Tune's ATP best has the lower validation perplexity). Target {first['sparsity']:.0%}, budget {spent}, "
         f"{protocol['calib_samples']} × {protocol['seqlen']} calibration tokens, {protocol['eval_windows']} test "
         f"windows, fitness pool {protocol['fitness_tokens']} tokens, {protocol['device']} {protocol['dtype']}; "
-        f"dense test perplexity {', '.join(dense_ppl)}.\n"
+        f"dense test perplexity {', '.join(dense_ppl)}.\n{protocol_differences(records)}"
         f"Made by {seed_commands(records)}; file{'s' if len(files) > 1 else ''} "
         f"{', '.join(f'`{name}`' for name in files)}."
     )
@@ -270,14 +283,16 @@ def pool(name: str) -> str:
     return table(header, rows) + "\n\n" + notes
 
 
-def headline() -> str:
-    files = seed_files("search-70-tokens-seed*.json")
+def headline(tag: str) -> str:
+    """README's short table for the bench.search files ``search-<tag>-seed<N>.json``: winner and uniform ÷ ATP pick."""
+    files = seed_files(f"search-{tag}-seed*.json")
     records = [load(name) for name in files]
     rows = [[r["seed"], r["winner"], ppl(r["winner_test_perplexity"]), atp_pick(r), f"**{ratio(r['winner_vs_atp'])}**",
              ratio(over_atp(r, baseline(r, "uniform")["test_perplexity"]))] for r in records]
     header = ["seed", "winner (driver)", "winner test ppl", "ATP pick (test ppl)", "winner ÷ ATP pick",
               "uniform ÷ ATP pick"]
-    notes = (f"Made by {seed_commands(records)}; files `bench/results/search-70-tokens-seed<N>.json`.")
+    notes = (f"{protocol_differences(records)}Made by {seed_commands(records)}; files "
+             f"`bench/results/search-{tag}-seed<N>.json`.")
     return table(header, rows) + "\n\n" + notes
 
 
@@ -285,7 +300,7 @@ def headline() -> str:
 
 BLOCKS: dict[str, dict[str, Callable[[], str]]] = {
     "README.md": {
-        "headline": headline,
+        "headline": lambda: headline("70-tokens"),
     },
     "docs/results.md": {
         "pruners-h100": lambda: pruners("pruners-h100.json"),
