@@ -14,9 +14,10 @@ once; candidates whose leading blocks are dense start from the cached dense inpu
 candidates that give block l the same level share its masked weights, which are written just in
 time into one scratch buffer per linear (no masked copy of the model is kept). Fitness is
 KL(dense ‖ pruned) averaged over predicted tokens (lower is better), or perplexity. The dense
-reference is either a cache of the dense log-probs (small vocabularies × few tokens) or the dense
-final hidden states, sent through the LM head again in each batch (no T × V cache); both give the
-same numbers.
+reference is a cache of the dense log-probs for as many leading fitness windows as fit in
+``LOGPROB_CACHE_LIMIT`` (all of them for small vocabularies × few tokens; for a large vocabulary the
+first few, which the low fidelity rungs read), and beyond those the dense final hidden states, sent
+through the LM head again in each batch; both give the same numbers.
 """
 
 from __future__ import annotations
@@ -40,9 +41,15 @@ from core.profile import Profile
 METRICS = ("kl", "ppl", "kl-seq")
 MODES = ("resident", "streamed")
 REFERENCES = ("auto", "logprobs", "hidden")
-# The dense log-prob cache is used under "auto" while it stays below this size.
+# Under "auto" the dense log-probs of the leading fitness windows are cached up to this size; windows
+# beyond it get their reference recomputed from the dense final hidden states.
 LOGPROB_CACHE_LIMIT = 1 << 30
 GiB = 1 << 30
+
+
+def cached_logprob_windows(windows: int, seqlen: int, vocab: int, limit: int) -> int:
+    """How many leading fitness windows' dense log-probs (fp32, (seqlen - 1) x vocab each) fit in ``limit``."""
+    return min(windows, limit // max(1, (seqlen - 1) * vocab * 4))
 
 
 def _size(count: int) -> str:
@@ -98,10 +105,13 @@ class CandidateEvaluator:
         self.peak_block_bytes = 0
         self._dense_inputs, self._dense_final = self._dense_pass()
         vocab = self.model.get_output_embeddings().weight.shape[0]
-        logprob_bytes = fitness_windows.numel() * vocab * 4
-        self.reference = ("logprobs" if logprob_bytes <= LOGPROB_CACHE_LIMIT else "hidden") \
-            if reference == "auto" else reference
-        self._dense_logprobs = self._cache_logprobs() if self.reference == "logprobs" else None
+        total = fitness_windows.shape[0]
+        self.cached_windows = cached_logprob_windows(total, fitness_windows.shape[1], vocab, LOGPROB_CACHE_LIMIT) \
+            if reference == "auto" else (total if reference == "logprobs" else 0)
+        # "mixed": the leading windows (the fidelity rungs' draw 0) from the cache, the rest recomputed.
+        self.reference = "logprobs" if self.cached_windows == total else \
+            "hidden" if self.cached_windows == 0 else "mixed"
+        self._dense_logprobs = self._cache_logprobs(self.cached_windows) if self.cached_windows else None
         # KL is summed in token chunks small enough to stay in CPU cache (one pass per chunk on GPU).
         self._kl_chunk = fitness_windows.shape[1] if self.device.type == "cuda" else max(1, 2**19 // vocab)
         self.evaluations = 0
@@ -307,9 +317,10 @@ class CandidateEvaluator:
     # ---- the reference --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _cache_logprobs(self) -> torch.Tensor:
+    def _cache_logprobs(self, windows: int) -> torch.Tensor:
+        """The dense log-probs of the first ``windows`` fitness windows (windows x (s - 1) x V, fp32)."""
         parts = [F.log_softmax(self._logits(self._dense_final[b], self._ids[b])[:, :-1].float(), dim=-1)
-                 for b in self._batches(self._ids.shape[0])]
+                 for b in self._batches(windows)]
         return torch.cat(parts)
 
     def _logits(self, final_hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -423,7 +434,7 @@ class CandidateEvaluator:
             window_ids = ids[part]
             batch = self._ids[window_ids]
             reference = self._logits(self._dense_final[window_ids], batch) \
-                if metric == "kl" and self._dense_logprobs is None else None
+                if metric == "kl" and int(window_ids[0]) >= self.cached_windows else None
             for index, final in enumerate(finals):
                 logits = self._logits(final[part], batch)
                 totals[index] += self._kl_sum(window_ids, logits, reference) if metric == "kl" \

@@ -70,6 +70,34 @@ def test_reference_from_hidden_states_equals_the_logprob_cache():
     assert recomputed.fitness_many(profiles) == pytest.approx(cached.fitness_many(profiles), rel=1e-6)
 
 
+def test_a_cache_of_the_leading_windows_gives_the_same_kl_with_fewer_head_passes(monkeypatch):
+    import scoring.evaluator as evaluator_module
+
+    vocab = tiny_llama_config().vocab_size
+    monkeypatch.setattr(evaluator_module, "LOGPROB_CACHE_LIMIT", 2 * 23 * vocab * 4)  # 2 of the 5 windows
+    mixed = _evaluator(tiny_llama_config)
+    recomputed = _evaluator(tiny_llama_config, reference="hidden")
+    assert (mixed.reference, mixed.cached_windows, tuple(mixed._dense_logprobs.shape[:2])) == ("mixed", 2, (2, 23))
+    profiles = _profiles(mixed.num_blocks, mixed.block_weights)
+    for tokens, draw in ((None, 0), (48, 0), (48, 1), (72, 0)):
+        assert mixed.fitness_many(profiles, tokens, draw=draw) == pytest.approx(
+            recomputed.fitness_many(profiles, tokens, draw=draw), rel=1e-6)
+
+    heads = []
+    for evaluator in (mixed, recomputed):
+        calls = [0]
+        original = evaluator._logits
+
+        def counted(*args, _original=original, _calls=calls):
+            _calls[0] += 1
+            return _original(*args)
+
+        evaluator._logits = counted
+        evaluator.fitness(profiles[0], tokens=72)  # windows 0, 1 (cached) and 2 (recomputed)
+        heads.append(calls[0])
+    assert heads == [3 + 1, 3 + 3]  # the pruned model's head per window, plus each uncached reference
+
+
 def test_streamed_budget_below_the_weights_is_respected():
     model = build_model(tiny_llama_config())
     from pruning.offload import non_block_bytes, tensor_bytes

@@ -121,7 +121,8 @@ def test_llama7_bf16_on_80gib_is_resident(llama7):
     d, W, T, H = 2, llama7.linear_weights, 1024, 4096
     B = sum(llama7.block_elements) * d
     N = llama7.non_block_elements * d
-    expected = B + N + 2 * W + LLAMA7_BLOCK_LINEARS * d + 32 * T * H * d + T * H * d + _work(llama7, d)
+    cache = 8 * 127 * 32000 * 4  # the dense log-probs of all 8 fitness windows of 128 tokens (under 1 GiB)
+    expected = B + N + 2 * W + LLAMA7_BLOCK_LINEARS * d + 32 * T * H * d + T * H * d + cache + _work(llama7, d)
     assert plan.stage("evaluator").device_bytes == expected
     assert plan.stage("rank tables").device_bytes == expected
     assert plan.bytes_per_weight <= 4.0
@@ -150,7 +151,8 @@ def test_llama70_bf16_on_80gib_streams(llama70):
     block = LLAMA70_BLOCK_LINEARS + 2 * H
     one = block * d + 2 * LLAMA70_BLOCK_LINEARS + LLAMA70_BLOCK_LINEARS * d
     evaluator = plan.stage("evaluator")
-    assert evaluator.device_bytes == N + 2 * one + 8 * T * H * d + T * H * d + _work(llama70, d)
+    cache = 8 * 127 * 32000 * 4
+    assert evaluator.device_bytes == N + 2 * one + 8 * T * H * d + T * H * d + cache + _work(llama70, d)
     assert evaluator.host_bytes == L * block * d + 2 * W + L * T * H * d
     assert plan.stage("rank tables").device_bytes == N + block * d + 2 * 32 * 512 * H * d + 28672 * 8192 * 12
     assert plan.stage("perplexity").mode == "block by block"  # 128 GiB of weights cannot sit on 80 GiB
@@ -188,7 +190,7 @@ def test_llama70_resident_needs_more_gpus(llama70):
     d, T, H = 2, 1024, 8192
     split = sum(llama70.block_elements) * d + 2 * llama70.linear_weights
     expected = -(-split // 8) + llama70.non_block_elements * d + LLAMA70_BLOCK_LINEARS * d + 81 * T * H * d \
-        + _work(llama70, d)
+        + 8 * 127 * 32000 * 4 + _work(llama70, d)
     assert eight.stage("evaluator").device_bytes == expected
     auto = make_plan(llama70, dtype="bf16", device_memory_bytes=80 * GIB, gpus_per_actor=8)
     assert auto.evaluator == "resident"

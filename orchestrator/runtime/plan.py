@@ -22,6 +22,7 @@ from pathlib import Path
 
 from core.errors import SparseAllocError
 from pruning.pruners import get_pruner
+from scoring.evaluator import LOGPROB_CACHE_LIMIT, cached_logprob_windows
 
 GIB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -205,15 +206,23 @@ def _logits(batch: int, seqlen: int, shape: ModelShape) -> int:
     return batch * seqlen * shape.vocab_size * 4 * 3
 
 
+def _logprob_cache(shape: ModelShape, tokens: int, seqlen: int) -> int:
+    """The evaluator's dense log-prob cache: (s − 1)·V·4 per fitness window, for the leading windows that fit
+    in scoring.evaluator's ``LOGPROB_CACHE_LIMIT``."""
+    per_window = (seqlen - 1) * shape.vocab_size * 4
+    return cached_logprob_windows(-(-tokens // seqlen), seqlen, shape.vocab_size, LOGPROB_CACHE_LIMIT) * per_window
+
+
 def _resident_evaluator(shape: ModelShape, d: int, k: int, tokens: int, seqlen: int, batch: int,
                         rank_sets: int = 1) -> tuple[int, int]:
     """(device bytes per device, split part): B + N + 2·W + one block's linears in dtype (masked scratch)
-    + L·T·H·d (dense block inputs) + T·H·d (dense final hidden) + activations + logits chunk; with k devices
+    + L·T·H·d (dense block inputs) + T·H·d (dense final hidden) + the dense log-prob cache + activations
+    + logits chunk; with k devices
     the weights and ranks (B + 2·W) split k ways and the rest sits on device 0. ``rank_sets`` 2: a second
     set of rank tables (kl-seq fitness builds one per profile while the dense one is kept)."""
     split = sum(shape.block_elements) * d + rank_sets * RANK_BYTES * shape.linear_weights
     weights_part = -(-split // k) + shape.non_block_elements * d + max(shape.block_linear_weights) * d
-    caches = (shape.num_blocks + 1) * tokens * shape.hidden_size * d
+    caches = (shape.num_blocks + 1) * tokens * shape.hidden_size * d + _logprob_cache(shape, tokens, seqlen)
     return weights_part + caches + _activations(batch, seqlen, shape, d) + _logits(1, seqlen, shape), weights_part
 
 
@@ -269,7 +278,7 @@ def make_plan(shape: ModelShape, *, dtype: str, device_memory_bytes: int, gpus_p
     rank_sets = 2 if sequential_fitness else 1
     resident, resident_weights = _resident_evaluator(shape, d, k, T, fitness_seqlen, batch_size, rank_sets)
     streamed_weights = N + 2 * _streamed_block(shape, d)
-    streamed = streamed_weights + population * T * H * d + T * H * d + work
+    streamed = streamed_weights + population * T * H * d + T * H * d + _logprob_cache(shape, T, fitness_seqlen) + work
     streamed_host = B + rank_sets * RANK_BYTES * W + L * T * H * d
     if evaluator == "auto":
         mode = "resident" if device_ok(resident) else "streamed"
