@@ -47,9 +47,14 @@ LOGPROB_CACHE_LIMIT = 1 << 30
 GiB = 1 << 30
 
 
+def logprob_window_bytes(seqlen: int, vocab: int) -> int:
+    """Bytes of one fitness window's cached dense log-probs: (seqlen - 1) x vocab, fp32."""
+    return (seqlen - 1) * vocab * 4
+
+
 def cached_logprob_windows(windows: int, seqlen: int, vocab: int, limit: int) -> int:
-    """How many leading fitness windows' dense log-probs (fp32, (seqlen - 1) x vocab each) fit in ``limit``."""
-    return min(windows, limit // max(1, (seqlen - 1) * vocab * 4))
+    """How many leading fitness windows' dense log-probs fit in ``limit`` bytes."""
+    return min(windows, limit // max(1, logprob_window_bytes(seqlen, vocab)))
 
 
 def _size(count: int) -> str:

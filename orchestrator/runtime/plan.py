@@ -22,7 +22,7 @@ from pathlib import Path
 
 from core.errors import SparseAllocError
 from pruning.pruners import get_pruner
-from scoring.evaluator import LOGPROB_CACHE_LIMIT, cached_logprob_windows
+from scoring.evaluator import LOGPROB_CACHE_LIMIT, cached_logprob_windows, logprob_window_bytes
 
 GIB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -209,8 +209,8 @@ def _logits(batch: int, seqlen: int, shape: ModelShape) -> int:
 def _logprob_cache(shape: ModelShape, tokens: int, seqlen: int) -> int:
     """The evaluator's dense log-prob cache: (s − 1)·V·4 per fitness window, for the leading windows that fit
     in scoring.evaluator's ``LOGPROB_CACHE_LIMIT``."""
-    per_window = (seqlen - 1) * shape.vocab_size * 4
-    return cached_logprob_windows(-(-tokens // seqlen), seqlen, shape.vocab_size, LOGPROB_CACHE_LIMIT) * per_window
+    windows = cached_logprob_windows(-(-tokens // seqlen), seqlen, shape.vocab_size, LOGPROB_CACHE_LIMIT)
+    return windows * logprob_window_bytes(seqlen, shape.vocab_size)
 
 
 def _resident_evaluator(shape: ModelShape, d: int, k: int, tokens: int, seqlen: int, batch: int,
