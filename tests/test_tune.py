@@ -2,22 +2,27 @@
 (num_cpus=3, two CPU actors) with a planted problem (block 0 is fragile), fidelity rungs of 32, 64 and 128
 fitness tokens (one, two and four windows)."""
 
+import asyncio
 import json
+import threading
 
 import pytest
+import ray
 from ray import tune
 
 from conftest import fragile_pool
 from orchestrator.runtime.candidates import Candidate
-from orchestrator.runtime.mailbox import rung_trial
+from orchestrator.runtime.mailbox import Mailbox, rung_trial, serve
 from orchestrator.runtime.results import ResultsTable
 from orchestrator.search.budget import Budget, Charged
 from orchestrator.search.drivers import tune as tune_driver
 from orchestrator.search.drivers.tune import fidelity_rungs, make_sampler, make_scheduler, run_tune
+from orchestrator.search.progress import DriverProgress
 from search_spaces import families
 
 TARGET = 0.6
 RUNGS = [32, 64, 128]
+HANG_GUARD_S = 600  # a wait that only a hang outlasts
 ATP = families.atp_space(4, TARGET), (lambda c: families.atp(4, TARGET, c["beta"]))
 
 
@@ -150,3 +155,65 @@ def test_the_report_figure_counts_each_trial_at_the_rung_it_reached(counted, tmp
     assert best == pytest.approx(result.fitness)  # the running KL over all the tokens of the top rung
     assert all("beta" in t["config"] for t in trials.values())
     assert trials_plot(pool.results.read(), 3).png.startswith(b"\x89PNG")
+
+
+@ray.remote(num_cpus=0)
+class _Gate:
+    """Holds whoever waits on it until it is opened."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    async def wait(self) -> None:
+        await self.event.wait()
+
+    async def open(self) -> None:
+        self.event.set()
+
+
+@ray.remote(num_cpus=0)
+def _held(gate, refs: list):
+    """The answer of ``refs[0]``, handed over only once ``gate`` opens (a long evaluation, as the pool sees it)."""
+    ray.get(gate.wait.remote())
+    return ray.get(refs[0])
+
+
+def test_a_short_rung_is_answered_while_a_long_one_is_still_being_scored(pool, tmp_path):
+    """Two trials ask at once, one for 128 tokens (held by a gate: a long evaluation) and one for 32: the
+    short one goes to the other actor and its answer is posted while the long one is still out."""
+    gate = _Gate.remote()
+    original_results, original_actors = pool.results, list(pool.actors)
+
+    class Holding:  # an actor handle whose 128-token calls end only once the gate opens
+        def __init__(self, actor):
+            class Evaluate:
+                @staticmethod
+                def remote(batch):
+                    ref = actor.evaluate.remote(batch)
+                    return _held.remote(gate, [ref]) if any(c.tokens == 128 for c in batch) else ref
+
+            self.evaluate = Evaluate
+
+    table = pool.results = ResultsTable(tmp_path / "run", "tune")
+    pool.actors = [Holding(actor) for actor in original_actors]
+    budget = Budget()
+    answers = tune_driver._Answers(Charged(pool, budget, 128), "tune-atp", ATP[1], 128,
+                                   DriverProgress("tune-atp", budget, False))
+    mailbox, stop = Mailbox.remote(), threading.Event()
+    server = threading.Thread(target=serve, args=(mailbox, answers, lambda: not stop.is_set()), daemon=True)
+    server.start()
+    try:
+        long_question = {"config": {"beta": 0.01}, "skip": 0, "tokens": 128, "rung": 1, "trial": "long"}
+        short_question = {"config": {"beta": 0.02}, "skip": 0, "tokens": 32, "rung": 1, "trial": "short"}
+        long_answer, short_answer = mailbox.ask.remote(long_question), mailbox.ask.remote(short_question)
+        short = ray.get(short_answer, timeout=HANG_GUARD_S)  # with the gate still shut
+        assert ray.wait([long_answer], timeout=0)[0] == [] and set(answers.trials) == {"short"}
+        ray.get(gate.open.remote())
+        long = ray.get(long_answer, timeout=HANG_GUARD_S)
+    finally:
+        stop.set()
+        server.join(timeout=HANG_GUARD_S)
+        pool.results, pool.actors = original_results, original_actors
+    assert {row["tokens"]: row["fitness"] for row in table.read()} == {32: short, 128: long}
+    assert (budget.used_evals, budget.used_tokens) == (2, 160)
+    assert answers.trials["short"]["kl"] == short and answers.trials["long"]["kl"] == long and long != short

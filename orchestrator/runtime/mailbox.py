@@ -5,7 +5,7 @@ exactly-once answers, results-table writes) and posts the answers back.
 The mailbox is an async actor with no resources of its own: a question waits there (an ``await``, no
 thread) until its answer is posted. Questions are opaque to it; :func:`serve` in the search process
 turns them into candidates. Two trials asking for the same profile at the same time are one evaluation:
-the pool evaluates a batch's distinct keys once, and a later batch finds the key in the results table.
+the pool's dispatch scores a key once, and a later question finds the key in the results table.
 """
 
 from __future__ import annotations
@@ -64,18 +64,30 @@ class Mailbox:
         self._questions = []
 
 
-def serve(mailbox, respond: Callable[[list[Any]], list[Any]], running: Callable[[], bool],
-          poll_s: float = 0.2) -> int:
-    """Take the mailbox's questions in batches and post ``respond(questions)``'s answers while
-    ``running()``; returns how many questions were answered. Runs in the search process (the pool's)."""
+def serve(mailbox, answers, running: Callable[[], bool], poll_s: float = 0.2) -> int:
+    """Take the mailbox's questions as trials ask them and post each answer as soon as it is known, while
+    ``running()``; returns how many questions were answered. Runs in the search process (the pool's).
+
+    ``answers`` scores the questions: ``ask(numbered)`` takes ``(number, question)`` pairs in, ``busy`` says
+    whether some are being scored, ``step(wake)`` waits until one score is in or a ref of ``wake`` is ready (the
+    mailbox's next questions), and ``ready()`` hands over the answers known so far by question number. So a
+    question that arrives while others are scored goes to an actor at once, and a short one is answered
+    without waiting for a long one."""
     answered = 0
+    take = mailbox.take.remote(poll_s)
     while running():
-        taken = ray.get(mailbox.take.remote(poll_s))
-        if not taken:
-            continue
-        values = respond([question for _, question in taken])
-        ray.get(mailbox.answer.remote({number: value for (number, _), value in zip(taken, values)}))
-        answered += len(taken)
+        if answers.busy:
+            answers.step([take])
+        else:
+            ray.wait([take], timeout=poll_s)
+        if ray.wait([take], timeout=0)[0]:
+            taken, take = ray.get(take), mailbox.take.remote(poll_s)
+            if taken:
+                answers.ask(taken)
+        ready = answers.ready()
+        if ready:
+            ray.get(mailbox.answer.remote(ready))
+            answered += len(ready)
     return answered
 
 

@@ -474,92 +474,21 @@ class EvaluatorPool:
         return SparseAllocError(f"{message}. The {len(self.results)} results written so far are kept in "
                                 f"{self.results.dir} (--resume reads them back)")
 
+    def dispatch(self, per_actor: int | None = None) -> "Dispatch":
+        """A :class:`Dispatch` over this pool's actors, at most ``per_actor`` calls in flight on each (default
+        ``max_per_actor``)."""
+        return Dispatch(self, self.max_per_actor if per_actor is None else per_actor)
+
     def evaluate(self, candidates: list[Candidate]) -> list[float]:
         """Fitness per candidate (same order). Known keys come from the results table (resume);
         new ones are evaluated in parallel and written to it as each arrives."""
-        pending = [c for c in dict((c.key, c) for c in candidates).values() if self.results.get(c.key) is None]
-        queue = list(pending)
-        resubmit: list[tuple[float, list[Candidate], int]] = []  # (when, batch, unavailable attempts so far)
-        in_flight: dict[ray.ObjectRef, _Call] = {}
-        load = [0] * len(self.actors)
+        dispatch = self.dispatch()
+        dispatch.add(candidates)
         try:
-            while queue or resubmit or in_flight:
-                ready = [i for i in range(len(self.actors)) if i not in self.dead and i not in self._starting]
-                if not ready and not self._starting and not in_flight:
-                    raise SparseAllocError(
-                        f"every evaluator actor is gone and the {self.max_replacements} replacement(s) are used "
-                        f"up; last cause: {self._last_death or 'unknown'}. The {len(self.results)} results "
-                        f"written so far are kept in {self.results.dir} (--resume reads them back)")
-                now = time.monotonic()
-                size = self._batch_size(len(queue), len(ready))
-                while ready and min(load[i] for i in ready) < self.max_per_actor:
-                    due = next((r for r in resubmit if r[0] <= now), None)
-                    if due is None and not queue:
-                        break
-                    index = min(ready, key=lambda i: load[i])
-                    if due is not None:
-                        resubmit.remove(due)
-                        batch, attempts = due[1], due[2]
-                    else:
-                        batch, queue[:], attempts = queue[:size], queue[size:], 0
-                        self.sent += len(batch)
-                    in_flight[self.actors[index].evaluate.remote(batch)] = _Call(batch, index, self.actors[index],
-                                                                                 attempts)
-                    load[index] += 1
-                waits = list(in_flight) + [start.ref for start in self._starting.values()]
-                # Wake for a backoff ending, a replacement to check or the node table to read; a due batch
-                # waits for a call to end.
-                timeouts = [when - now for when, _, _ in resubmit if when > now]
-                timeout = min(timeouts + [self._poll_s() if self._starting else NODE_CHECK_S])
-                stalled = not ready and bool(self._starting)
-                started = time.monotonic()
-                if not waits:
-                    time.sleep(timeout)
-                    done = []
-                else:
-                    done, _ = ray.wait(waits, num_returns=1, timeout=timeout)
-                if stalled:
-                    self.stalled_s += time.monotonic() - started
-                    self._say_waiting()
-                self._watch_nodes(in_flight)
-                if self._check_starting(done[0] if done else None) or not done:
-                    continue
-                call = in_flight.pop(done[0])
-                load[call.index] -= 1
-                try:
-                    outcomes = ray.get(done[0])
-                except ray.exceptions.RayTaskError as exc:  # raised by the evaluator: its traceback in the debug log
-                    log.debug("evaluator error in actor %d: %s", call.index, exc)
-                    error = self._task_error(call, exc)
-                    self._drain(in_flight)
-                    raise error from None
-                except ray.exceptions.ActorUnavailableError as exc:
-                    name = (self.infos[call.index] or {}).get("actor", call.index)
-                    if call.attempts >= self.unavailable_retries:
-                        self._drain(in_flight)
-                        raise SparseAllocError(
-                            f"evaluator actor {name} stayed unavailable through {call.attempts} retries of one "
-                            f"batch: {_first_line(str(exc))}. The {len(self.results)} results written so far are "
-                            f"kept in {self.results.dir} (--resume reads them back)") from None
-                    delay = self.retry_backoff_s * 2 ** call.attempts
-                    log.warning("evaluator actor %s is unavailable (%s); re-submitting its batch in %.1f s "
-                                "(retry %d of %d)", name, _first_line(str(exc)), delay, call.attempts + 1,
-                                self.unavailable_retries)
-                    resubmit.append((time.monotonic() + delay, call.batch, call.attempts + 1))
-                    continue
-                except ray.exceptions.RayActorError as exc:
-                    if call.actor is self.actors[call.index] and call.index not in self.dead:
-                        self._replace(call.index, _death_cause(exc))  # its other calls fail the same way
-                    self.resubmitted += len(call.batch)
-                    resubmit.append((0.0, call.batch, call.attempts))
-                    continue
-                except ray.exceptions.RayError as exc:  # anything else Ray says about the call: reported alike
-                    error = self._task_error(call, exc)
-                    self._drain(in_flight)
-                    raise error from None
-                self._write(call.batch, outcomes)
+            while dispatch.busy:
+                dispatch.step()
         except BaseException:
-            self._drain_quietly(in_flight)
+            dispatch.cancel()
             raise
         return [self.results.get(c.key)["fitness"] for c in candidates]
 
@@ -572,6 +501,124 @@ class EvaluatorPool:
             except Exception:  # noqa: BLE001 - best effort
                 pass
         in_flight.clear()
+
+
+class Dispatch:
+    """Candidates spread over the pool's actors as they come. ``add`` queues the keys not yet scored or queued;
+    ``step`` sends what the actors have room for (the least-loaded first), waits for one call to end and writes
+    its rows, handling lost actors and nodes as the module doc says. :meth:`EvaluatorPool.evaluate` adds one list
+    and steps until it is done; a streaming caller (the Tune drivers' mailbox) adds candidates while others are
+    in flight and reads each answer from the results table as soon as its call ends, so an actor that finishes
+    a short rung takes the next question instead of waiting for the other actor's long one."""
+
+    def __init__(self, pool: EvaluatorPool, per_actor: int) -> None:
+        if per_actor < 1:
+            raise SparseAllocError(f"an actor needs room for at least one call, got {per_actor}")
+        self.pool, self.per_actor = pool, per_actor
+        self.queue: list[Candidate] = []
+        self.resubmit: list[tuple[float, list[Candidate], int]] = []  # (when, batch, unavailable attempts so far)
+        self.in_flight: dict[ray.ObjectRef, _Call] = {}
+        self.load = [0] * len(pool.actors)
+        self.keys: set[str] = set()  # every key added and not answered by the table when it was added
+
+    @property
+    def busy(self) -> bool:
+        """Whether some candidate added is not scored yet."""
+        return bool(self.queue or self.resubmit or self.in_flight)
+
+    def add(self, candidates: list[Candidate]) -> None:
+        """Queue the candidates whose keys are neither in the results table nor added before."""
+        for candidate in candidates:
+            if candidate.key not in self.keys and self.pool.results.get(candidate.key) is None:
+                self.keys.add(candidate.key)
+                self.queue.append(candidate)
+
+    def step(self, max_wait: float | None = None, wake: list[ray.ObjectRef] = ()) -> None:
+        """Send what the actors have room for, then wait (at most ``max_wait`` seconds, or until one of ``wake``
+        is ready) for one call to end and write its rows; an error of the evaluator or of every actor ends the
+        dispatch with one ``SparseAllocError`` (the other calls drained)."""
+        pool, queue, resubmit, in_flight, load = self.pool, self.queue, self.resubmit, self.in_flight, self.load
+        ready = [i for i in range(len(pool.actors)) if i not in pool.dead and i not in pool._starting]
+        if not ready and not pool._starting and not in_flight:
+            raise SparseAllocError(
+                f"every evaluator actor is gone and the {pool.max_replacements} replacement(s) are used "
+                f"up; last cause: {pool._last_death or 'unknown'}. The {len(pool.results)} results "
+                f"written so far are kept in {pool.results.dir} (--resume reads them back)")
+        now = time.monotonic()
+        size = pool._batch_size(len(queue), len(ready))
+        while ready and min(load[i] for i in ready) < self.per_actor:
+            due = next((r for r in resubmit if r[0] <= now), None)
+            if due is None and not queue:
+                break
+            index = min(ready, key=lambda i: load[i])
+            if due is not None:
+                resubmit.remove(due)
+                batch, attempts = due[1], due[2]
+            else:
+                batch, queue[:], attempts = queue[:size], queue[size:], 0
+                pool.sent += len(batch)
+            in_flight[pool.actors[index].evaluate.remote(batch)] = _Call(batch, index, pool.actors[index], attempts)
+            load[index] += 1
+        waits = list(in_flight) + [start.ref for start in pool._starting.values()]
+        # Wake for a backoff ending, a replacement to check or the node table to read; a due batch
+        # waits for a call to end.
+        timeouts = [when - now for when, _, _ in resubmit if when > now]
+        timeout = min(timeouts + [pool._poll_s() if pool._starting else NODE_CHECK_S]
+                      + ([max_wait] if max_wait is not None else []))
+        stalled = not ready and bool(pool._starting)
+        started = time.monotonic()
+        if not waits:
+            time.sleep(timeout)
+            done = []
+        else:
+            done, _ = ray.wait(waits + list(wake), num_returns=1, timeout=timeout)
+        if stalled:
+            pool.stalled_s += time.monotonic() - started
+            pool._say_waiting()
+        pool._watch_nodes(in_flight)
+        if pool._check_starting(done[0] if done else None) or not done or done[0] not in in_flight:
+            return  # a replacement's info call or a ``wake`` ref was ready, or nothing ended
+        call = in_flight.pop(done[0])
+        load[call.index] -= 1
+        try:
+            outcomes = ray.get(done[0])
+        except ray.exceptions.RayTaskError as exc:  # raised by the evaluator: its traceback in the debug log
+            log.debug("evaluator error in actor %d: %s", call.index, exc)
+            error = pool._task_error(call, exc)
+            pool._drain(in_flight)
+            raise error from None
+        except ray.exceptions.ActorUnavailableError as exc:
+            name = (pool.infos[call.index] or {}).get("actor", call.index)
+            if call.attempts >= pool.unavailable_retries:
+                pool._drain(in_flight)
+                raise SparseAllocError(
+                    f"evaluator actor {name} stayed unavailable through {call.attempts} retries of one "
+                    f"batch: {_first_line(str(exc))}. The {len(pool.results)} results written so far are "
+                    f"kept in {pool.results.dir} (--resume reads them back)") from None
+            delay = pool.retry_backoff_s * 2 ** call.attempts
+            log.warning("evaluator actor %s is unavailable (%s); re-submitting its batch in %.1f s "
+                        "(retry %d of %d)", name, _first_line(str(exc)), delay, call.attempts + 1,
+                        pool.unavailable_retries)
+            resubmit.append((time.monotonic() + delay, call.batch, call.attempts + 1))
+            return
+        except ray.exceptions.RayActorError as exc:
+            if call.actor is pool.actors[call.index] and call.index not in pool.dead:
+                pool._replace(call.index, _death_cause(exc))  # its other calls fail the same way
+            pool.resubmitted += len(call.batch)
+            resubmit.append((0.0, call.batch, call.attempts))
+            return
+        except ray.exceptions.RayError as exc:  # anything else Ray says about the call: reported alike
+            error = pool._task_error(call, exc)
+            pool._drain(in_flight)
+            raise error from None
+        pool._write(call.batch, outcomes)
+
+    def cancel(self) -> None:
+        """Interrupted (or failing): cancel what is still in flight so the actors are free for what comes next;
+        rows already written stay."""
+        self.pool._drain_quietly(self.in_flight)
+        self.queue.clear()
+        self.resubmit.clear()
 
 
 @dataclass

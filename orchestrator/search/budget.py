@@ -9,6 +9,7 @@ the uninterrupted one would).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -137,18 +138,55 @@ class Charged:
 
     def evaluate(self, candidates: list) -> list[float]:
         """The pool's fitnesses of ``candidates``, each charged before it is sent."""
-        self.budget.charge(len(candidates), sum(self.cost(c.tokens, c.metric) for c in candidates))
+        self.charge(candidates)
         evaluate = getattr(self._pool, "evaluate", self._pool)
-        stalled = getattr(self._pool, "stalled_s", 0.0)
-        try:
+        with self.unstalled():
             return list(evaluate(candidates))
-        finally:
-            self.budget.started += getattr(self._pool, "stalled_s", 0.0) - stalled
 
     __call__ = evaluate
 
+    def charge(self, candidates: list) -> None:
+        """Charge ``candidates`` to the budget: one evaluation and its tokens each."""
+        self.budget.charge(len(candidates), sum(self.cost(c.tokens, c.metric) for c in candidates))
+
+    @contextmanager
+    def unstalled(self):
+        """Move the budget's clock on by the seconds the pool stalls inside the block."""
+        stalled = getattr(self._pool, "stalled_s", 0.0)
+        try:
+            yield
+        finally:
+            self.budget.started += getattr(self._pool, "stalled_s", 0.0) - stalled
+
+    def dispatch(self, per_actor: int | None = None) -> "ChargedDispatch":
+        """The pool's streaming :class:`~orchestrator.runtime.pool.Dispatch`, every candidate added charged."""
+        return ChargedDispatch(self, self._pool.dispatch(per_actor))
+
     def __getattr__(self, name: str):
         return getattr(self._pool, name)
+
+
+class ChargedDispatch:
+    """A pool's :class:`~orchestrator.runtime.pool.Dispatch` whose candidates are charged as they are added
+    (also those the results table answers) and whose stalled seconds are not."""
+
+    def __init__(self, charged: Charged, dispatch) -> None:
+        self.charged, self._dispatch = charged, dispatch
+
+    @property
+    def busy(self) -> bool:
+        return self._dispatch.busy
+
+    def add(self, candidates: list) -> None:
+        self.charged.charge(candidates)
+        self._dispatch.add(candidates)
+
+    def step(self, max_wait: float | None = None, wake: list = ()) -> None:
+        with self.charged.unstalled():
+            self._dispatch.step(max_wait, wake)
+
+    def cancel(self) -> None:
+        self._dispatch.cancel()
 
 
 def driver_allowance(total: float | None, spent: float, share: float, shares_left: float) -> float | None:

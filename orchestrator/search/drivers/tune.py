@@ -11,9 +11,11 @@
   1/reduction-factor of its rung stops there), ``hyperband`` (asynchronous HyperBand, three brackets)
   or ``fifo`` (every trial runs every rung: plain Optuna).
 - **Through the pool**: a trial asks the :class:`~orchestrator.runtime.mailbox.Mailbox` for each rung's
-  fitness; this process takes the questions in batches, charges them to the driver's budget and sends
-  them to the pool (least-loaded dispatch, results table, exactly one evaluation per key). Trials are
-  light: no CPU, no GPU, a MiB of memory; the actors keep the devices.
+  fitness; this process takes the questions as they come, charges them to the driver's budget and sends
+  them to the pool's dispatch (one call per actor at a time, results table, exactly one evaluation per
+  key), answering each as soon as its score is in: the actor that finishes a short rung takes the next
+  question rather than wait for the other's long one. Trials are light: no CPU, no GPU, a MiB of memory;
+  the actors keep the devices.
 - **Budgets**: every rung is charged its tokens; a question the budget cannot pay is answered with
   None, which ends the trial and, through a stopper, the experiment. ``--budget-minutes`` is the
   experiment's ``time_budget_s`` too, ``--budget-evals`` its ``num_samples``.
@@ -132,39 +134,70 @@ class _Spent(tune.Stopper):
 
 
 class _Answers:
-    """The search-process side of the mailbox: charges each question, sends the ones the budget pays
-    to the pool as one batch, answers the rest with None, and keeps each trial's config, the last rung
+    """The search-process side of the mailbox (what :func:`serve` drives): charges each question, adds the ones
+    the budget pays to the pool's dispatch as they come (one call per actor at a time, so the actor that is
+    free takes the next question), answers the rest with None, and keeps each trial's config, the last rung
     answered and its running KL there (the record the result is chosen from: Tune's own may lack a trial's
     last report when the budget stopped the experiment before Tune processed it)."""
 
     def __init__(self, pool: Charged, driver: str, build: Callable[[dict], Profile], top: int,
                  bar: DriverProgress) -> None:
         self.pool, self.driver, self.build, self.top, self.bar = pool, driver, build, top, bar
+        self.dispatch = pool.dispatch(per_actor=1)
         self.spent = False
         self.trials: dict[str, dict] = {}  # trial -> {"config", "rung", "sum" (KL x tokens so far), "kl"}
+        self.open: dict[int, tuple[dict, str]] = {}  # question number -> (question, candidate key), being scored
+        self.answered: dict[int, float | None] = {}  # question number -> answer, not yet posted
 
-    def __call__(self, questions: list[dict]) -> list[float | None]:
-        budget, batch, accepted = self.pool.budget, [], []
-        tokens = 0
-        for index, question in enumerate(questions):
+    @property
+    def busy(self) -> bool:
+        return self.dispatch.busy
+
+    def ask(self, numbered: list[tuple[int, dict]]) -> None:
+        """Charge the questions the budget pays and send them to the dispatch; the rest are answered None."""
+        budget, batch, tokens = self.pool.budget, [], 0
+        for number, question in numbered:
             cost = self.pool.cost(question["tokens"])
             if self.spent or budget.exhausted() or not budget.fits(len(batch) + 1, tokens + cost):
                 self.spent = True
+                self.answered[number] = None
                 continue
             profile = self.build(question["config"])
             params = {**question["config"], "trial": question["trial"], "rung": question["rung"],
                       "skip": question["skip"]}
-            batch.append(Candidate(profile.sparsities, profile.nm, question["tokens"], "kl", self.driver, params,
-                                   skip=question["skip"], granularity=profile.granularity))
-            accepted.append(index)
+            candidate = Candidate(profile.sparsities, profile.nm, question["tokens"], "kl", self.driver, params,
+                                  skip=question["skip"], granularity=profile.granularity)
+            batch.append(candidate)
+            self.open[number] = (question, candidate.key)
             tokens += cost
-        answers: list[float | None] = [None] * len(questions)
-        if batch:
-            for index, value in zip(accepted, self.pool.evaluate(batch)):
-                answers[index] = float(value)
-                self._record(questions[index], float(value))
-            self.bar.update()
-        return answers
+        self.dispatch.add(batch)
+        self._collect()
+
+    def step(self, wake: list) -> None:
+        """Wait for one score (or a ref of ``wake``) and collect the answers it completes."""
+        self.dispatch.step(wake=wake)
+        self._collect()
+
+    def finish(self) -> None:
+        """Let the questions still being scored (charged already) end, their rows written and recorded."""
+        while self.dispatch.busy:
+            self.dispatch.step()
+        self._collect()
+
+    def ready(self) -> dict[int, float | None]:
+        """The answers known since the last call, by question number."""
+        answered, self.answered = self.answered, {}
+        return answered
+
+    def _collect(self) -> None:
+        """Answer every open question whose key the results table now holds."""
+        for number, (question, key) in list(self.open.items()):
+            row = self.pool.results.get(key)
+            if row is not None:
+                del self.open[number]
+                self.answered[number] = float(row["fitness"])
+                self._record(question, float(row["fitness"]))
+                self.bar.update()
 
     def _record(self, question: dict, value: float) -> None:
         """What the trial reports for this rung (``rung_trial``'s running KL, a non-finite KL counted as 1e9)."""
@@ -240,6 +273,10 @@ def run_tune(pool: Charged, driver: str, space: Space, build: Callable[[dict], P
     fitting.start()
     try:
         serve(mailbox, answers, fitting.is_alive)
+        answers.finish()
+    except BaseException:
+        answers.dispatch.cancel()
+        raise
     finally:
         answers.spent = True  # the stopper ends the experiment; open questions get None
         ray.get(mailbox.close.remote())
