@@ -154,9 +154,9 @@ def own_ray():
 
 
 def _start_shared_ray() -> None:
-    import ray
+    from orchestrator.runtime.cluster import start_local
 
-    ray.init(address="local", num_cpus=SHARED_RAY_CPUS, include_dashboard=False, log_to_driver=False)
+    start_local(num_cpus=SHARED_RAY_CPUS)
 
 
 def fragile_pool(tmp_path_factory):
@@ -165,6 +165,7 @@ def fragile_pool(tmp_path_factory):
     fixture (``yield from``)."""
     import ray
 
+    from orchestrator.runtime.cluster import start_local
     from orchestrator.runtime.pool import EvaluatorPool, EvaluatorSpec
     from orchestrator.runtime.results import ResultsTable
     from pruning.load import find_blocks, find_linears
@@ -173,7 +174,7 @@ def fragile_pool(tmp_path_factory):
     for layer in find_linears(find_blocks(model)[0]).values():
         layer.weight.data *= 6.0
     model_dir = save_model_dir(model, tmp_path_factory.mktemp("fragile"))
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+    start_local(num_cpus=3)
     generator = torch.Generator().manual_seed(0)
     pool = EvaluatorPool(EvaluatorSpec(str(model_dir)), torch.randint(3, 120, (4, 32), generator=generator),
                          torch.randint(3, 120, (4, 32), generator=generator),

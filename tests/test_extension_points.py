@@ -12,6 +12,7 @@ import torch
 import planted_extensions as planted
 from conftest import build_model, save_model_dir, settings_of, tiny_llama_config
 from orchestrator.cli import build_parser, main
+from orchestrator.runtime.cluster import start_local
 from orchestrator.search.config import SearchConfig
 from orchestrator.search.registry import DRIVERS
 from orchestrator.search.settings import token_sets
@@ -40,8 +41,8 @@ def registered():
 def workers(registered):
     """A local Ray whose every worker process registers the planted entries at start."""
     path = os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
-             runtime_env={"worker_process_setup_hook": "planted_extensions.register", "env_vars": {"PYTHONPATH": path}})
+    start_local(num_cpus=3, runtime_env={"worker_process_setup_hook": "planted_extensions.register",
+                                         "env_vars": {"PYTHONPATH": path}})
     yield
     ray.shutdown()
 

@@ -164,7 +164,9 @@ def test_offloaded_gemma3_prune_matches_the_in_memory_one(corpus_file, tmp_path)
 def local_ray():
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from orchestrator.runtime.cluster import start_local
+
+    start_local(num_cpus=2)
     yield ray
     ray.shutdown()
 

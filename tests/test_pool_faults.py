@@ -13,6 +13,7 @@ import torch
 from conftest import build_model, save_model_dir, tiny_llama_config
 from orchestrator.runtime import pool as pool_module
 from orchestrator.runtime.candidates import Candidate
+from orchestrator.runtime.cluster import start_local
 from orchestrator.runtime.pool import EvaluatorPool, EvaluatorSpec
 from orchestrator.runtime.results import ResultsTable
 from core.errors import SparseAllocError
@@ -31,7 +32,7 @@ def _atp(target: float, count: int, driver: str) -> list[Candidate]:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+    start_local(num_cpus=3)
     yield
     ray.shutdown()
 

@@ -44,10 +44,10 @@ def init_ray(address: str | None, actors: int | None, threads: int) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False)
     elif actors is None:
-        _start_local()
+        start_local()
     else:
         # One logical CPU more than the CPU actors use, so the dense-perplexity task runs beside a final pass.
-        _start_local(num_cpus=actors * threads + 1)
+        start_local(num_cpus=actors * threads + 1)
     if callable(handler) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
     return True
@@ -56,12 +56,13 @@ def init_ray(address: str | None, actors: int | None, threads: int) -> bool:
 LOCAL_START_TRIES = 3
 
 
-def _start_local(**resources) -> None:
-    """Start a local Ray, again (up to :data:`LOCAL_START_TRIES` times) when its raylet does not register
-    within Ray's fixed 30 s, which a busy machine can take."""
+def start_local(**options) -> None:
+    """Start a local Ray (``options``: ``ray.init``'s, e.g. ``num_cpus``), again (up to
+    :data:`LOCAL_START_TRIES` times) when its raylet does not register within Ray's fixed 30 s, which a busy
+    machine can take."""
     for attempt in range(1, LOCAL_START_TRIES + 1):
         try:
-            ray.init(address="local", include_dashboard=False, log_to_driver=False, **resources)
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, **options)
             return
         except Exception as error:  # Ray raises a bare Exception for this
             if "timed out during startup" not in str(error) or attempt == LOCAL_START_TRIES:
