@@ -17,6 +17,14 @@ from pruning.cache import cache_root
 USER_CACHE = cache_root()
 os.environ["SPARSEALLOC_CACHE"] = tempfile.mkdtemp(prefix="sparsealloc-test-cache-")
 
+# Under xdist (`make test`: 3 workers on CI's 2 cores, beside Ray actors) one torch thread per worker, and per
+# process it starts: with two, every small op's OpenMP barrier waits for a thread the scheduler gave to another
+# worker. tests/test_real_model.py beside a benchmark's two actors: 133 s with one thread, not done in 870 s
+# with the default two.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 WORDS = [f"w{i}" for i in range(120)]
 
 
