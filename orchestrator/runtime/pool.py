@@ -485,8 +485,7 @@ class EvaluatorPool:
         dispatch = self.dispatch()
         dispatch.add(candidates)
         try:
-            while dispatch.busy:
-                dispatch.step()
+            dispatch.finish()
         except BaseException:
             dispatch.cancel()
             raise
@@ -612,6 +611,11 @@ class Dispatch:
             pool._drain(in_flight)
             raise error from None
         pool._write(call.batch, outcomes)
+
+    def finish(self) -> None:
+        """Step until every candidate added is scored (its row written)."""
+        while self.busy:
+            self.step()
 
     def cancel(self) -> None:
         """Interrupted (or failing): cancel what is still in flight so the actors are free for what comes next;

@@ -185,6 +185,10 @@ class ChargedDispatch:
         with self.charged.unstalled():
             self._dispatch.step(max_wait, wake)
 
+    def finish(self) -> None:
+        with self.charged.unstalled():
+            self._dispatch.finish()
+
     def cancel(self) -> None:
         self._dispatch.cancel()
 

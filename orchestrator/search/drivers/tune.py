@@ -180,8 +180,7 @@ class _Answers:
 
     def finish(self) -> None:
         """Let the questions still being scored (charged already) end, their rows written and recorded."""
-        while self.dispatch.busy:
-            self.dispatch.step()
+        self.dispatch.finish()
         self._collect()
 
     def ready(self) -> dict[int, float | None]:
