@@ -35,11 +35,26 @@ def _ratios(record: dict) -> tuple[float, float]:
     return winner / record["atp_pick_test_perplexity"], winner / record["baselines"]["uniform"]["test_perplexity"]
 
 
+def _protocol_differences(records: list[tuple[str, dict]]) -> str:
+    """The protocol fields whose values differ between the rows of one seed, each value with its rows."""
+    parts = []
+    for seed in sorted({r["seed"] for _, r in records}):
+        rows = [(granularity, r["protocol"]) for granularity, r in records if r["seed"] == seed]
+        for key in sorted({key for _, protocol in rows for key in protocol} - {"granularity"}):
+            values: dict[str, list[str]] = {}
+            for granularity, protocol in rows:
+                values.setdefault(str(protocol.get(key, "not recorded")), []).append(granularity)
+            if len(values) > 1:
+                parts.append(f"seed {seed} {key}: " + ", ".join(f"{v} ({', '.join(g)})" for v, g in values.items()))
+    return "Protocol fields that differ within a seed: " + ("; ".join(parts) if parts else "none") + "."
+
+
 def write_table(records: list[tuple[str, dict]]) -> Path:
     lines = ["# Granularity: blocks, attention/MLP groups or single linears", "",
              "The winner of `search --method all` (default model, 70 %, Wanda pass, same token budget) at each "
              "`--granularity`: its test perplexity ÷ the ATP pick's and ÷ uniform's (below 1 beats them). Each row's "
-             "command is in its file.", "",
+             "command is in its file. Within a seed, compare the winners' test perplexities: each run searches its "
+             "own ATP pick (Tune's ATP driver beside the β grid), so ÷ ATP pick moves with that pick too.", "",
              "| granularity | seed | winner | winner test ppl | ATP pick test ppl | ÷ ATP pick | ÷ uniform | "
              "pick margin (nats ± se) | file |", "|---|---|---|---|---|---|---|---|---|"]
     for granularity, r in records:
@@ -49,7 +64,8 @@ def write_table(records: list[tuple[str, dict]]) -> Path:
         lines.append(f"| {granularity} | {r['seed']} | {r['winner']} | {r['winner_test_perplexity']:.2f} | "
                      f"{r['atp_pick_test_perplexity']:.2f} | **{to_atp:.3f}** | {to_uniform:.3f} | {pick} | "
                      f"`search-{TAGS[granularity]}-seed{r['seed']}.json` |")
-    lines += ["", "Commands: " + "; ".join(sorted({f"`{r['command']}`" for _, r in records})) + "."]
+    lines += ["", _protocol_differences(records),
+              "", "Commands: " + "; ".join(sorted({f"`{r['command']}`" for _, r in records})) + "."]
     path = RESULTS / "granularity.md"
     path.write_text("\n".join(lines) + "\n")
     return path
