@@ -25,6 +25,32 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
+# Tests that run minutes on CI (multi-node clusters, the real model): each worker starts with its share.
+HEAVY_MARKERS = ("cluster", "real_model")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under xdist's worksteal (`make test`) each worker is first sent a contiguous part of the collection;
+    put the heavy tests at the head of the parts, one part after another in collection order, so they run
+    side by side from the start instead of one worker's queue ending the suite with them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers < 2:
+        return
+    heavy = [item for item in items if any(item.get_closest_marker(name) for name in HEAVY_MARKERS)]
+    rest = [item for item in items if item not in heavy]
+    sizes, left = [], len(items)
+    for remaining in range(workers, 0, -1):  # worksteal's first split: len(pending) // nodes remaining
+        sizes.append(left // remaining)
+        left -= sizes[-1]
+    parts = [heavy[k::workers] for k in range(workers)]
+    for part, size in zip(parts, sizes):
+        take = max(size - len(part), 0)
+        part += rest[:take]
+        rest = rest[take:]
+    parts[-1] += rest
+    items[:] = [item for part in parts for item in part]
+
+
 WORDS = [f"w{i}" for i in range(120)]
 
 

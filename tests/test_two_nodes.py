@@ -10,8 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import build_model, save_model_dir, tiny_llama_config
 
+pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = """
 import json, sys, torch, ray
