@@ -36,8 +36,9 @@ def pytest_collection_modifyitems(config, items) -> None:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers < 2:
         return
-    heavy = [item for item in items if any(item.get_closest_marker(name) for name in HEAVY_MARKERS)]
-    rest = [item for item in items if item not in heavy]
+    is_heavy = [any(item.get_closest_marker(name) for name in HEAVY_MARKERS) for item in items]
+    heavy = [item for item, flag in zip(items, is_heavy) if flag]
+    rest = [item for item, flag in zip(items, is_heavy) if not flag]
     sizes, left = [], len(items)
     for remaining in range(workers, 0, -1):  # worksteal's first split: len(pending) // nodes remaining
         sizes.append(left // remaining)

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("shared_ray")  # the in-process searches; t
 
 
 def _args(model_dir, data, out, *extra):
-    return ["search", "--method", "evolution", "--sparsity", "0.6", "--budget-evals", "300", "--model", str(model_dir),
+    return ["search", "--method", "evolution", "--sparsity", "0.6", "--budget-evals", "150", "--model", str(model_dir),
             "--data", str(data), "--seqlen", "32", "--calib-samples", "4", "--fitness-windows", "4",
             "--fitness-seqlen", "32", "--fidelities", "64", "128", "--eval-windows", "8", "--actors", "1",
             "--population", "1", "--out", str(out), "--no-progress", *extra]
