@@ -18,6 +18,8 @@ import argparse
 import json
 from pathlib import Path
 
+from bench.tables import differing_fields
+
 RESULTS = Path(__file__).parent / "results"
 TAGS = {"block": "70-tokens", "group": "70-group", "linear": "70-linear"}
 
@@ -40,12 +42,8 @@ def _protocol_differences(records: list[tuple[str, dict]]) -> str:
     parts = []
     for seed in sorted({r["seed"] for _, r in records}):
         rows = [(granularity, r["protocol"]) for granularity, r in records if r["seed"] == seed]
-        for key in sorted({key for _, protocol in rows for key in protocol} - {"granularity"}):
-            values: dict[str, list[str]] = {}
-            for granularity, protocol in rows:
-                values.setdefault(str(protocol.get(key, "not recorded")), []).append(granularity)
-            if len(values) > 1:
-                parts.append(f"seed {seed} {key}: " + ", ".join(f"{v} ({', '.join(g)})" for v, g in values.items()))
+        parts += [f"seed {seed} {key}: " + ", ".join(f"{v} ({', '.join(g)})" for v, g in values.items())
+                  for key, values in differing_fields(rows, skip=("granularity",))]
     return "Protocol fields that differ within a seed: " + ("; ".join(parts) if parts else "none") + "."
 
 

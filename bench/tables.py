@@ -110,16 +110,25 @@ def atp_pick(record: dict) -> str:
     return f"{record['atp_pick']} ({ppl(record['atp_pick_test_perplexity'])})"
 
 
+def differing_fields(rows: list[tuple[str, dict]],
+                     skip: tuple[str, ...] = ()) -> list[tuple[str, dict[str, list[str]]]]:
+    """The protocol fields whose values differ between labelled rows ``(label, protocol)``: each field with its
+    values and the labels holding each ("not recorded" where a protocol lacks the field); ``skip`` left out."""
+    fields = []
+    for key in sorted({key for _, protocol in rows for key in protocol} - set(skip)):
+        values: dict[str, list[str]] = {}
+        for label, protocol in rows:
+            values.setdefault(str(protocol.get(key, "not recorded")), []).append(label)
+        if len(values) > 1:
+            fields.append((key, values))
+    return fields
+
+
 def protocol_differences(records: list[dict]) -> str:
     """The protocol fields whose values differ between seed records, each value with its seeds ("" if none)."""
-    keys = sorted({key for r in records for key in r["protocol"]})
-    parts = []
-    for key in keys:
-        seeds: dict[str, list[str]] = {}
-        for r in records:
-            seeds.setdefault(str(r["protocol"].get(key, "not recorded")), []).append(str(r["seed"]))
-        if len(seeds) > 1:
-            parts.append(f"{key} " + ", ".join(f"{value} (seed{'s' if len(s) > 1 else ''} {', '.join(s)})" for value, s in seeds.items()))
+    parts = [f"{key} " + ", ".join(f"{value} (seed{'s' if len(s) > 1 else ''} {', '.join(s)})"
+                                   for value, s in values.items())
+             for key, values in differing_fields([(str(r["seed"]), r["protocol"]) for r in records])]
     return f"Protocol fields that differ between seeds: {'; '.join(parts)}.\n" if parts else ""
 
 
