@@ -7,11 +7,13 @@ between nodes and watches them, which a client connection does not support.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
 
+import psutil
 import ray
 
 from core.errors import SparseAllocError
@@ -59,17 +61,39 @@ LOCAL_START_TRIES = 3
 def start_local(**options) -> None:
     """Start a local Ray (``options``: ``ray.init``'s, e.g. ``num_cpus``), again (up to
     :data:`LOCAL_START_TRIES` times) when its raylet does not register within Ray's fixed 30 s, which a busy
-    machine can take."""
+    machine can take. Ray leaves the GCS, raylet and agents of a start that timed out running; they are
+    stopped before the next try, so that each try does not make the machine busier still."""
     for attempt in range(1, LOCAL_START_TRIES + 1):
+        before = _descendants()
         try:
             ray.init(address="local", include_dashboard=False, log_to_driver=False, **options)
             return
         except Exception as error:  # Ray raises a bare Exception for this
-            if "timed out during startup" not in str(error) or attempt == LOCAL_START_TRIES:
+            if "timed out during startup" not in str(error):
                 raise
             ray.shutdown()
+            _stop(_descendants() - before)
+            if attempt == LOCAL_START_TRIES:
+                raise
             log.warning("the local Ray did not start in time (try %d of %d; a busy machine?): starting it again",
                         attempt, LOCAL_START_TRIES)
+
+
+def _descendants() -> set[psutil.Process]:
+    """This process's children, grandchildren and so on."""
+    return set(psutil.Process().children(recursive=True))
+
+
+def _stop(processes: set[psutil.Process], grace_s: float = 10.0) -> None:
+    """SIGTERM ``processes``, then SIGKILL those still alive after ``grace_s`` seconds."""
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
 
 
 def alive_nodes() -> set[str]:
