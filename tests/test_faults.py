@@ -261,7 +261,7 @@ def test_ctrl_c_of_a_real_search_process_keeps_a_resumable_run(model_dir, corpus
     deadline = time.monotonic() + 300
     while len(part_files(out / "results")) < 3 and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
-    assert process.poll() is None, "the search ended before it could be interrupted"
+    assert process.poll() is None, "the search ended before it could be interrupted: " + process.stderr.read()[-3000:]
     os.killpg(process.pid, signal.SIGINT)
     assert process.wait(timeout=120) == 130
     err = process.stderr.read()
