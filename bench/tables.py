@@ -310,6 +310,7 @@ def headline(tag: str) -> str:
 BLOCKS: dict[str, dict[str, Callable[[], str]]] = {
     "README.md": {
         "headline": lambda: headline("70-tokens"),
+        "headline-gemma3": lambda: headline("70-gemma3"),
     },
     "docs/results.md": {
         "pruners-h100": lambda: pruners("pruners-h100.json"),
@@ -318,6 +319,7 @@ BLOCKS: dict[str, dict[str, Callable[[], str]]] = {
         "profiles-h100": lambda: profiles("profiles-h100.json"),
         "search-70-tokens": lambda: search_seeds(seed_files("search-70-tokens-seed*.json")),
         "search-70-tokens-seqall": lambda: search_seeds(["search-70-tokens-seqall-seed1.json"]),
+        "search-70-gemma3": lambda: search_seeds(seed_files("search-70-gemma3-seed*.json")),
         "search-70-minutes": lambda: search_seeds(seed_files("search-70-seed*.json")),
         "search-70-sparsegpt": lambda: search_detail("search-70-sparsegpt-seed0.json"),
         "search-70-cpu": search_earlier,
