@@ -23,7 +23,7 @@ fetch: venv
 # profiles with every driver on a small token budget, a CPU-sized protocol (8 calibration windows and
 # 16 test windows of 128 tokens), then the final Wanda pass of the winner, Tune's ATP pick and uniform.
 # Prints the three side by side and ends with the report's path.
-DEMO_FLAGS := --method all --sparsity 0.7 --budget-tokens 16000 --fitness-windows 8 --fidelities 128 512 \
+DEMO_FLAGS := --method all --sparsity 0.7 --budget-tokens 56000 --fitness-windows 8 --fidelities 128 512 \
 	--top-fitness kl --estimator sliding --finalists 1 --seqlen 128 --calib-samples 8 --eval-windows 16 \
 	--selection-windows 8
 demo: venv

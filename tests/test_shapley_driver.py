@@ -354,3 +354,39 @@ def test_resumed_run_charges_the_tokens_answered_from_the_table():
     run_shapley(Charged(fresh_pool, fresh_budget), TARGET, tokens=256, seed=9, progress=False)
     assert resumed_pool.requested == fresh_pool.requested
     assert resumed_budget.used_tokens == fresh_budget.used_tokens <= 70 * 256
+
+
+# (g) a token budget too small for a complete estimate at the top fidelity moves the coalitions lower
+
+
+@pytest.mark.parametrize("estimator, needed", [("sliding", (N - 3 + 2) * 2**2), ("permutation", 2 * N)])
+def test_coalitions_move_to_the_largest_fidelity_whose_complete_estimate_fits(estimator, needed):
+    from orchestrator.search.drivers.shapley import coalition_tokens
+
+    damage, _ = planted_game()
+    fidelities = (128, 256, 1024)
+
+    def tokens_for(max_tokens: int | None) -> int:
+        return coalition_tokens(Charged(TokenPool(damage), Budget(max_tokens=max_tokens)), fidelities, estimator)
+
+    reserve = 3  # the strengths' evaluations
+    assert tokens_for(None) == tokens_for((needed + reserve) * 1024) == 1024
+    assert tokens_for((needed + reserve) * 1024 - 1) == tokens_for((needed + reserve) * 256) == 256
+    assert tokens_for((needed + reserve) * 256 - 1) == 128 == tokens_for(10)  # nothing fits: the smallest
+
+
+def test_sliding_estimate_is_complete_on_a_budget_too_small_for_it_at_the_top_fidelity():
+    """The demo's case: at the top fidelity the budget ended before one window; one fidelity lower every
+    window is done, so the profile comes from a full estimate, not the uniform fallback."""
+    from orchestrator.search.drivers.shapley import coalition_tokens
+
+    damage, _ = planted_game()
+    budget = Budget(max_tokens=((N - 1) * 4 + 3) * 256)  # the whole plan at 256 tokens, a third of it at 1024
+    pool = Charged(TokenPool(damage), budget)
+    top = run_shapley(Charged(TokenPool(damage), Budget(max_tokens=budget.max_tokens)), TARGET, estimator="sliding",
+                      tokens=1024, progress=False)
+    assert top.details["partial"]
+    tokens = coalition_tokens(pool, (256, 1024), "sliding")
+    result = run_shapley(pool, TARGET, estimator="sliding", tokens=tokens, progress=False)
+    assert tokens == 256 and not result.details["partial"] and result.details["incomplete"] == []
+    assert _protects_block_0(result) and set(pool.tokens) == {256}

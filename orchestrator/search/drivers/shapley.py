@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 ESTIMATORS = ("permutation", "sliding")
 MAX_PAIRS = 64  # antithetic pairs at most: beyond this the estimate barely moves, the budget goes to other drivers
+WINDOW = 3  # adjacent blocks per window of the sliding estimator
+STRENGTHS = (0.5, 1.0, 2.0)  # strengths of the value -> sparsity map tried at the end
 
 # Called after every batch with the current values, their standard errors (None: sliding window) and
 # the units (pairs or windows) completed so far.
@@ -109,7 +111,7 @@ class _Sampler:
 
 
 def run_shapley(pool: Charged, target: float, estimator: str = "permutation",
-                window: int = 3, strengths: tuple[float, ...] = (0.5, 1.0, 2.0), tokens: int | None = None,
+                window: int = WINDOW, strengths: tuple[float, ...] = STRENGTHS, tokens: int | None = None,
                 seed: int = 0, chunk: int = 16, max_pairs: int = MAX_PAIRS, progress: bool = True,
                 on_estimate: OnEstimate | None = None) -> DriverResult:
     """Shapley values of the blocks, anytime, then the strength of the value → sparsity map picked by
@@ -203,10 +205,35 @@ def _uniform(pool: Charged, target: float, tokens: int | None, cost: int, bar: D
         "partial": True})
 
 
+def coalition_tokens(pool: Charged, fidelities: Sequence[int], estimator: str, window: int = WINDOW,
+                     reserve: int = len(STRENGTHS)) -> int:
+    """Tokens per coalition: the top of ``fidelities``, unless the token budget cannot pay there for the
+    coalitions that give every block a value (permutation: the first antithetic pair; sliding: the
+    whole window plan) plus the ``reserve`` evaluations of the strengths. Then the largest fidelity
+    at which they fit, or the smallest one: a complete estimate on fewer tokens per coalition beats a
+    uniform profile or a few windows at the top fidelity."""
+    ordered = sorted(int(f) for f in fidelities)
+    left = pool.budget.remaining_tokens()
+    if left is None:
+        return ordered[-1]
+    n = pool.num_blocks
+    if estimator == "permutation":
+        needed = len(shapley.permutation_plan(n, 2, 0).unit_coalitions(0))
+    else:
+        needed = shapley.sliding_window_cost(n, min(window, n, shapley.MAX_EXACT_PLAYERS))
+    fitting = [f for f in ordered if (needed + reserve) * pool.cost(f) <= left]
+    return fitting[-1] if fitting else ordered[0]
+
+
 def run(context: "DriverContext") -> DriverResult:
     """The ``shapley`` driver: coalitions on the top fidelity of the stages (not the whole fitness pool):
-    more permutations, not more tokens per coalition, is what narrows the values' errors."""
+    more permutations, not more tokens per coalition, is what narrows the values' errors. A token budget
+    too small for a complete estimate there moves it to a lower fidelity (:func:`coalition_tokens`)."""
     config = context.settings.config
-    tokens = min(context.top_tokens, max(config.fidelities))
+    fidelities = [min(context.top_tokens, int(f)) for f in config.fidelities]
+    tokens = coalition_tokens(context.pool, fidelities, config.estimator)
+    if tokens < max(fidelities):
+        log.info("shapley: %d tokens per coalition, not %d: the budget's tokens pay for a complete %s estimate "
+                 "only there", tokens, max(fidelities), config.estimator)
     return run_shapley(context.pool, config.sparsity, estimator=config.estimator, tokens=tokens, seed=config.seed,
                        progress=config.progress)
