@@ -31,9 +31,17 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 SPARSEALLOC = [sys.executable, "-m", "orchestrator.cli"]
-DEMO = ["--method", "all", "--sparsity", "0.7", "--budget-tokens", "16000", "--fitness-windows", "8",
-        "--fidelities", "128", "512", "--top-fitness", "kl", "--estimator", "sliding", "--finalists", "1",
-        "--seqlen", "128", "--calib-samples", "8", "--eval-windows", "16", "--selection-windows", "8"]
+
+
+def demo_flags(makefile: Path = ROOT / "Makefile") -> list[str]:
+    """``make demo``'s search flags, read from the Makefile's ``DEMO_FLAGS`` (one place to change them)."""
+    lines = makefile.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("DEMO_FLAGS :="))
+    text = lines[start].split(":=", 1)[1]
+    while text.endswith("\\"):
+        start += 1
+        text = text[:-1] + " " + lines[start]
+    return text.split()
 
 
 @dataclass
@@ -56,7 +64,7 @@ def steps(work: Path, tag: str) -> list[Step]:
              [*SPARSEALLOC, "prune", "--sparsity", "0.5", "--pruner", "sparsegpt", "--device", "cuda",
               "--offload", "on", "--no-progress", "--out", str(work / "prune")], 60),
         Step("search", "make demo's search on the default model, one GPU actor",
-             [*SPARSEALLOC, "search", *DEMO, "--gpu-actors", "--actors", "1", "--no-progress", "--out",
+             [*SPARSEALLOC, "search", *demo_flags(), "--gpu-actors", "--actors", "1", "--no-progress", "--out",
               str(work / "search")], 150),
     ]
 

@@ -30,3 +30,16 @@ def test_its_sparsealloc_commands_parse(name, tmp_path):
 def test_device_names_become_file_tags():
     assert gpu_check.device_tag("NVIDIA H200") == "nvidia-h200"
     assert gpu_check.device_tag("NVIDIA A100-SXM4-80GB") == "nvidia-a100-sxm4-80gb"
+
+
+def test_its_search_runs_make_demos_flags():
+    """The GPU check's search is the demo's: its flags come from the Makefile, so the two cannot drift."""
+    import re
+
+    makefile = (Path(gpu_check.ROOT) / "Makefile").read_text()
+    budget = re.search(r"--budget-tokens (\d+)", makefile).group(1)
+    flags = gpu_check.demo_flags()
+    assert flags[:2] == ["--method", "all"] and flags[flags.index("--budget-tokens") + 1] == budget
+    assert flags[-2:] == ["--selection-windows", "8"]  # the continuation line is read too
+    step = next(s for s in gpu_check.steps(Path("/tmp"), "tag") if s.name == "search")
+    assert step.command[4 : 4 + len(flags)] == flags
