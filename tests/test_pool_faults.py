@@ -168,3 +168,33 @@ def test_single_calls_survive_a_dead_actor_and_report_errors(pool):
     assert len(pool.call("outlier_ratios", 5.0)) == 4  # answered by a live or replacement actor
     with pytest.raises(SparseAllocError, match=r"failed computing outlier_ratios: SparseAllocError: OWL ratios"):
         pool.call("outlier_ratios", 7.0)
+
+
+def test_actor_unavailable_through_every_retry_is_replaced_and_the_batch_answered(pool, results, monkeypatch, caplog):
+    """A frozen actor (a stopped process, a stalled host) answers every retry with ActorUnavailableError:
+    after the retries it is taken for gone and replaced, and the search goes on instead of ending."""
+    pool.wait_for_replacements()
+    candidate = _atp(0.4, 2, "frozen")[1]
+    replacements, resubmitted = pool.replacements, pool.resubmitted
+    get, calls, failing = ray.get, [], 3  # the first send and both retries
+
+    def frozen_get(refs, *args, **kwargs):
+        calls.append(refs)
+        if len(calls) <= failing:
+            raise ray.exceptions.ActorUnavailableError("keepalive watchdog timeout", None)
+        return get(refs, *args, **kwargs)
+
+    monkeypatch.setattr(pool, "retry_backoff_s", 0.05)
+    monkeypatch.setattr(pool, "unavailable_retries", failing - 1)
+    monkeypatch.setattr(pool, "max_replacements", replacements + 1)  # earlier tests may have used them up
+    monkeypatch.setattr(pool_module.ray, "get", frozen_get)
+    with caplog.at_level(logging.WARNING, logger="orchestrator.runtime.pool"):
+        fitness = pool.evaluate([candidate])
+    monkeypatch.undo()
+
+    assert len(calls) == failing + 1  # answered once the actor was replaced
+    assert pool.replacements == replacements + 1 and pool.resubmitted == resubmitted + 1
+    assert "unavailable through 2 retries of one batch" in caplog.text and "starting a replacement" in caplog.text
+    assert results.get(candidate.key)["fitness"] == fitness[0] and len(results.read()) == 1
+    pool.wait_for_replacements()
+    assert not pool.dead and all(ray.get(actor.info.remote())["blocks"] == 4 for actor in pool.actors)

@@ -15,7 +15,8 @@ Faults, and what the pool does about them:
   candidates are re-submitted, so a search never loses a result;
 - an actor that is only unavailable for a moment (``ActorUnavailableError``: a network blip, a
   restart under way) keeps its place: the batch is re-submitted after a short backoff, a bounded
-  number of times;
+  number of times; one still unavailable after those (a frozen process, a stalled host) is taken
+  for gone: killed, replaced as above, its batch re-submitted;
 - an exception raised by the evaluator itself (CUDA out of memory, a bad candidate) ends the call
   with one ``SparseAllocError`` naming the actor, its node and the cause, once the other in-flight
   batches are drained (their rows written) or cancelled;
@@ -176,7 +177,7 @@ class EvaluatorPool:
         (default: the number of actors). ``placement_timeout_s``: how long an actor may wait for a
         node with its resources (at the start and for a replacement) before the pool gives up.
         ``unavailable_retries``: re-submissions of one batch whose actor was unavailable, the n-th
-        after ``retry_backoff_s * 2**(n-1)`` seconds. ``drain_timeout_s``: after an evaluator error,
+        after ``retry_backoff_s * 2**(n-1)`` seconds; unavailable once more, that actor is replaced. ``drain_timeout_s``: after an evaluator error,
         how long the other in-flight batches may finish (their rows are written) before the rest is
         cancelled. ``node_wait_s``: how long the actors of a dead node may wait for a node to replace them
         (``--node-wait-minutes``)."""
@@ -588,12 +589,13 @@ class Dispatch:
             raise error from None
         except ray.exceptions.ActorUnavailableError as exc:
             name = (pool.infos[call.index] or {}).get("actor", call.index)
-            if call.attempts >= pool.unavailable_retries:
-                pool._drain(in_flight)
-                raise SparseAllocError(
-                    f"evaluator actor {name} stayed unavailable through {call.attempts} retries of one "
-                    f"batch: {_first_line(str(exc))}. The {len(pool.results)} results written so far are "
-                    f"kept in {pool.results.dir} (--resume reads them back)") from None
+            if call.attempts >= pool.unavailable_retries:  # frozen, not blipping: gone for good
+                if call.actor is pool.actors[call.index] and call.index not in pool.dead:
+                    pool._replace(call.index, f"unavailable through {call.attempts} retries of one batch: "
+                                              f"{_first_line(str(exc))}")
+                pool.resubmitted += len(call.batch)
+                resubmit.append((0.0, call.batch, 0))
+                return
             delay = pool.retry_backoff_s * 2 ** call.attempts
             log.warning("evaluator actor %s is unavailable (%s); re-submitting its batch in %.1f s "
                         "(retry %d of %d)", name, _first_line(str(exc)), delay, call.attempts + 1,
