@@ -12,6 +12,8 @@ import logging
 import os
 import signal
 import threading
+import time
+from typing import Iterator
 
 import psutil
 import ray
@@ -56,17 +58,20 @@ def init_ray(address: str | None, actors: int | None, threads: int) -> bool:
 
 
 LOCAL_START_TRIES = 3
+REGISTRATION_WAIT_S = 120.0  # how long a local raylet may take to register with the GCS (Ray's own wait: 30 s)
 
 
 def start_local(**options) -> None:
-    """Start a local Ray (``options``: ``ray.init``'s, e.g. ``num_cpus``), again (up to
-    :data:`LOCAL_START_TRIES` times) when its raylet does not register within Ray's fixed 30 s, which a busy
-    machine can take. Ray leaves the GCS, raylet and agents of a start that timed out running; they are
-    stopped before the next try, so that each try does not make the machine busier still."""
+    """Start a local Ray (``options``: ``ray.init``'s, e.g. ``num_cpus``). Ray gives its raylet a fixed 30 s
+    to register, which a busy machine can miss: here it gets :data:`REGISTRATION_WAIT_S`, and a start that
+    still times out is made again (:data:`LOCAL_START_TRIES` tries in all). Ray leaves the GCS, raylet and
+    agents of a start that timed out running; they are stopped before the next try, so that each try does
+    not make the machine busier still. After the last try, a ``SparseAllocError`` says what to do."""
     for attempt in range(1, LOCAL_START_TRIES + 1):
         before = _descendants()
         try:
-            ray.init(address="local", include_dashboard=False, log_to_driver=False, **options)
+            with _patient_registration(REGISTRATION_WAIT_S):
+                ray.init(address="local", include_dashboard=False, log_to_driver=False, **options)
             return
         except Exception as error:  # Ray raises a bare Exception for this
             if "timed out during startup" not in str(error):
@@ -74,9 +79,39 @@ def start_local(**options) -> None:
             ray.shutdown()
             _stop(_descendants() - before)
             if attempt == LOCAL_START_TRIES:
-                raise
+                load = os.getloadavg()[0]
+                raise SparseAllocError(
+                    f"the local Ray did not start: its raylet did not register within {REGISTRATION_WAIT_S:.0f} s "
+                    f"on {LOCAL_START_TRIES} tries (load average {load:.1f} on {os.cpu_count()} cores). Run "
+                    "again when the machine is less busy, or start Ray yourself (`ray start --head`) and pass "
+                    "--address auto") from None
             log.warning("the local Ray did not start in time (try %d of %d; a busy machine?): starting it again",
                         attempt, LOCAL_START_TRIES)
+
+
+@contextlib.contextmanager
+def _patient_registration(seconds: float) -> Iterator[None]:
+    """While a local Ray starts, its check that the raylet has registered (``services.get_node``, which
+    ``ray.init`` gives up on after a fixed 30 s) keeps asking for up to ``seconds`` before it fails."""
+    from ray._private import services
+
+    real = services.get_node
+
+    def get_node(*args, **kwargs):
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                return real(*args, **kwargs)
+            except RuntimeError:  # not registered yet
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
+
+    services.get_node = get_node
+    try:
+        yield
+    finally:
+        services.get_node = real
 
 
 def _descendants() -> set[psutil.Process]:
