@@ -14,9 +14,9 @@ Faults, and what the pool does about them:
   replaced by a new one (at most ``max_replacements`` in the pool's life) and its in-flight
   candidates are re-submitted, so a search never loses a result;
 - an actor that is only unavailable for a moment (``ActorUnavailableError``: a network blip, a
-  restart under way) keeps its place: the batch is re-submitted after a short backoff, a bounded
-  number of times; one still unavailable after those (a frozen process, a stalled host) is taken
-  for gone: killed, replaced as above, its batch re-submitted;
+  restart under way) keeps its place: the batch is re-submitted after a short backoff; an actor
+  unavailable more than ``unavailable_retries`` times in a row, with no answer between (a frozen
+  process, a stalled host), is taken for gone: killed, replaced as above, its batch re-submitted;
 - an exception raised by the evaluator itself (CUDA out of memory, a bad candidate) ends the call
   with one ``SparseAllocError`` naming the actor, its node and the cause, once the other in-flight
   batches are drained (their rows written) or cancelled;
@@ -176,8 +176,8 @@ class EvaluatorPool:
         ``max_replacements``: actors gone for good that are replaced by new ones over the pool's life
         (default: the number of actors). ``placement_timeout_s``: how long an actor may wait for a
         node with its resources (at the start and for a replacement) before the pool gives up.
-        ``unavailable_retries``: re-submissions of one batch whose actor was unavailable, the n-th
-        after ``retry_backoff_s * 2**(n-1)`` seconds; unavailable once more, that actor is replaced. ``drain_timeout_s``: after an evaluator error,
+        ``unavailable_retries``: how many ``ActorUnavailableError``s in a row an actor may give (each batch
+        re-submitted, the n-th time after ``retry_backoff_s * 2**(n-1)`` seconds) before it is replaced. ``drain_timeout_s``: after an evaluator error,
         how long the other in-flight batches may finish (their rows are written) before the rest is
         cancelled. ``node_wait_s``: how long the actors of a dead node may wait for a node to replace them
         (``--node-wait-minutes``)."""
@@ -203,6 +203,7 @@ class EvaluatorPool:
         self.node_wait_s = node_wait_s
         self.stalled_s = 0.0  # seconds evaluate waited with no actor to evaluate on (after a node was lost)
         self.dead: set[int] = set()
+        self.unavailable = [0] * num_actors  # per slot: its actor's ActorUnavailableErrors since its last answer
         self._starting: dict[int, _Starting] = {}  # slot -> its replacement being started
         self._lost_nodes: set[str] = set()
         self._nodes_checked = 0.0
@@ -310,6 +311,7 @@ class EvaluatorPool:
         for a node instead of ``placement_timeout_s``)."""
         self._last_death = cause
         self.dead.add(index)
+        self.unavailable[index] = 0
         self._starting.pop(index, None)
         _kill(self.actors[index])
         if not node_lost and self.replacements >= self.max_replacements:
@@ -416,16 +418,34 @@ class EvaluatorPool:
                                        f"{self._last_death or 'unknown'}")
             index = live[0]
             try:
-                return ray.get(getattr(self.actors[index], method).remote(*args))
+                answer = ray.get(getattr(self.actors[index], method).remote(*args))
+            except ray.exceptions.ActorUnavailableError as exc:
+                if not self._unavailable(index, exc):
+                    log.warning("evaluator actor %s is unavailable computing %s (%s); asking again (%d time(s) in a "
+                                "row; replaced after %d)", (self.infos[index] or {}).get("actor", index), method,
+                                _first_line(str(exc)), self.unavailable[index], self.unavailable_retries + 1)
+                    time.sleep(self.retry_backoff_s * 2 ** (self.unavailable[index] - 1))
+                continue
             except ray.exceptions.RayActorError as exc:
-                if not isinstance(exc, ray.exceptions.ActorUnavailableError):
-                    self._replace(index, _death_cause(exc))
+                self._replace(index, _death_cause(exc))
+                continue
             except ray.exceptions.RayTaskError as exc:
                 cause = getattr(exc, "cause", None) or exc
                 info = self.infos[index] or {}
                 raise SparseAllocError(f"evaluator actor {info.get('actor', index)} on node {info.get('node', '?')} "
                                        f"failed computing {method}: {type(cause).__name__}: "
                                        f"{_first_line(str(cause))}") from None
+            self.unavailable[index] = 0
+            return answer
+
+    def _unavailable(self, index: int, exc: Exception) -> bool:
+        """Count an ``ActorUnavailableError`` of slot ``index``'s actor; past ``unavailable_retries`` in a row
+        (no answer between) the actor is taken for gone and replaced: True."""
+        self.unavailable[index] += 1
+        if self.unavailable[index] <= self.unavailable_retries:
+            return False
+        self._replace(index, f"unavailable {self.unavailable[index]} times in a row: {_first_line(str(exc))}")
+        return True
 
     # ---- evaluating -----------------------------------------------------------------------------
 
@@ -589,17 +609,15 @@ class Dispatch:
             raise error from None
         except ray.exceptions.ActorUnavailableError as exc:
             name = (pool.infos[call.index] or {}).get("actor", call.index)
-            if call.attempts >= pool.unavailable_retries:  # frozen, not blipping: gone for good
-                if call.actor is pool.actors[call.index] and call.index not in pool.dead:
-                    pool._replace(call.index, f"unavailable through {call.attempts} retries of one batch: "
-                                              f"{_first_line(str(exc))}")
+            current = call.actor is pool.actors[call.index] and call.index not in pool.dead
+            if current and pool._unavailable(call.index, exc):  # frozen, not blipping: replaced
                 pool.resubmitted += len(call.batch)
                 resubmit.append((0.0, call.batch, 0))
                 return
-            delay = pool.retry_backoff_s * 2 ** call.attempts
+            delay = pool.retry_backoff_s * 2 ** min(call.attempts, pool.unavailable_retries)
             log.warning("evaluator actor %s is unavailable (%s); re-submitting its batch in %.1f s "
-                        "(retry %d of %d)", name, _first_line(str(exc)), delay, call.attempts + 1,
-                        pool.unavailable_retries)
+                        "(%d time(s) in a row; replaced after %d)", name, _first_line(str(exc)), delay,
+                        pool.unavailable[call.index], pool.unavailable_retries + 1)
             resubmit.append((time.monotonic() + delay, call.batch, call.attempts + 1))
             return
         except ray.exceptions.RayActorError as exc:
@@ -612,6 +630,8 @@ class Dispatch:
             error = pool._task_error(call, exc)
             pool._drain(in_flight)
             raise error from None
+        if call.actor is pool.actors[call.index]:
+            pool.unavailable[call.index] = 0
         pool._write(call.batch, outcomes)
 
     def finish(self) -> None:
