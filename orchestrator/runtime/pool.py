@@ -177,10 +177,10 @@ class EvaluatorPool:
         (default: the number of actors). ``placement_timeout_s``: how long an actor may wait for a
         node with its resources (at the start and for a replacement) before the pool gives up.
         ``unavailable_retries``: how many ``ActorUnavailableError``s in a row an actor may give (each batch
-        re-submitted, the n-th time after ``retry_backoff_s * 2**(n-1)`` seconds) before it is replaced. ``drain_timeout_s``: after an evaluator error,
-        how long the other in-flight batches may finish (their rows are written) before the rest is
-        cancelled. ``node_wait_s``: how long the actors of a dead node may wait for a node to replace them
-        (``--node-wait-minutes``)."""
+        re-submitted, the n-th time after ``retry_backoff_s * 2**(n-1)`` seconds) before it is replaced.
+        ``drain_timeout_s``: after an evaluator error, how long the other in-flight batches may finish
+        (their rows are written) before the rest is cancelled. ``node_wait_s``: how long the actors of a
+        dead node may wait for a node to replace them (``--node-wait-minutes``)."""
         gpus = int(ray.cluster_resources().get("GPU", 0))
         use_gpu = gpus > 0 if gpu is None else gpu
         num_actors = num_actors or max(1, gpus // spec.gpus_per_actor)
