@@ -163,11 +163,11 @@ def test_unavailable_actor_is_retried_not_buried(pool, results, monkeypatch, cap
     assert results.get(candidate.key)["fitness"] == fitness[0] and len(results.read()) == 1
 
 
-def test_a_single_call_to_an_actor_unavailable_too_many_times_in_a_row_goes_to_its_replacement(pool, monkeypatch,
-                                                                                              caplog):
-    """Fisher traces and OWL ratios are single calls: a frozen actor used to be asked again forever."""
-    pool.wait_for_replacements()
-    replacements, get, calls, failing = pool.replacements, ray.get, [], 3
+def _freeze(pool, monkeypatch, failing: int, backoff_s: float) -> list:
+    """The pool's actors answer the first ``failing`` ``ray.get``s with ActorUnavailableError, as a frozen
+    actor does; the pool replaces an actor after that many in a row (a replacement is allowed). The list of
+    ``ray.get`` calls made, for the test to count."""
+    get, calls = ray.get, []
 
     def frozen_get(refs, *args, **kwargs):
         calls.append(refs)
@@ -175,10 +175,19 @@ def test_a_single_call_to_an_actor_unavailable_too_many_times_in_a_row_goes_to_i
             raise ray.exceptions.ActorUnavailableError("keepalive watchdog timeout", None)
         return get(refs, *args, **kwargs)
 
-    monkeypatch.setattr(pool, "retry_backoff_s", 0.01)
+    monkeypatch.setattr(pool, "retry_backoff_s", backoff_s)
     monkeypatch.setattr(pool, "unavailable_retries", failing - 1)
-    monkeypatch.setattr(pool, "max_replacements", replacements + 1)
+    monkeypatch.setattr(pool, "max_replacements", pool.replacements + 1)  # earlier tests may have used them up
     monkeypatch.setattr(pool_module.ray, "get", frozen_get)
+    return calls
+
+
+def test_a_single_call_to_an_actor_unavailable_too_many_times_in_a_row_goes_to_its_replacement(pool, monkeypatch,
+                                                                                              caplog):
+    """Fisher traces and OWL ratios are single calls: a frozen actor used to be asked again forever."""
+    pool.wait_for_replacements()
+    replacements = pool.replacements
+    _freeze(pool, monkeypatch, failing=3, backoff_s=0.01)
     with caplog.at_level(logging.WARNING, logger="orchestrator.runtime.pool"):
         ratios = pool.call("outlier_ratios", 5.0)
     monkeypatch.undo()
@@ -201,18 +210,8 @@ def test_actor_unavailable_too_many_times_in_a_row_is_replaced_and_the_batch_ans
     pool.wait_for_replacements()
     candidate = _atp(0.4, 2, "frozen")[1]
     replacements, resubmitted, dead = pool.replacements, pool.resubmitted, set(pool.dead)
-    get, calls, failing = ray.get, [], 3  # the first send and both retries
-
-    def frozen_get(refs, *args, **kwargs):
-        calls.append(refs)
-        if len(calls) <= failing:
-            raise ray.exceptions.ActorUnavailableError("keepalive watchdog timeout", None)
-        return get(refs, *args, **kwargs)
-
-    monkeypatch.setattr(pool, "retry_backoff_s", 0.05)
-    monkeypatch.setattr(pool, "unavailable_retries", failing - 1)
-    monkeypatch.setattr(pool, "max_replacements", replacements + 1)  # earlier tests may have used them up
-    monkeypatch.setattr(pool_module.ray, "get", frozen_get)
+    failing = 3  # the first send and both retries
+    calls = _freeze(pool, monkeypatch, failing, backoff_s=0.05)
     with caplog.at_level(logging.WARNING, logger="orchestrator.runtime.pool"):
         fitness = pool.evaluate([candidate])
     monkeypatch.undo()
