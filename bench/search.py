@@ -33,6 +33,7 @@ from core.profile import Profile
 from dataclasses import replace
 
 from core.identity import write_json
+from orchestrator.cli import sigterm_as_interrupt
 from orchestrator.passes.tasks import PassTasks, as_completed, pass_inputs, stored_metrics, window_digests
 from orchestrator.search.config import SearchConfig
 from orchestrator.search.registry import driver_plan
@@ -235,10 +236,15 @@ def main() -> None:
     if args.budget_minutes is None and args.budget_tokens is None:
         args.budget_minutes = 20.0
     args.tag = args.tag or f"{round(args.sparsity * 100)}"
-    for seed in args.seeds:
-        record = run_seed(args, seed)
-        print(f"seed {seed}: winner {record['winner']} test {record['winner_test_perplexity']:.2f}, "
-              f"winner / ATP pick {record['winner_vs_atp']:.3f}", flush=True)
+    try:
+        with sigterm_as_interrupt():
+            for seed in args.seeds:
+                record = run_seed(args, seed)
+                print(f"seed {seed}: winner {record['winner']} test {record['winner_test_perplexity']:.2f}, "
+                      f"winner / ATP pick {record['winner_vs_atp']:.3f}", flush=True)
+    except KeyboardInterrupt:
+        print(f"interrupted; each seed's run is kept under {args.out}: the same command resumes it", file=sys.stderr)
+        sys.exit(130)
     print(write_table(args.tag))
 
 

@@ -6,11 +6,13 @@ pruner or level source from its registry."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from core.errors import SparseAllocError
@@ -331,26 +333,36 @@ COMMANDS = {"fetch": _cmd_fetch, "prune": _cmd_prune, "sensitivity": _cmd_sensit
 
 
 def _stop(signum, frame) -> None:
-    """SIGTERM (``ray job stop``, a scheduler's preemption) ends a command as Ctrl-C does."""
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within it, SIGTERM (``ray job stop``, a scheduler's preemption) raises ``KeyboardInterrupt`` as Ctrl-C
+    does, so that a long command ends by saying what it kept (:func:`orchestrator.runtime.cluster.init_ray` keeps this handler over Ray's
+    own). Outside the main thread, where no handler can be set, it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _stop) if in_main_thread else None
     try:
-        COMMANDS[args.command](args)
+        with sigterm_as_interrupt():
+            COMMANDS[args.command](args)
     except SparseAllocError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted; {_kept(args)}", file=sys.stderr)
         return 130
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
