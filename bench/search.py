@@ -159,6 +159,7 @@ def run_seed(args, seed: int) -> dict:
         "baselines": baselines,
         **ratios(summary, baselines),
         "timings": summary.get("timings"), "wall_s": round(time.time() - started, 1), "search_wall_s": round(search_s, 1),
+        "resumed": config.resume,  # then wall_s is the last process's only; timings add up every process's
         "load_average": {"before": load_before, "after": os.getloadavg()},
     }
     write_json(RESULTS / f"search-{args.tag}-seed{seed}.json", record)
@@ -178,8 +179,9 @@ def write_table(tag: str) -> Path:
                   f"{r['protocol']['device']} {r['protocol']['dtype']}, fitness pool {r['protocol']['fitness_tokens']} "
                   f"tokens, stages {r['protocol']['fidelities']}, {r['protocol']['calib_samples']} x "
                   f"{r['protocol']['seqlen']} calibration tokens, {r['protocol']['eval_windows']} test windows; "
-                  f"wall {r['wall_s']:.0f} s, load average before/after {r['load_average']['before'][0]:.1f} / "
-                  f"{r['load_average']['after'][0]:.1f}.", "",
+                  f"wall {r['wall_s']:.0f} s{' (its last process: a resumed run)' if r.get('resumed') else ''}, "
+                  f"load average before/after {r['load_average']['before'][0]:.1f} / "
+                  f"{r['load_average']['after'][0]:.1f}." + (f" {r['note']}" if r.get("note") else ""), "",
                   "| profile | validation KL | evaluations | validation ppl | test ppl | ÷ ATP pick |", "|---|---|---|---|---|---|"]
         atp = r["atp_pick_test_perplexity"]
         for name, d in r["drivers"].items():
