@@ -339,8 +339,9 @@ def _stop(signum, frame) -> None:
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Within it, SIGTERM (``ray job stop``, a scheduler's preemption) raises ``KeyboardInterrupt`` as Ctrl-C
-    does, so that a long command ends by saying what it kept (:func:`orchestrator.runtime.cluster.init_ray` keeps this handler over Ray's
-    own). Outside the main thread, where no handler can be set, it does nothing."""
+    does, so that a long command ends by saying what it kept (``orchestrator.runtime.cluster.init_ray``
+    keeps this handler over Ray's own). Outside the main thread, where no handler can be set, it does
+    nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
