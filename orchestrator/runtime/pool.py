@@ -422,7 +422,7 @@ class EvaluatorPool:
             except ray.exceptions.ActorUnavailableError as exc:
                 if not self._unavailable(index, exc):
                     log.warning("evaluator actor %s is unavailable computing %s (%s); asking again (%d time(s) in a "
-                                "row; replaced after %d)", (self.infos[index] or {}).get("actor", index), method,
+                                "row; replaced after %d)", self._actor_name(index), method,
                                 _first_line(str(exc)), self.unavailable[index], self.unavailable_retries + 1)
                     time.sleep(self.retry_backoff_s * 2 ** (self.unavailable[index] - 1))
                 continue
@@ -437,6 +437,14 @@ class EvaluatorPool:
                                        f"{_first_line(str(cause))}") from None
             self.unavailable[index] = 0
             return answer
+
+    def _actor_name(self, index: int) -> str:
+        """Slot ``index``'s actor as the logs name it (its Ray name once started, else the slot)."""
+        return str((self.infos[index] or {}).get("actor", index))
+
+    def _serving(self, call: "_Call") -> bool:
+        """Whether ``call``'s actor still holds its slot (neither replaced nor taken for dead since)."""
+        return call.actor is self.actors[call.index] and call.index not in self.dead
 
     def _unavailable(self, index: int, exc: Exception) -> bool:
         """Count an ``ActorUnavailableError`` of slot ``index``'s actor; past ``unavailable_retries`` in a row
@@ -608,9 +616,8 @@ class Dispatch:
             pool._drain(in_flight)
             raise error from None
         except ray.exceptions.ActorUnavailableError as exc:
-            name = (pool.infos[call.index] or {}).get("actor", call.index)
-            current = call.actor is pool.actors[call.index] and call.index not in pool.dead
-            if current and pool._unavailable(call.index, exc):  # frozen, not blipping: replaced
+            name = pool._actor_name(call.index)
+            if pool._serving(call) and pool._unavailable(call.index, exc):  # frozen, not blipping: replaced
                 pool.resubmitted += len(call.batch)
                 resubmit.append((0.0, call.batch, 0))
                 return
@@ -621,7 +628,7 @@ class Dispatch:
             resubmit.append((time.monotonic() + delay, call.batch, call.attempts + 1))
             return
         except ray.exceptions.RayActorError as exc:
-            if call.actor is pool.actors[call.index] and call.index not in pool.dead:
+            if pool._serving(call):
                 pool._replace(call.index, _death_cause(exc))  # its other calls fail the same way
             pool.resubmitted += len(call.batch)
             resubmit.append((0.0, call.batch, call.attempts))
@@ -630,7 +637,7 @@ class Dispatch:
             error = pool._task_error(call, exc)
             pool._drain(in_flight)
             raise error from None
-        if call.actor is pool.actors[call.index]:
+        if pool._serving(call):
             pool.unavailable[call.index] = 0
         pool._write(call.batch, outcomes)
 
